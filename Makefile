@@ -1,0 +1,35 @@
+# dreamlab: `make demo` installs everything and runs the main job's quick demo; `make test` installs and runs the tests.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export SDL_VIDEODRIVER := dummy
+
+.PHONY: install data demo test lint bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip wheel
+
+install: $(BIN)/python data
+	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/pip install -q -e ".[all]"
+
+# Debian data packages (Fashion-MNIST). Where apt is unusable, print the command instead of failing.
+data:
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then echo "Fashion-MNIST: present"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+	  || echo "hint: install Fashion-MNIST with: sudo apt-get install -y dataset-fashion-mnist"; \
+	else echo "hint: install Fashion-MNIST with: sudo apt-get install -y dataset-fashion-mnist"; fi
+
+demo: install
+	$(BIN)/dreamlab train vae --preset quick --out runs/vae-quick
+
+test: install
+	$(BIN)/python -m pytest -q -m "not gpu"
+
+lint:
+	$(BIN)/ruff check .
+
+bench: install
+	$(BIN)/python bench/run_all.py

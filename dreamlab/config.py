@@ -1,0 +1,124 @@
+"""Typed dataclass configs: overrides from `key=value` strings, validation with errors that name the key."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any, TypeVar
+
+from dreamlab.errors import DreamlabError
+
+T = TypeVar("T")
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _base_type(tp: Any) -> Any:
+    """Strip Optional[...] / X | None to the underlying type."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def coerce(value: Any, tp: Any, key: str) -> Any:
+    """Turn a CLI string (or a JSON value) into `tp`, or raise an error naming `key`."""
+    optional = type(None) in typing.get_args(tp)
+    base = _base_type(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional or value is None:
+            return None
+    origin = typing.get_origin(base)
+    try:
+        if typing.get_origin(base) is typing.Literal:
+            allowed = typing.get_args(base)
+            if value not in allowed:
+                raise DreamlabError(f"{key}={value!r} is not allowed; choose one of {', '.join(map(str, allowed))}")
+            return value
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if base is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if base is float:
+            return float(value)
+        if base is str:
+            return str(value)
+        if origin in (tuple, list):
+            items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v != ""]
+            args = typing.get_args(base)
+            inner = args[0] if args else str
+            out = [coerce(v, inner, key) for v in items]
+            return tuple(out) if origin is tuple else out
+    except (ValueError, TypeError) as e:
+        raise DreamlabError(f"{key}={value!r} is not a valid {getattr(base, '__name__', base)}") from e
+    return value
+
+
+def apply_overrides(cfg: T, overrides: Mapping[str, Any], *, what: str = "config") -> T:
+    """Return a copy of dataclass `cfg` with `overrides` applied; unknown keys name the allowed ones."""
+    types_ = field_types(type(cfg))
+    bad = [k for k in overrides if k not in types_]
+    if bad:
+        raise DreamlabError(
+            f"unknown {what} key {bad[0]!r}; allowed: {', '.join(sorted(types_))}"
+        )
+    return dataclasses.replace(cfg, **{k: coerce(v, types_[k], k) for k, v in overrides.items()})
+
+
+def parse_set_args(items: Iterable[str] | None) -> dict[str, str]:
+    """Parse `--set key=value` items into a dict, with an error naming a malformed item."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise DreamlabError(f"--set {item!r} must look like key=value (e.g. --set lr=3e-4)")
+        k, v = item.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def from_dict(cls: type[T], d: Mapping[str, Any], *, what: str = "config") -> T:
+    return apply_overrides(cls(), {k: v for k, v in d.items()}, what=what)
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, exclude: Iterable[str] = ()) -> None:
+    """cleanrl-style: every field of a typed dataclass becomes `--field-name`; help shows its default."""
+    defaults = cls()
+    for name, tp in field_types(cls).items():
+        if name in exclude:
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        base = _base_type(tp)
+        kwargs: dict[str, Any] = {"dest": name, "default": default, "help": f"(default: {default})"}
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = (lambda tp_, n: (lambda s: coerce(s, tp_, n)))(tp, name)
+            if typing.get_origin(base) is typing.Literal:
+                kwargs["choices"] = typing.get_args(base)
+                kwargs["type"] = str
+        parser.add_argument(flag, **kwargs)
+
+
+def dataclass_from_namespace(cls: type[T], ns: argparse.Namespace) -> T:
+    return cls(**{name: getattr(ns, name) for name in field_types(cls) if hasattr(ns, name)})

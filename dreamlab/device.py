@@ -1,0 +1,44 @@
+"""Device selection, bf16 autocast and seeding, shared by every trainer and sampler."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+
+from dreamlab.errors import DreamlabError
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """`"auto"` picks CUDA when present, else CPU. Any explicit torch device string is validated."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise DreamlabError(f"device={device!r} is not a torch device; use 'auto', 'cpu' or 'cuda[:N]'") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DreamlabError(f"device={device!r} asked for CUDA but none is available; use device='auto' or 'cpu'")
+    return dev
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA (no loss scaler needed for bf16); a no-op on CPU, where fp32 is faster."""
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_threads() -> int:
+    """Threads for CPU work: all cores unless DREAMLAB_THREADS says otherwise."""
+    return int(os.environ.get("DREAMLAB_THREADS", os.cpu_count() or 1))

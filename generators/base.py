@@ -1,0 +1,243 @@
+"""The common interface of every model in dreamlab, and the registry.
+
+A model is an `nn.Module` with a typed config dataclass. Generators add `sample` (and `log_prob` where
+it is exact or a bound). Everything is trained by the one shared trainer in `generators.trainer`:
+
+    loss(batch) -> (scalar loss, {metric: float})          # likelihood / reconstruction models
+    train_step(batch, optimizers, step) -> {metric: float}  # override for adversarial models
+    train_data(split) -> dict of tensors or a torch Dataset # what the trainer iterates over
+    sample(n, *, generator=None, **condition) -> Tensor     # images: float32 (n, C, H, W) in [0, 1]
+    save_pretrained(dir) / from_pretrained(dir, device=)    # config.json + model.safetensors, no pickle
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from dreamlab.config import apply_overrides, from_dict, to_dict
+from dreamlab.data import load_dataset
+from dreamlab.device import resolve_device
+from dreamlab.errors import DreamlabError
+from dreamlab.io import load_json, load_tensors, replace_dir, save_json, save_tensors
+
+Batch = Mapping[str, torch.Tensor]
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Settings of the shared trainer (every field can be set with `--set key=value`)."""
+
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, ...] = (0.9, 0.999)
+    grad_clip: float = 0.0          # 0 = off
+    device: str = "auto"
+    amp: bool = True                # bf16 autocast on CUDA; ignored on CPU
+    seed: int = 0
+    log_every: int = 50
+    ckpt_every: int = 500
+    eval_every: int = 0             # 0 = only at the end
+    num_workers: int = 0            # DataLoader workers for Dataset-backed models
+    threads: int = 0                # torch CPU threads, 0 = torch's default
+
+
+class Model(nn.Module):
+    """Base of every registered model (generators and the ch2 classifiers)."""
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+    kind: ClassVar[str] = "model"
+    #: preset name -> overrides; keys are fields of the model config or of TrainConfig
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __init__(self, config: Any) -> None:
+        super().__init__()
+        self.config = config
+
+    # ---- training -------------------------------------------------------------------------
+    def train_data(self, split: str) -> Any:
+        """Data for `split`: a dict of tensors (batched in memory by the trainer) or a torch Dataset."""
+        return load_dataset(self.config.dataset, split)
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError(f"{type(self).__name__} must implement loss(batch) or train_step(...)")
+
+    def configure_optimizers(self, tc: TrainConfig) -> list[torch.optim.Optimizer]:
+        return [torch.optim.AdamW(self.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)]
+
+    def train_step(self, batch: Batch, optimizers: list[torch.optim.Optimizer], step: int, tc: TrainConfig) -> dict[str, float]:
+        """One optimisation step; adversarial models override this and own their optimiser steps."""
+        from dreamlab.device import autocast
+
+        (opt,) = optimizers
+        with autocast(self.device, tc.amp):
+            loss, metrics = self.loss(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if tc.grad_clip > 0:
+            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.parameters(), tc.grad_clip))
+        opt.step()
+        return {"loss": float(loss.detach()), **metrics}
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "test", max_items: int | None = None) -> dict[str, float]:
+        """Held-out metrics; default: mean loss over the split."""
+        from generators.trainer import iterate_eval
+
+        was = self.training
+        self.eval()
+        tot: dict[str, float] = {}
+        n = 0
+        for batch in iterate_eval(self, split, max_items=max_items):
+            loss, m = self.loss(batch)
+            b = len(next(iter(batch.values())))
+            for k, v in {"loss": float(loss), **m}.items():
+                tot[k] = tot.get(k, 0.0) + v * b
+            n += b
+        self.train(was)
+        return {f"{split}_{k}": v / max(n, 1) for k, v in tot.items()}
+
+    def write_artifacts(self, run_dir: Path) -> list[Path]:
+        """Pictures for a person (grids, plots); called at the end of training. Returns the files written."""
+        return []
+
+    # ---- persistence ----------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write `config.json` + `model.safetensors` into `directory` (atomically, as a whole folder)."""
+        directory = Path(directory)
+        tmp = directory.with_name(directory.name + ".tmp")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_json(tmp / "config.json", {"name": self.name, "config": to_dict(self.config)})
+        save_tensors(tmp / "model.safetensors", self.state_dict(), metadata={"name": self.name})
+        replace_dir(tmp, directory)
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "auto") -> Model:
+        directory = Path(directory)
+        meta = load_json(directory / "config.json")
+        name = meta.get("name")
+        target = get_model_class(name) if cls in (Model, Generator) else cls
+        if target.name != name:
+            raise DreamlabError(f"{directory} holds a {name!r} model, not {target.name!r}")
+        cfg = from_dict(target.config_class, meta["config"], what=f"{name} config")
+        model = target(cfg)
+        state = load_tensors(directory / "model.safetensors")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise DreamlabError(
+                f"{directory / 'model.safetensors'} does not match {name!r} with its config.json "
+                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+            )
+        return model.to(resolve_device(device)).eval()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class Generator(Model):
+    kind: ClassVar[str] = "generator"
+    #: "exact" (flows, autoregressive), "bound" (VAE ELBO) or None (GANs, EBMs, ...)
+    log_prob_kind: ClassVar[Literal["exact", "bound"] | None] = None
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None, **condition: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-item log-likelihood in nats (exact, or a lower bound: see `log_prob_kind`)."""
+        raise NotImplementedError(f"{self.name} offers no log_prob (it has no tractable likelihood or bound)")
+
+
+# ----------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, type[Model]] = {}
+#: modules whose import registers models; upper layers are named here as strings, never imported eagerly
+_MODEL_MODULES = (
+    "generators.classifiers",
+    "generators.vae",
+    "worlds.models",
+    "multimodal.text2img",
+)
+_loaded = False
+
+
+def register(cls: type[Model]) -> type[Model]:
+    """Class decorator: make a model available to `make_generator` and the CLI by its `name`."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} needs a `name` to be registered")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    global _loaded
+    if _loaded:
+        return
+    for mod in _MODEL_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            # an optional layer that is not present (or lacks its optional deps) simply registers nothing
+            if not (e.name and (mod.startswith(e.name) or e.name.split(".")[0] in ("diffusers", "open_clip", "transformers", "gymnasium"))):
+                raise
+    _loaded = True
+
+
+def list_models(kind: str | None = None) -> list[str]:
+    _load_all()
+    return sorted(n for n, c in _REGISTRY.items() if kind is None or c.kind == kind)
+
+
+def list_generators() -> list[str]:
+    return list_models("generator")
+
+
+def get_model_class(name: str) -> type[Model]:
+    _load_all()
+    if name not in _REGISTRY:
+        raise DreamlabError(f"unknown model {name!r}; registered: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def make_model(name: str, **overrides: Any) -> Model:
+    cls = get_model_class(name)
+    cfg = apply_overrides(cls.config_class(), overrides, what=f"{name} config")
+    return cls(cfg)
+
+
+def make_generator(name: str, **overrides: Any) -> Generator:
+    model = make_model(name, **overrides)
+    if not isinstance(model, Generator):
+        raise DreamlabError(f"{name!r} is a {model.kind}, not a generator; generators: {', '.join(list_generators())}")
+    return model
+
+
+def split_overrides(cls: type[Model], overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Route `key=value` overrides to the model config or the TrainConfig; unknown keys name both lists."""
+    mfields = {f.name for f in dataclasses.fields(cls.config_class)}
+    tfields = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_o, train_o = {}, {}
+    for k, v in overrides.items():
+        if k in mfields:
+            model_o[k] = v
+        elif k in tfields:
+            train_o[k] = v
+        else:
+            raise DreamlabError(
+                f"unknown key {k!r} for {cls.name}; model keys: {', '.join(sorted(mfields))}; "
+                f"trainer keys: {', '.join(sorted(tfields))}"
+            )
+    return model_o, train_o

@@ -1,0 +1,1 @@
+"""dreamlab multimodal layer."""

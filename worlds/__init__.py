@@ -1,0 +1,1 @@
+"""dreamlab worlds layer."""
