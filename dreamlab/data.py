@@ -182,3 +182,4 @@ def load_moons(split: str) -> dict[str, torch.Tensor]:
     ref, _ = make_moons(n_samples=20000, noise=0.05, random_state=123)
     x = (x - ref.mean(0)) / ref.std(0)
     return {"x": torch.from_numpy(x.astype(np.float32)), "y": torch.from_numpy(y.astype(np.int64))}
+from dreamlab import procedural as _procedural  # noqa: E402,F401  (registers the procedural datasets)

@@ -152,6 +152,10 @@ class Generator(Model):
     kind: ClassVar[str] = "generator"
     #: "exact" (flows, autoregressive), "bound" (VAE ELBO) or None (GANs, EBMs, ...)
     log_prob_kind: ClassVar[Literal["exact", "bound"] | None] = None
+    #: keyword arguments `sample` needs (e.g. {"prompt": "..."}); used by docs, the CLI and the contract test
+    example_condition: ClassVar[dict[str, Any]] = {}
+    #: range every sample lies in (images: [0, 1]); None for unbounded outputs such as latent sequences
+    sample_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, **condition: Any) -> torch.Tensor:
         raise NotImplementedError

@@ -1,0 +1,67 @@
+"""Smoke tests through the real `dreamlab` entry point."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dreamlab.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_help_runs_as_a_program() -> None:
+    out = subprocess.run([sys.executable, "-m", "dreamlab", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0
+    for cmd in ("generators", "train", "sample", "eval", "data"):
+        assert cmd in out.stdout
+
+
+def test_generators_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generators", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "vae" in out and "bound" in out and "classifier" in out
+
+
+def test_train_sample_eval_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "vae", "--preset", "tiny", "--out", str(run), "--no-progress", "--set", "batch_size=8", "--device", "cpu"]) == 0
+    assert json.loads((run / "config.json").read_text())["train"]["batch_size"] == 8
+    assert main(["sample", str(run), "-n", "5", "--out", str(tmp_path / "g.png"), "--device", "cpu"]) == 0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "g.png").size[0] > 28
+    assert main(["eval", str(run), "--device", "cpu"]) == 0
+    assert "test_elbo" in json.loads((run / "eval_test.json").read_text())
+    assert main(["train", "vae", "--out", str(run), "--resume", "--set", "steps=5", "--no-progress"]) == 0
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 5
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "gann"], "unknown model 'gann'; registered:"),
+        (["train", "vae", "--preset", "huge"], "unknown preset 'huge' for vae; choose one of"),
+        (["train", "vae", "--set", "nope=1"], "unknown key 'nope' for vae; model keys:"),
+        (["train", "vae", "--set", "steps=ten"], "steps='ten' is not a valid int"),
+        (["train", "vae", "--set", "steps"], "must look like key=value"),
+        (["sample", "/nonexistent/run"], "is not a run folder"),
+        (["data", "prepare", "imagenet"], "unknown dataset 'imagenet'"),
+    ],
+)
+def test_bad_input_gives_one_line_error(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    if argv[0] == "train":
+        argv = [*argv, "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "\n" not in err, err
+
+
+def test_argparse_rejects_bad_choice(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "x", "--split", "dev"])
+    assert e.value.code == 2
+    assert "invalid choice: 'dev'" in capsys.readouterr().err
