@@ -76,6 +76,16 @@ class _LatentModel(Generator):
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    @torch.no_grad()
+    def evaluate(self, split: str = "test", max_items: int | None = None) -> dict[str, float]:
+        res = super().evaluate(split, max_items)
+        if split == "test" and getattr(self.config, "dataset", "") == "fashion_mnist":
+            from generators.classifiers import FEATURE_NET_DIR, extra_eval_any
+
+            if (FEATURE_NET_DIR / "model.safetensors").exists():  # fid_fmnist needs the shipped feature net
+                res.update(extra_eval_any(self, n=min(5000, max_items or 5000)))
+        return res
+
     def write_artifacts(self, run_dir: Path) -> list[Path]:
         import matplotlib
 
