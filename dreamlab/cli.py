@@ -50,21 +50,40 @@ def _train(args: argparse.Namespace) -> int:
 def _sample(args: argparse.Namespace) -> int:
     import torch
 
+    from dreamlab.config import parse_set_args
     from dreamlab.images import save_grid
+    from dreamlab.io import save_tensors
     from generators.base import Generator
     from generators.trainer import load_run
 
     if args.n < 1:
         raise DreamlabError(f"-n {args.n} must be at least 1")
+    out = Path(args.out)
+    if out.suffix not in (".png", ".safetensors"):
+        raise DreamlabError(f"--out {out} must end in .png (an image grid) or .safetensors (raw samples)")
     model = load_run(args.run_dir, device=args.device or "auto")
     if not isinstance(model, Generator):
         raise DreamlabError(f"{args.run_dir} holds a {model.kind} ({model.name}); only generators can sample")
+    cond = {k: _literal(v) for k, v in parse_set_args(args.cond).items()} or dict(type(model).example_condition)
     g = torch.Generator(device=model.device).manual_seed(args.seed)
-    x = model.sample(args.n, generator=g)
-    out = Path(args.out)
-    save_grid(x, out)
+    x = model.sample(args.n, generator=g, **cond)
+    if out.suffix == ".safetensors":
+        save_tensors(out, {"samples": x})
+    elif x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise DreamlabError(f"{model.name} samples have shape {tuple(x.shape)}, not images; use --out FILE.safetensors")
+    else:
+        save_grid(x, out)
     print(f"wrote {args.n} samples to {out}")
     return 0
+
+
+def _literal(v: str) -> object:
+    for t in (int, float):
+        try:
+            return t(v)
+        except ValueError:
+            pass
+    return v
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -121,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="sample a trained generator into an image grid")
     s.add_argument("run_dir")
     s.add_argument("-n", type=int, default=64, help="number of samples (default 64)")
-    s.add_argument("--out", default="samples.png")
+    s.add_argument("--out", default="samples.png", help="a .png grid (images) or .safetensors (any samples)")
+    s.add_argument("--cond", action="append", metavar="KEY=VALUE", help="conditioning passed to sample(), e.g. --cond label=3")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device")
     s.set_defaults(func=_sample)
