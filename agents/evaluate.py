@@ -1,0 +1,173 @@
+"""Real-env evaluation of controllers (and the random-policy baseline), in parallel worker processes.
+
+Env seeds are `seed + i` for episode i, so a score file says exactly which tracks were driven.
+`evaluate_run` writes `RUN/eval/<policy>_seed<S>_n<N>.json` (per-episode scores, mean, std), a CSV beside
+it, and a side-by-side video (real frame | V reconstruction | dream driven by the same actions).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from dreamlab.errors import DreamlabError
+from dreamlab.io import atomic_write_text, save_json
+
+_G: dict[str, Any] = {}
+
+
+def _init_worker(world_model: str, env_id: str, max_steps: int) -> None:
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    torch.set_num_threads(1)
+    from worlds.collect import make_env
+
+    _G["env"] = make_env(env_id, max_steps)
+    _G["wm"] = None
+    if world_model:
+        from worlds.dream import load_world_model
+
+        _G["wm"] = load_world_model(world_model, device="cpu")
+
+
+class _RandomPolicy:
+    def __init__(self, space: Any, seed: int) -> None:
+        self.space = space
+        space.seed(seed)
+
+    def reset(self) -> None:
+        pass
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        return np.asarray(self.space.sample(), np.float32)
+
+
+def _episode(task: tuple[str, np.ndarray | None, int, bool]) -> dict[str, Any]:
+    from worlds.collect import ModelPolicy, run_episode
+
+    kind, theta, seed, record = task
+    env = _G["env"]
+    if kind == "random":
+        policy: Any = _RandomPolicy(env.action_space, seed)
+    else:
+        if _G["wm"] is None:
+            raise DreamlabError("a controller needs a world model (V and M) to act")
+        vae, mdn = _G["wm"]
+        policy = ModelPolicy(vae, mdn, torch.as_tensor(theta, dtype=torch.float32))
+    t0 = time.perf_counter()
+    ep = run_episode(env, policy, seed)
+    out = {"seed": seed, "return": ep.ret, "steps": ep.steps, "seconds": time.perf_counter() - t0}
+    if record:
+        out["obs"], out["actions"] = ep.obs, ep.actions
+    return out
+
+
+class RealEvaluator:
+    """Runs episodes of controllers (or the random policy) in `workers` processes (1 = in this process)."""
+
+    def __init__(self, world_model: str | Path | None, env_id: str = "CarRacing-v3", workers: int = 0, max_steps: int = 1000) -> None:
+        self.args = (str(world_model or ""), env_id, int(max_steps))
+        self.workers = max(1, workers or os.cpu_count() or 1)
+        self.pool = None
+
+    def __enter__(self) -> RealEvaluator:
+        if self.workers > 1:
+            import multiprocessing as mp
+
+            self.pool = mp.get_context("spawn").Pool(self.workers, initializer=_init_worker, initargs=self.args)
+        else:
+            _init_worker(*self.args)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+    def run(self, tasks: list[tuple[str, np.ndarray | None, int, bool]], desc: str = "real env", progress: bool = True) -> list[dict[str, Any]]:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(tasks), desc=desc, unit="ep", disable=not progress, dynamic_ncols=True)
+        t0, steps = time.perf_counter(), 0
+        results: list[dict[str, Any]] = [None] * len(tasks)  # type: ignore[list-item]
+        it = (self.pool.imap(_episode, tasks) if self.pool is not None else map(_episode, tasks))
+        for i, r in enumerate(it):
+            results[i] = r
+            steps += r["steps"]
+            bar.update(1)
+            bar.set_postfix(env_steps_per_s=f"{steps / max(time.perf_counter() - t0, 1e-9):.0f}", ret=f"{r['return']:.1f}")
+        bar.close()
+        return results
+
+    def returns(self, thetas: list[np.ndarray], seeds: list[int], progress: bool = False) -> list[float]:
+        return [r["return"] for r in self.run([("controller", t, s, False) for t, s in zip(thetas, seeds)], progress=progress)]
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    r = np.array([x["return"] for x in results], np.float64)
+    return {"episodes": len(r), "mean": float(r.mean()), "std": float(r.std()), "min": float(r.min()), "max": float(r.max()),
+            "seeds": [x["seed"] for x in results], "scores": [round(float(v), 3) for v in r],
+            "steps": [int(x["steps"]) for x in results]}
+
+
+def write_scores(out: Path, name: str, summ: dict[str, Any], meta: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    save_json(out / f"{name}.json", {**meta, **summ})
+    csv = "episode,seed,return,steps\n" + "".join(f"{i},{s},{r},{n}\n" for i, (s, r, n) in enumerate(zip(summ["seeds"], summ["scores"], summ["steps"])))
+    atomic_write_text(out / f"{name}.csv", csv)
+    return out / f"{name}.json"
+
+
+def evaluate_run(run_dir: str | Path, *, episodes: int = 100, seed: int = 0, workers: int = 0, controller: str | Path | None = None,
+                 env_id: str = "CarRacing-v3", max_steps: int = 1000, baseline: bool = True, video: bool = True,
+                 video_frames: int = 300, temperature: float = 1.0, progress: bool = True) -> dict[str, Any]:
+    from worlds.policies import load_controller
+
+    run_dir = Path(run_dir)
+    if episodes < 1:
+        raise DreamlabError(f"--episodes {episodes} must be at least 1")
+    ctrl = Path(controller) if controller else run_dir / "controller" / "best.safetensors"
+    if not ctrl.exists():
+        raise DreamlabError(f"{ctrl} does not exist; train a controller first: dreamlab worldmodel train-controller {run_dir}")
+    theta, _, _ = load_controller(ctrl)
+    out_dir = run_dir / "eval"
+    meta = {"env_id": env_id, "max_steps": max_steps, "env_seeds": f"{seed}..{seed + episodes - 1}", "controller": str(ctrl)}
+    res: dict[str, Any] = {}
+    seeds = [seed + i for i in range(episodes)]
+    with RealEvaluator(run_dir, env_id, workers, max_steps) as ev:
+        rc = ev.run([("controller", theta.numpy(), s, video and i == 0) for i, s in enumerate(seeds)], desc="evaluate controller", progress=progress)
+        res["controller"] = summarize(rc)
+        write_scores(out_dir, f"controller_seed{seed}_n{episodes}", res["controller"], meta)
+        if baseline:
+            rr = ev.run([("random", None, s, False) for s in seeds], desc="evaluate random policy", progress=progress)
+            res["random"] = summarize(rr)
+            write_scores(out_dir, f"random_seed{seed}_n{episodes}", res["random"], {**meta, "controller": "uniform random actions"})
+    if video and "obs" in rc[0]:
+        res["video"] = str(side_by_side_video(run_dir, rc[0]["obs"][: video_frames + 1], rc[0]["actions"][:video_frames],
+                                              out_dir / f"side_by_side_seed{seed}.mp4", temperature=temperature, seed=seed))
+    return res
+
+
+@torch.no_grad()
+def side_by_side_video(run_dir: Path, obs: np.ndarray, actions: np.ndarray, path: Path, temperature: float = 1.0, seed: int = 0) -> Path:
+    """Real frame | V reconstruction | dream (M from the first real z, driven open-loop by the real actions)."""
+    from dreamlab.images import save_video
+    from worlds.dream import decode_frames, load_world_model
+
+    vae, mdn = load_world_model(run_dir, device="cpu")
+    mu, _ = vae.encode_frames(obs)
+    recon = decode_frames(vae, mu).numpy()
+    g = torch.Generator().manual_seed(seed)
+    z_seq = mdn.sample(1, generator=g, actions=torch.from_numpy(actions)[None], z0=mu[:1], temperature=temperature)[0]
+    dream = decode_frames(vae, z_seq).numpy()
+    n = min(len(obs), len(recon), len(dream))
+    frames = np.concatenate([obs[:n], recon[:n], dream[:n]], axis=2)
+    frames = frames.repeat(2, 1).repeat(2, 2)
+    try:
+        return save_video(frames, path, fps=30)
+    except Exception:  # no ffmpeg available: GIF always works
+        return save_video(frames, path.with_suffix(".gif"), fps=30)

@@ -1,0 +1,258 @@
+"""The whole World Models pipeline in one run folder: collect -> V -> encode -> M -> C (CMA-ES in the dream)
+-> real-env evaluation, optionally iterated (collect with the current controller, retrain M and C).
+
+    RUN/config.json        the pipeline settings (preset + overrides)
+    RUN/rollouts/          episode files + manifest.json          (stage: collect)
+    RUN/vae/               V's trainer run folder                 (stage: train-vae)
+    RUN/latents/           (mu, logvar) series per episode        (stage: encode)
+    RUN/mdn/               M's trainer run folder                 (stage: train-mdn)
+    RUN/controller/        CMA-ES state, best.safetensors, fitness.jsonl/png   (stage: train-controller)
+    RUN/eval/              per-episode real-env scores, side-by-side video      (stage: evaluate)
+    RUN/dream.mp4          the controller driving in the dream, decoded         (stage: dream-video)
+    RUN/summary.json       timings and scores of every stage
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from dreamlab.config import apply_overrides, to_dict
+from dreamlab.errors import DreamlabError
+from dreamlab.io import load_json, save_json
+
+
+@dataclass
+class WorldModelConfig:
+    # collect
+    env_id: str = "CarRacing-v3"
+    episodes: int = 10_000
+    max_steps: int = 1000
+    policy: Literal["brownian", "random_controller"] = "random_controller"
+    workers: int = 0
+    seed: int = 0
+    # V
+    z_dim: int = 32
+    vae_width: int = 32
+    vae_steps: int = 100_000
+    vae_batch: int = 100
+    vae_lr: float = 1e-4
+    # M
+    hidden: int = 256
+    mixtures: int = 5
+    seq_len: int = 999
+    mdn_steps: int = 20_000
+    mdn_batch: int = 100
+    mdn_lr: float = 1e-3
+    # C
+    generations: int = 300
+    popsize: int = 64
+    rollouts: int = 16
+    sigma0: float = 0.1
+    temperature: float = 1.15
+    horizon: int = 1000
+    diagonal: bool = False
+    eval_every: int = 25
+    eval_episodes: int = 8
+    # evaluation and iteration
+    final_episodes: int = 100
+    eval_max_steps: int = 1000       # CarRacing-v3's own limit; shorter only for tests
+    eval_seed: int = 1000
+    rounds: int = 1
+    round_episodes: int = 1000
+    device: str = "auto"
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # finishes on 2 CPU cores in well under 20 minutes (see docs/worldmodels.md for measured times)
+    "quick": {"episodes": 40, "max_steps": 250, "policy": "brownian", "vae_width": 16, "vae_steps": 500, "vae_batch": 64,
+              "vae_lr": 1e-3, "hidden": 128, "seq_len": 32, "mdn_steps": 800, "mdn_batch": 32, "generations": 60,
+              "popsize": 16, "rollouts": 8, "horizon": 250, "eval_every": 0, "final_episodes": 10,
+              "round_episodes": 16},
+    # the paper's sizes (a GPU and many CPU cores for collection)
+    "paper": {},
+    # for tests: seconds
+    "tiny": {"episodes": 2, "max_steps": 50, "policy": "brownian", "workers": 1, "z_dim": 8, "vae_width": 4, "vae_steps": 10,
+             "vae_batch": 16, "vae_lr": 1e-3, "hidden": 16, "mixtures": 2, "seq_len": 16, "mdn_steps": 4, "mdn_batch": 4,
+             "generations": 2, "popsize": 4, "rollouts": 2, "horizon": 20, "eval_every": 0, "final_episodes": 1,
+             "eval_max_steps": 50, "round_episodes": 1},
+}
+
+
+def make_config(preset: str | None, overrides: dict[str, Any] | None = None) -> WorldModelConfig:
+    if preset is not None and preset not in PRESETS:
+        raise DreamlabError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return apply_overrides(WorldModelConfig(), {**PRESETS.get(preset or "paper", {}), **(overrides or {})}, what="worldmodel config")
+
+
+def load_config(run_dir: Path) -> WorldModelConfig:
+    p = Path(run_dir) / "config.json"
+    if not p.exists():
+        raise DreamlabError(f"{run_dir} is not a world-model run (no config.json); start one with: dreamlab worldmodel run --preset quick --out {run_dir}")
+    d = load_json(p)
+    return apply_overrides(WorldModelConfig(), d.get("config", {}), what=f"{p}")
+
+
+def _summary(run_dir: Path, stage: str, info: dict[str, Any]) -> None:
+    p = run_dir / "summary.json"
+    s = load_json(p) if p.exists() else {}
+    s[stage] = info
+    save_json(p, s)
+
+
+# ----------------------------------------------------------------------------- stages
+
+
+def stage_collect(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = True, progress: bool = True, out: Path | None = None,
+                  episodes: int | None = None, policy: str | None = None, controller: str = "", seed: int | None = None) -> dict[str, Any]:
+    from worlds.collect import CollectConfig, collect
+
+    cc = CollectConfig(out=str(out or run_dir / "rollouts"), episodes=episodes or cfg.episodes, max_steps=cfg.max_steps,
+                       workers=cfg.workers, policy=policy or cfg.policy, env_id=cfg.env_id, seed=cfg.seed if seed is None else seed,
+                       world_model=str(run_dir) if controller else "", controller=controller)
+    res = collect(cc, resume=resume, progress=progress)
+    _summary(run_dir, "collect" if out is None else f"collect_{Path(out).name}", res)
+    return res
+
+
+def stage_train_vae(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    from generators.base import TrainConfig
+    from generators.trainer import train
+    from worlds.models import WorldVAE, WorldVAEConfig
+
+    model = WorldVAE(WorldVAEConfig(rollouts=str(run_dir / "rollouts"), z_dim=cfg.z_dim, width=cfg.vae_width,
+                                    eval_frames=2000 if cfg.vae_steps < 10_000 else 20_000))
+    tc = TrainConfig(steps=cfg.vae_steps, batch_size=cfg.vae_batch, lr=cfg.vae_lr, device=cfg.device, seed=cfg.seed,
+                     log_every=max(1, min(50, cfg.vae_steps // 10)), ckpt_every=max(100, cfg.vae_steps // 10))
+    t0 = time.perf_counter()
+    res = train(model, tc, run_dir / "vae", resume=resume, progress=progress)
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    _summary(run_dir, "train_vae", res)
+    return res
+
+
+def stage_encode(run_dir: Path, cfg: WorldModelConfig, *, progress: bool = True, rollouts: Path | None = None) -> dict[str, Any]:
+    from generators.trainer import load_run
+    from worlds.encode import encode_rollouts
+
+    vae = load_run(run_dir / "vae", device=cfg.device)
+    st = (run_dir / "vae" / "model" / "model.safetensors").stat()
+    res = encode_rollouts(vae, rollouts or run_dir / "rollouts", run_dir / "latents", progress=progress,
+                          vae_id=f"{st.st_size}:{st.st_mtime_ns}")
+    _summary(run_dir, "encode", res)
+    return res
+
+
+def stage_train_mdn(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = False, progress: bool = True, out: Path | None = None) -> dict[str, Any]:
+    from generators.base import TrainConfig
+    from generators.trainer import train
+    from worlds.models import MDNRNN, MDNRNNConfig
+
+    model = MDNRNN(MDNRNNConfig(latents=str(run_dir / "latents"), z_dim=cfg.z_dim, hidden=cfg.hidden, mixtures=cfg.mixtures,
+                                seq_len=cfg.seq_len, temperature=cfg.temperature))
+    tc = TrainConfig(steps=cfg.mdn_steps, batch_size=cfg.mdn_batch, lr=cfg.mdn_lr, device=cfg.device, seed=cfg.seed, grad_clip=1.0,
+                     log_every=max(1, min(50, cfg.mdn_steps // 10)), ckpt_every=max(100, cfg.mdn_steps // 10))
+    t0 = time.perf_counter()
+    res = train(model, tc, out or run_dir / "mdn", resume=resume, progress=progress)
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    _summary(run_dir, "train_mdn", res)
+    return res
+
+
+def cma_config(cfg: WorldModelConfig, **over: Any) -> Any:
+    from agents.cmaes import CMAConfig
+
+    base = CMAConfig(generations=cfg.generations, popsize=cfg.popsize, rollouts=cfg.rollouts, sigma0=cfg.sigma0,
+                     temperature=cfg.temperature, horizon=cfg.horizon, diagonal=cfg.diagonal, eval_every=cfg.eval_every,
+                     eval_episodes=cfg.eval_episodes, workers=cfg.workers, env_id=cfg.env_id, seed=cfg.seed, device=cfg.device)
+    return dataclasses.replace(base, **over)
+
+
+def stage_train_controller(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = False, progress: bool = True, **over: Any) -> dict[str, Any]:
+    from agents.cmaes import train_controller
+
+    res = train_controller(run_dir, cma_config(cfg, **over), resume=resume, progress=progress)
+    _summary(run_dir, "train_controller", res)
+    return res
+
+
+def stage_evaluate(run_dir: Path, cfg: WorldModelConfig, *, episodes: int | None = None, seed: int | None = None,
+                   progress: bool = True, baseline: bool = True, video: bool = True) -> dict[str, Any]:
+    from agents.evaluate import evaluate_run
+
+    t0 = time.perf_counter()
+    res = evaluate_run(run_dir, episodes=episodes or cfg.final_episodes, seed=cfg.eval_seed if seed is None else seed,
+                       workers=cfg.workers, env_id=cfg.env_id, max_steps=cfg.eval_max_steps, baseline=baseline, video=video,
+                       temperature=cfg.temperature, progress=progress)
+    short = {k: {kk: v[kk] for kk in ("episodes", "mean", "std", "seeds")} if isinstance(v, dict) else v for k, v in res.items()}
+    short["seconds"] = round(time.perf_counter() - t0, 1)
+    _summary(run_dir, "evaluate", short)
+    return res
+
+
+def stage_dream_video(run_dir: Path, cfg: WorldModelConfig, *, steps: int = 300, seed: int = 0, out: Path | None = None) -> Path:
+    import torch
+
+    from dreamlab.images import save_video
+    from worlds.dream import DreamConfig, decode_frames, load_dream
+    from worlds.policies import load_controller
+
+    vae, mdn, sim = load_dream(run_dir, "cpu", DreamConfig(horizon=steps, temperature=cfg.temperature))
+    ctrl = run_dir / "controller" / "best.safetensors"
+    theta = load_controller(ctrl)[0] if ctrl.exists() else torch.zeros(sim.n_params)
+    rec = sim.rollout(theta[None], 1, seed=seed, horizon=steps, record=True)
+    frames = decode_frames(vae, rec["z"][:, 0]).numpy().repeat(4, 1).repeat(4, 2)
+    path = out or run_dir / "dream.mp4"
+    try:
+        return save_video(frames, path, fps=30)
+    except Exception:
+        return save_video(frames, Path(path).with_suffix(".gif"), fps=30)
+
+
+# ----------------------------------------------------------------------------- everything
+
+
+def run_pipeline(run_dir: Path, cfg: WorldModelConfig, *, preset: str | None, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """All stages; with `resume`, stages already completed in RUN are skipped and an interrupted one continues."""
+    from agents.iterate import iterate_rounds
+
+    run_dir = Path(run_dir)
+    if (run_dir / "config.json").exists() and not resume:
+        raise DreamlabError(f"{run_dir} already holds a world-model run; pass --resume to continue it, or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume and (run_dir / "config.json").exists():
+        cfg = load_config(run_dir)
+    save_json(run_dir / "config.json", {"preset": preset, "config": to_dict(cfg)})
+    t0 = time.perf_counter()
+    times: dict[str, float] = {}
+
+    def timed(name: str, fn: Any, *a: Any, **k: Any) -> Any:
+        s = time.perf_counter()
+        r = fn(*a, **k)
+        times[name] = round(time.perf_counter() - s, 1)
+        print(f"[{name}] {times[name]} s", flush=True)
+        return r
+
+    timed("collect", stage_collect, run_dir, cfg, resume=True, progress=progress)
+    if not (run_dir / "vae" / "model").exists():
+        timed("train_vae", stage_train_vae, run_dir, cfg, resume=(run_dir / "vae" / "checkpoint").exists(), progress=progress)
+    timed("encode", stage_encode, run_dir, cfg, progress=progress)
+    if not (run_dir / "mdn" / "model").exists():
+        timed("train_mdn", stage_train_mdn, run_dir, cfg, resume=(run_dir / "mdn" / "checkpoint").exists(), progress=progress)
+    ctrl_done = (run_dir / "controller" / "fitness.jsonl").exists() and \
+        len((run_dir / "controller" / "fitness.jsonl").read_text().splitlines()) >= cfg.generations
+    if not ctrl_done:
+        timed("train_controller", stage_train_controller, run_dir, cfg, resume=(run_dir / "controller" / "cma_state.json").exists(),
+              progress=progress)
+    if cfg.rounds > 1:
+        timed("iterate", iterate_rounds, run_dir, cfg, progress=progress)
+    timed("dream_video", stage_dream_video, run_dir, cfg)
+    res = timed("evaluate", stage_evaluate, run_dir, cfg, progress=progress)
+    total = round(time.perf_counter() - t0, 1)
+    out = {"seconds_total": total, "stage_seconds": times,
+           "controller": {k: res["controller"][k] for k in ("episodes", "mean", "std", "seeds")},
+           "random": {k: res["random"][k] for k in ("episodes", "mean", "std", "seeds")} if "random" in res else None}
+    _summary(run_dir, "pipeline", out)
+    return out

@@ -1,0 +1,219 @@
+"""`dreamlab worldmodel ...`: World Models on CarRacing, end to end or stage by stage.
+
+    dreamlab worldmodel run --preset quick --out runs/wm-quick      # everything (collect .. evaluate)
+    dreamlab worldmodel collect RUN --episodes 200 --workers 8      # rollouts into RUN/rollouts
+    dreamlab worldmodel train-vae RUN | encode RUN | train-mdn RUN | train-controller RUN
+    dreamlab worldmodel evaluate RUN --episodes 100 --seed 0        # real CarRacing-v3 scores + video
+    dreamlab worldmodel dream-video RUN                             # the controller driving in the dream
+    dreamlab worldmodel iterate RUN --rounds 3                      # collect with C, retrain M and C
+
+Stage commands read RUN/config.json (written by `run`, or created from --preset on first use); `--set k=v`
+overrides any pipeline setting. Only the standard library is imported at module level.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _cfg(args: argparse.Namespace, write: bool = True) -> Any:
+    from agents.pipeline import load_config, make_config
+    from dreamlab.config import parse_set_args, to_dict
+    from dreamlab.io import save_json
+
+    run = Path(args.run)
+    over = parse_set_args(getattr(args, "set", None))
+    if (run / "config.json").exists():
+        from dreamlab.config import apply_overrides
+
+        cfg = apply_overrides(load_config(run), over, what="worldmodel config")
+        if over and write:
+            from dreamlab.io import load_json
+
+            d = load_json(run / "config.json")
+            save_json(run / "config.json", {**d, "config": to_dict(cfg)})
+        return cfg
+    cfg = make_config(args.preset, over)
+    if write:
+        run.mkdir(parents=True, exist_ok=True)
+        save_json(run / "config.json", {"preset": args.preset, "config": to_dict(cfg)})
+    return cfg
+
+
+def _print(d: Any) -> None:
+    print(json.dumps(d, indent=2, default=str))
+
+
+def _run(args: argparse.Namespace) -> int:
+    from agents.pipeline import load_config, make_config, run_pipeline
+    from dreamlab.config import parse_set_args
+
+    out = Path(args.out or f"runs/worldmodel-{args.preset}")
+    cfg = load_config(out) if args.resume and (out / "config.json").exists() else make_config(args.preset, parse_set_args(args.set))
+    res = run_pipeline(out, cfg, preset=args.preset, progress=not args.no_progress, resume=args.resume)
+    print(f"run folder: {out}")
+    c, r = res["controller"], res["random"]
+    print(f"controller: {c['mean']:.1f} ± {c['std']:.1f} over {c['episodes']} real CarRacing episodes (env seeds {c['seeds'][0]}..{c['seeds'][-1]})")
+    if r:
+        print(f"random policy: {r['mean']:.1f} ± {r['std']:.1f} on the same seeds")
+    print(f"total {res['seconds_total']} s; stages: {res['stage_seconds']}")
+    return 0
+
+
+def _collect(args: argparse.Namespace) -> int:
+    from agents.pipeline import stage_collect
+
+    cfg = _cfg(args)
+    run = Path(args.run)
+    ctrl = ""
+    if args.policy == "controller":
+        ctrl = args.controller or str(run / "controller" / "best.safetensors")
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, **{k: v for k, v in {"episodes": args.episodes, "max_steps": args.max_steps, "workers": args.workers,
+                                                          "env_id": args.env_id, "seed": args.seed}.items() if v is not None})
+    res = stage_collect(run, cfg, resume=args.resume, progress=not args.no_progress,
+                        policy=args.policy if args.policy != "controller" else "controller", controller=ctrl)
+    _print(res)
+    return 0
+
+
+def _train_vae(args: argparse.Namespace) -> int:
+    from agents.pipeline import stage_train_vae
+
+    res = stage_train_vae(Path(args.run), _cfg(args), resume=args.resume, progress=not args.no_progress)
+    _print(res)
+    return 0 if res.get("status") == "finished" else 130
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from agents.pipeline import stage_encode
+
+    _print(stage_encode(Path(args.run), _cfg(args), progress=not args.no_progress))
+    return 0
+
+
+def _train_mdn(args: argparse.Namespace) -> int:
+    from agents.pipeline import stage_train_mdn
+
+    res = stage_train_mdn(Path(args.run), _cfg(args), resume=args.resume, progress=not args.no_progress)
+    _print(res)
+    return 0 if res.get("status") == "finished" else 130
+
+
+def _train_controller(args: argparse.Namespace) -> int:
+    from agents.pipeline import stage_train_controller
+
+    over = {k: v for k, v in {"fitness": args.fitness, "generations": args.generations, "popsize": args.popsize,
+                              "rollouts": args.rollouts, "sigma0": args.sigma0, "temperature": args.temperature,
+                              "eval_every": args.eval_every}.items() if v is not None}
+    _print(stage_train_controller(Path(args.run), _cfg(args), resume=args.resume, progress=not args.no_progress, **over))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from agents.evaluate import evaluate_run
+
+    cfg = _cfg(args, write=False)
+    res = evaluate_run(args.run, episodes=args.episodes, seed=args.seed, workers=args.workers if args.workers is not None else cfg.workers,
+                       controller=args.controller, env_id=args.env_id or "CarRacing-v3", baseline=not args.no_baseline,
+                       video=not args.no_video, temperature=cfg.temperature, progress=not args.no_progress)
+    for k in ("controller", "random"):
+        if k in res:
+            r = res[k]
+            print(f"{k}: {r['mean']:.1f} ± {r['std']:.1f} over {r['episodes']} episodes (env seeds {r['seeds'][0]}..{r['seeds'][-1]})")
+    if "video" in res:
+        print(f"video: {res['video']}")
+    print(f"scores: {Path(args.run) / 'eval'}")
+    return 0
+
+
+def _dream_video(args: argparse.Namespace) -> int:
+    from agents.pipeline import stage_dream_video
+
+    p = stage_dream_video(Path(args.run), _cfg(args, write=False), steps=args.steps, seed=args.seed, out=Path(args.out) if args.out else None)
+    print(f"wrote {p}")
+    return 0
+
+
+def _iterate(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from agents.iterate import iterate_rounds
+
+    cfg = dataclasses.replace(_cfg(args), rounds=args.rounds)
+    _print(iterate_rounds(Path(args.run), cfg, progress=not args.no_progress))
+    return 0
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    w = sub.add_parser("worldmodel", help="World Models on CarRacing: collect, V, M, C in the dream, evaluate")
+    ws = w.add_subparsers(dest="sub", required=True, metavar="STAGE")
+
+    def common(p: argparse.ArgumentParser, resume: bool = True, run: bool = True) -> None:
+        if run:
+            p.add_argument("run", help="the world-model run folder")
+        p.add_argument("--preset", default="quick", choices=["quick", "paper", "tiny"], help="settings for a new run folder (default: quick)")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a pipeline setting (repeatable), e.g. --set episodes=100")
+        p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+        if resume:
+            p.add_argument("--resume", action="store_true", help="continue an interrupted stage")
+
+    p = ws.add_parser("run", help="every stage in one command (collect, train-vae, encode, train-mdn, train-controller, evaluate)")
+    common(p, run=False)
+    p.add_argument("--out", help="run folder (default: runs/worldmodel-PRESET)")
+    p.set_defaults(func=_run)
+
+    p = ws.add_parser("collect", help="collect rollouts with N worker processes into RUN/rollouts")
+    common(p)
+    p.add_argument("--episodes", type=int, help="total episodes wanted (resume continues up to it)")
+    p.add_argument("--max-steps", type=int, help="steps per episode (default from the preset)")
+    p.add_argument("--workers", type=int, help="worker processes (0 = all cores)")
+    p.add_argument("--policy", default=None, choices=["brownian", "random_controller", "controller"])
+    p.add_argument("--controller", help="controller .safetensors for --policy controller (default RUN/controller/best.safetensors)")
+    p.add_argument("--env-id", help="gymnasium env id (default CarRacing-v3; e.g. dreamlab/CarRacing-v3)")
+    p.add_argument("--seed", type=int)
+    p.set_defaults(func=_collect)
+
+    for name, fn, hlp in (("train-vae", _train_vae, "train V (ConvVAE) on RUN/rollouts with a streaming loader"),
+                          ("encode", _encode, "encode every episode to (mu, logvar) in RUN/latents"),
+                          ("train-mdn", _train_mdn, "train M (MDN-RNN) on RUN/latents")):
+        p = ws.add_parser(name, help=hlp)
+        common(p, resume=name != "encode")
+        p.set_defaults(func=fn)
+
+    p = ws.add_parser("train-controller", help="train C with CMA-ES in the dream (or the real env)")
+    common(p)
+    p.add_argument("--fitness", choices=["dream", "real"])
+    p.add_argument("--generations", type=int)
+    p.add_argument("--popsize", type=int)
+    p.add_argument("--rollouts", type=int)
+    p.add_argument("--sigma0", type=float)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--eval-every", type=int)
+    p.set_defaults(func=_train_controller)
+
+    p = ws.add_parser("evaluate", help="score the controller in the real CarRacing-v3 (per-episode file, mean ± std, video)")
+    common(p, resume=False)
+    p.add_argument("--episodes", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0, help="episode i uses env seed SEED + i")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--controller", help="controller file (default RUN/controller/best.safetensors)")
+    p.add_argument("--env-id")
+    p.add_argument("--no-baseline", action="store_true", help="skip the random-policy baseline")
+    p.add_argument("--no-video", action="store_true")
+    p.set_defaults(func=_evaluate)
+
+    p = ws.add_parser("dream-video", help="decode the controller's drive in the dream into a video")
+    common(p, resume=False)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="video path (.mp4 or .gif; default RUN/dream.mp4)")
+    p.set_defaults(func=_dream_video)
+
+    p = ws.add_parser("iterate", help="iterative training: collect with C, retrain M and C, for N rounds")
+    common(p, resume=False)
+    p.add_argument("--rounds", type=int, default=2)
+    p.set_defaults(func=_iterate)

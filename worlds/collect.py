@@ -1,0 +1,397 @@
+"""Multiprocess rollout collector.
+
+N worker processes (default: all cores) each run their own env and write one compressed file per episode
+(`worlds.rollouts`); the main process keeps the manifest, shows a progress bar in env-steps/s, restarts
+a worker that dies (its episode is re-run) and can `resume` a killed run up to the requested count.
+Episode i is seeded from (seed, i) alone, so which worker runs it does not change it.
+
+Policies:
+  brownian           a_{t+1} = clip(a_t + N(0, sigma^2)), the usual CarRacing exploration noise
+  random_controller  the paper's random rollouts: a random-weight linear controller on the features of
+                     a random-weight V and M (weights redrawn each episode)
+  controller         a trained C with its V and M (`world_model` run folder, `controller` file): iterative training
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import queue
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from dreamlab.errors import DreamlabError
+from worlds.rollouts import (
+    Episode,
+    episode_name,
+    preprocess_frame,
+    read_manifest,
+    save_episode,
+    write_manifest,
+)
+
+Policy = Literal["brownian", "random_controller", "controller"]
+
+
+@dataclass
+class CollectConfig:
+    out: str = "runs/rollouts"
+    episodes: int = 16
+    max_steps: int = 1000            # per episode; 0 = the env's own limit
+    workers: int = 0                 # 0 = all cores
+    policy: Policy = "brownian"
+    env_id: str = "CarRacing-v3"
+    seed: int = 0
+    brownian_sigma: float = 0.25
+    world_model: str = ""            # run folder holding vae/ and mdn/ (policy=controller)
+    controller: str = ""             # controller .safetensors (policy=controller)
+    frame_size: int = 64
+    max_restarts: int = 8            # crashed workers restarted before giving up
+
+
+def episode_seed(seed: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def make_env(env_id: str, max_steps: int = 0) -> Any:
+    """gymnasium.make with dreamlab's own ids registered on demand (the envs layer is imported by name)."""
+    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    try:
+        import gymnasium as gym
+    except ImportError as e:
+        raise DreamlabError("collecting rollouts needs gymnasium; install it with: pip install 'gymnasium[box2d]'") from e
+    if env_id.startswith("dreamlab/"):
+        try:
+            importlib.import_module("envs")
+        except ImportError as e:
+            raise DreamlabError(f"env {env_id!r} needs dreamlab's envs package, which failed to import ({e})") from e
+    kwargs = {"max_episode_steps": max_steps} if max_steps > 0 else {}
+    try:
+        return gym.make(env_id, **kwargs)
+    except gym.error.Error as e:
+        raise DreamlabError(f"env id {env_id!r} cannot be made ({e}); use e.g. --env-id CarRacing-v3") from e
+
+
+# ----------------------------------------------------------------------------- policies
+
+
+class BrownianPolicy:
+    def __init__(self, rng: np.random.Generator, sigma: float) -> None:
+        self.rng, self.sigma = rng, sigma
+        self.a = np.array([0.0, rng.uniform(0.3, 1.0), 0.0], np.float32)
+
+    def reset(self) -> None:
+        pass
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        a = self.a.copy()
+        self.a = np.clip(self.a + self.rng.normal(0, self.sigma, 3).astype(np.float32) * np.array([1.0, 1.0, 0.5], np.float32),
+                         [-1.0, 0.0, 0.0], [1.0, 1.0, 1.0]).astype(np.float32)
+        return a
+
+
+class ModelPolicy:
+    """a = C([z, h]) with z = V's mean code of the frame and h the MDN-RNN state after (z, a) steps."""
+
+    def __init__(self, vae: Any, mdn: Any, theta: Any) -> None:
+        import torch
+
+        self.torch = torch
+        self.vae, self.mdn, self.theta = vae.eval(), mdn.eval(), theta.float()
+        self.reset()
+
+    def reset(self) -> None:
+        t = self.torch
+        self.h = t.zeros(1, self.mdn.config.hidden)
+        self.c = t.zeros_like(self.h)
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        from worlds.policies import act
+
+        t = self.torch
+        with t.no_grad():
+            mu, _ = self.vae.encode_frames(frame[None])
+            a = act(self.theta, mu, self.h)
+            self.h, self.c, _ = self.mdn.step(mu, a, self.h, self.c)
+        return a[0].numpy().astype(np.float32)
+
+
+def load_model_policy(world_model: str, controller: str) -> ModelPolicy:
+    from worlds.dream import load_world_model
+    from worlds.policies import load_controller
+
+    vae, mdn = load_world_model(world_model, device="cpu")
+    theta, z_dim, hidden = load_controller(controller)
+    if (z_dim, hidden) != (mdn.config.z_dim, mdn.config.hidden):
+        raise DreamlabError(f"controller {controller} expects z_dim={z_dim}, hidden={hidden} but {world_model} has "
+                            f"z_dim={mdn.config.z_dim}, hidden={mdn.config.hidden}: train the controller on this world model")
+    return ModelPolicy(vae, mdn, theta)
+
+
+def random_model_policy(rng: np.random.Generator) -> ModelPolicy:
+    import torch
+
+    from worlds.models import MDNRNN, MDNRNNConfig, WorldVAE, WorldVAEConfig
+    from worlds.policies import num_params
+
+    torch.manual_seed(int(rng.integers(2**31)))
+    vae, mdn = WorldVAE(WorldVAEConfig()), MDNRNN(MDNRNNConfig())
+    stdev = float(rng.uniform(0.0, 0.5))
+    theta = torch.from_numpy(rng.normal(0, stdev, num_params(32, mdn.config.hidden)).astype(np.float32))
+    return ModelPolicy(vae, mdn, theta)
+
+
+# ----------------------------------------------------------------------------- one episode
+
+
+def run_episode(env: Any, policy: Any, seed: int, frame_size: int = 64, on_steps: Any = None) -> Episode:
+    obs, _ = env.reset(seed=seed)
+    policy.reset()
+    frames = [preprocess_frame(obs, frame_size)]
+    acts, rews, terms, truncs = [], [], [], []
+    n_report = 0
+    while True:
+        a = np.asarray(policy(frames[-1]), np.float32)
+        obs, r, term, trunc, _ = env.step(a)
+        frames.append(preprocess_frame(obs, frame_size))
+        acts.append(a)
+        rews.append(r)
+        terms.append(term)
+        truncs.append(trunc)
+        n_report += 1
+        if on_steps is not None and n_report >= 50:
+            on_steps(n_report)
+            n_report = 0
+        if term or trunc:
+            break
+    if on_steps is not None and n_report:
+        on_steps(n_report)
+    return Episode(np.stack(frames), np.stack(acts), np.asarray(rews, np.float32), np.asarray(terms, bool), np.asarray(truncs, bool))
+
+
+def _make_policy(cfg: CollectConfig, rng: np.random.Generator, cached: dict[str, Any]) -> Any:
+    if cfg.policy == "brownian":
+        return BrownianPolicy(rng, cfg.brownian_sigma)
+    if cfg.policy == "random_controller":
+        return random_model_policy(rng)
+    if "model" not in cached:
+        cached["model"] = load_model_policy(cfg.world_model, cfg.controller)
+    return cached["model"]
+
+
+def _crash_hook(out: Path, index: int) -> None:
+    """Fault injection for the restart test: DREAMLAB_COLLECT_CRASH_ONCE=i kills the worker once at episode i."""
+    want = os.environ.get("DREAMLAB_COLLECT_CRASH_ONCE")
+    if want is not None and int(want) == index:
+        marker = out / f".crashed_{index}"
+        if not marker.exists():
+            marker.touch()
+            os._exit(17)
+
+
+def _worker(wid: int, cfg_d: dict[str, Any], tasks: Any, results: Any, parent: int) -> None:
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+    cfg = CollectConfig(**cfg_d)
+    out = Path(cfg.out)
+    env = make_env(cfg.env_id, cfg.max_steps)
+    cached: dict[str, Any] = {}
+    while True:
+        if os.getppid() != parent:
+            return  # the collector was killed: stop, leaving nothing half-written (files are atomic)
+        try:
+            idx = tasks.get(timeout=1.0)
+        except queue.Empty:
+            continue
+        if idx is None:
+            return
+        results.put(("start", wid, idx))
+        t0 = time.perf_counter()
+        seed = episode_seed(cfg.seed, idx)
+        policy = _make_policy(cfg, np.random.default_rng(seed), cached)
+
+        def on_steps(n: int) -> None:
+            if os.getppid() != parent:
+                os._exit(0)
+            results.put(("steps", wid, n))
+
+        try:
+            ep = run_episode(env, policy, seed, cfg.frame_size, on_steps)
+            _crash_hook(out, idx)
+            save_episode(out / episode_name(idx), ep)
+        except Exception as e:  # reported to the main process, which decides whether to retry
+            results.put(("error", wid, idx, f"{type(e).__name__}: {e}"))
+            env = make_env(cfg.env_id, cfg.max_steps)
+            continue
+        results.put(("done", wid, idx, {"steps": ep.steps, "return": ep.ret, "terminated": bool(ep.terminated[-1]),
+                                       "seed": seed, "seconds": round(time.perf_counter() - t0, 3)}))
+
+
+# ----------------------------------------------------------------------------- the collector
+
+
+def collect(cfg: CollectConfig, *, resume: bool = False, progress: bool = True, inprocess: bool = False) -> dict[str, Any]:
+    """Collect `cfg.episodes` episodes into `cfg.out`; returns a summary (episodes, steps, env-steps/s, restarts)."""
+    from tqdm.auto import tqdm
+
+    if cfg.episodes < 1:
+        raise DreamlabError(f"episodes={cfg.episodes} must be at least 1")
+    if cfg.policy == "controller" and not (cfg.world_model and cfg.controller):
+        raise DreamlabError("policy=controller needs --world-model RUN (with vae/ and mdn/) and --controller FILE.safetensors")
+    out = Path(cfg.out)
+    manifest = read_manifest(out, must_exist=False)
+    if manifest["episodes"] and not resume:
+        raise DreamlabError(f"{out} already holds {len(manifest['episodes'])} episodes; pass --resume to continue, or choose another --out")
+    old = manifest.get("config")
+    if resume and old and (old.get("env_id"), old.get("frame_size")) != (cfg.env_id, cfg.frame_size):
+        raise DreamlabError(f"{out} was collected with env_id={old.get('env_id')} frame_size={old.get('frame_size')}; resume with the same settings")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest["config"] = dataclasses.asdict(cfg)
+    manifest.setdefault("version", 1)
+    done = {e["index"] for e in manifest["episodes"]}
+    todo = [i for i in range(cfg.episodes) if i not in done]
+    write_manifest(out, manifest)
+    summary = {"episodes": len(done), "new_episodes": 0, "steps": 0, "restarts": 0, "seconds": 0.0, "env_steps_per_s": 0.0}
+    if not todo:
+        return summary
+    bar = tqdm(total=len(todo) * (cfg.max_steps or 1000), desc=f"collect {cfg.policy}", unit="step", unit_scale=True,
+               disable=not progress, dynamic_ncols=True)
+    t0 = time.perf_counter()
+
+    def record(idx: int, info: dict[str, Any]) -> None:
+        manifest["episodes"] = [e for e in manifest["episodes"] if e["index"] != idx]
+        manifest["episodes"].append({"index": idx, "file": episode_name(idx), **info})
+        write_manifest(out, manifest)
+        summary["new_episodes"] += 1
+        summary["steps"] += info["steps"]
+        bar.set_postfix(episodes=f"{len(manifest['episodes'])}/{cfg.episodes}", ret=f"{info['return']:.1f}")
+
+    try:
+        if inprocess:
+            env = make_env(cfg.env_id, cfg.max_steps)
+            cached: dict[str, Any] = {}
+            for idx in todo:
+                seed = episode_seed(cfg.seed, idx)
+                ep = run_episode(env, _make_policy(cfg, np.random.default_rng(seed), cached), seed, cfg.frame_size, bar.update)
+                save_episode(out / episode_name(idx), ep)
+                record(idx, {"steps": ep.steps, "return": ep.ret, "terminated": bool(ep.terminated[-1]), "seed": seed})
+            env.close()
+        else:
+            _run_pool(cfg, todo, record, bar, summary)
+    finally:
+        bar.close()
+    summary["episodes"] = len(manifest["episodes"])
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["env_steps_per_s"] = round(summary["steps"] / max(summary["seconds"], 1e-9), 1)
+    return summary
+
+
+def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summary: dict[str, Any]) -> None:
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    n = cfg.workers or os.cpu_count() or 1
+    n = max(1, min(n, len(todo)))
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for i in todo:
+        tasks.put(i)
+    cfg_d = dataclasses.asdict(cfg)
+    parent = os.getpid()
+
+    def spawn(wid: int) -> Any:
+        p = ctx.Process(target=_worker, args=(wid, cfg_d, tasks, results, parent), daemon=True, name=f"collect-{wid}")
+        p.start()
+        return p
+
+    procs = {w: spawn(w) for w in range(n)}
+    in_flight: dict[int, int | None] = dict.fromkeys(procs)
+    remaining = set(todo)
+    errors: dict[int, int] = {}
+    last_check = time.perf_counter()
+    try:
+        while remaining:
+            try:
+                msg = results.get(timeout=0.5)
+            except queue.Empty:
+                msg = None
+            if msg is not None:
+                kind, wid = msg[0], msg[1]
+                if kind == "start":
+                    in_flight[wid] = msg[2]
+                elif kind == "steps":
+                    bar.update(msg[2])
+                elif kind == "done":
+                    in_flight[wid] = None
+                    if msg[2] in remaining:
+                        remaining.discard(msg[2])
+                        record(msg[2], msg[3])
+                elif kind == "error":
+                    in_flight[wid] = None
+                    idx = msg[2]
+                    errors[idx] = errors.get(idx, 0) + 1
+                    if errors[idx] > 2:
+                        raise DreamlabError(f"episode {idx} failed 3 times in {cfg.env_id}: {msg[3]}")
+                    tasks.put(idx)
+                if time.perf_counter() - last_check < 0.5:
+                    continue
+            last_check = time.perf_counter()
+            for wid, p in list(procs.items()):
+                if not p.is_alive():
+                    _drain(results, in_flight, remaining, record, bar)
+                    summary["restarts"] += 1
+                    if summary["restarts"] > cfg.max_restarts:
+                        raise DreamlabError(f"collector workers crashed {summary['restarts']} times (last exit code {p.exitcode}); "
+                                            "see the messages above, fix the env, then rerun with --resume")
+                    lost = in_flight.get(wid)
+                    if lost is not None and lost in remaining:
+                        tasks.put(lost)
+                    in_flight[wid] = None
+                    bar.write(f"worker {wid} died (exit code {p.exitcode}); restarted it" + (f", re-running episode {lost}" if lost is not None else ""))
+                    procs[wid] = spawn(wid)
+    finally:
+        for _ in procs:
+            tasks.put(None)
+        deadline = time.time() + 5
+        for p in procs.values():
+            p.join(timeout=max(0.1, deadline - time.time()))
+            if p.is_alive():
+                p.terminate()
+                p.join(1)
+
+
+def _drain(results: Any, in_flight: dict[int, int | None], remaining: set[int], record: Any, bar: Any) -> None:
+    """Read messages already queued (a dead worker may have finished an episode just before dying)."""
+    while True:
+        try:
+            msg = results.get_nowait()
+        except queue.Empty:
+            return
+        kind, wid = msg[0], msg[1]
+        if kind == "start":
+            in_flight[wid] = msg[2]
+        elif kind == "steps":
+            bar.update(msg[2])
+        elif kind == "done":
+            in_flight[wid] = None
+            if msg[2] in remaining:
+                remaining.discard(msg[2])
+                record(msg[2], msg[3])
+
+
+def demo_rollouts() -> Path:
+    """A tiny cached CarRacing sample (4 brownian episodes x 40 steps, seed 0) for tests and demos."""
+    from dreamlab.data import cache_dir
+
+    out = cache_dir() / "wm_demo_rollouts_v1"
+    m = read_manifest(out, must_exist=False)
+    if len(m["episodes"]) < 4:
+        collect(CollectConfig(out=str(out), episodes=4, max_steps=40, seed=0), resume=True, progress=False, inprocess=True)
+    return out

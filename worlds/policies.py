@@ -1,0 +1,73 @@
+"""The World Models controller's parameter layout and action mapping, shared by the collector, the dream
+and the agents layer (which owns training it).
+
+C is a single linear layer on [z, h]: raw = [z, h] @ W + b, W of shape (Z + H, A), flattened as
+`theta = concat(W.flatten(), b)`: A·(Z+H) + A parameters (867 for Z=32, H=256, A=3).
+Actions follow the paper: steer = tanh(raw0), gas = (tanh(raw1) + 1) / 2, brake = clip(tanh(raw2), 0, 1).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dreamlab.errors import DreamlabError
+
+ACTION_DIM = 3
+
+
+def num_params(z_dim: int, hidden: int, action_dim: int = ACTION_DIM) -> int:
+    return action_dim * (z_dim + hidden) + action_dim
+
+
+def unflatten(theta: torch.Tensor, z_dim: int, hidden: int, action_dim: int = ACTION_DIM) -> tuple[torch.Tensor, torch.Tensor]:
+    """theta (..., P) -> W (..., Z+H, A), b (..., A)."""
+    n = num_params(z_dim, hidden, action_dim)
+    if theta.shape[-1] != n:
+        raise DreamlabError(f"controller has {theta.shape[-1]} parameters, but z_dim={z_dim}, hidden={hidden} needs {n}")
+    k = action_dim * (z_dim + hidden)
+    w = theta[..., :k].reshape(*theta.shape[:-1], z_dim + hidden, action_dim)
+    return w, theta[..., k:]
+
+
+def map_action(raw: torch.Tensor) -> torch.Tensor:
+    """Raw controller output (..., 3) -> CarRacing action: steer in [-1, 1], gas in [0, 1], brake in [0, 1]."""
+    t = torch.tanh(raw)
+    return torch.stack([t[..., 0], (t[..., 1] + 1.0) * 0.5, t[..., 2].clamp(0.0, 1.0)], -1)
+
+
+def act(theta: torch.Tensor, z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Actions (B, A) for one controller theta (P,) and features z (B, Z), h (B, H)."""
+    w, b = unflatten(theta, z.shape[-1], h.shape[-1])
+    return map_action(torch.cat([z, h], -1) @ w + b)
+
+
+def save_controller(path: str | Path, theta: np.ndarray | torch.Tensor, z_dim: int, hidden: int, **meta: str) -> Path:
+    from dreamlab.io import save_tensors
+
+    t = torch.as_tensor(np.asarray(theta, dtype=np.float32))
+    return save_tensors(path, {"theta": t}, metadata={"z_dim": str(z_dim), "hidden": str(hidden), **{k: str(v) for k, v in meta.items()}})
+
+
+def load_controller(path: str | Path) -> tuple[torch.Tensor, int, int]:
+    """Returns (theta, z_dim, hidden) from a controller safetensors file."""
+    from safetensors import safe_open
+
+    from dreamlab.io import load_tensors
+
+    path = Path(path)
+    t = load_tensors(path)
+    if "theta" not in t:
+        raise DreamlabError(f"{path} holds no 'theta' tensor; it is not a dreamlab controller: retrain with train-controller")
+    with safe_open(str(path), "pt") as f:
+        md = f.metadata() or {}
+    try:
+        z_dim, hidden = int(md["z_dim"]), int(md["hidden"])
+    except (KeyError, ValueError) as e:
+        raise DreamlabError(f"{path} lacks z_dim/hidden metadata; retrain the controller with train-controller") from e
+    theta = t["theta"].float()
+    if not torch.isfinite(theta).all():
+        raise DreamlabError(f"{path} contains NaN/inf parameters; retrain the controller")
+    unflatten(theta, z_dim, hidden)  # validates the size
+    return theta, z_dim, hidden

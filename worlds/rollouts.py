@@ -1,0 +1,157 @@
+"""The rollout store: one compressed file per episode plus a manifest listing only complete episodes.
+
+An episode file `ep_000123.npz` (numpy's compressed zip, loaded with `allow_pickle=False`) holds
+
+    obs         (T+1, 64, 64, 3) uint8   frames; obs[t] is what the agent saw before actions[t]
+    actions     (T, 3) float32           CarRacing actions (steer, gas, brake)
+    rewards     (T,) float32             reward received after actions[t]
+    terminated  (T,) bool                the env ended the episode after actions[t] (a real "done")
+    truncated   (T,) bool                the time limit (or the collector's max_steps) cut it
+
+Episode files are written atomically (temp file + rename); the manifest is rewritten atomically after
+each file lands, so a killed collector never lists a partial episode. Any unreadable or inconsistent file
+raises a `DreamlabError` naming the file and the fix.
+"""
+from __future__ import annotations
+
+import io
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dreamlab.errors import DreamlabError
+from dreamlab.io import atomic_write_bytes, load_json, save_json
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+KEYS = ("obs", "actions", "rewards", "terminated", "truncated")
+
+
+@dataclass
+class Episode:
+    obs: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    terminated: np.ndarray
+    truncated: np.ndarray
+
+    @property
+    def steps(self) -> int:
+        return int(len(self.actions))
+
+    @property
+    def ret(self) -> float:
+        return float(self.rewards.sum())
+
+
+def episode_name(index: int) -> str:
+    return f"ep_{index:06d}.npz"
+
+
+def validate_episode(ep: Episode, where: str) -> None:
+    t = len(ep.actions)
+    problems = []
+    if ep.obs.dtype != np.uint8 or ep.obs.ndim != 4 or ep.obs.shape[-1] != 3:
+        problems.append(f"obs has dtype {ep.obs.dtype} shape {ep.obs.shape}, expected uint8 (T+1, H, W, 3)")
+    elif len(ep.obs) != t + 1:
+        problems.append(f"obs has {len(ep.obs)} frames for {t} actions, expected {t + 1}")
+    if ep.actions.ndim != 2:
+        problems.append(f"actions has shape {ep.actions.shape}, expected (T, A)")
+    for k in ("rewards", "terminated", "truncated"):
+        if getattr(ep, k).shape != (t,):
+            problems.append(f"{k} has shape {getattr(ep, k).shape}, expected ({t},)")
+    if not problems and (not np.isfinite(ep.actions).all() or not np.isfinite(ep.rewards).all()):
+        problems.append("actions or rewards contain NaN/inf")
+    if problems:
+        raise DreamlabError(f"{where}: {problems[0]}; delete it and re-collect with --resume")
+
+
+def save_episode(path: str | Path, ep: Episode) -> Path:
+    validate_episode(ep, str(path))
+    buf = io.BytesIO()
+    np.savez_compressed(buf, obs=ep.obs, actions=ep.actions.astype(np.float32), rewards=ep.rewards.astype(np.float32),
+                        terminated=ep.terminated.astype(bool), truncated=ep.truncated.astype(bool))
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def load_episode(path: str | Path) -> Episode:
+    """Load one episode; a missing, truncated or inconsistent file raises an error naming it."""
+    path = Path(path)
+    if not path.exists():
+        raise DreamlabError(f"episode file {path} is missing; re-collect with: dreamlab worldmodel collect --resume")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in KEYS if k not in z.files]
+            if missing:
+                raise DreamlabError(f"episode file {path} lacks {missing[0]!r}; it is not a dreamlab episode: "
+                                    "delete it and re-collect with --resume")
+            arrs = {k: z[k] for k in KEYS}
+    except DreamlabError:
+        raise
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
+        raise DreamlabError(f"episode file {path} is corrupt or truncated ({type(e).__name__}: {e}); "
+                            "delete it and re-collect with --resume") from e
+    ep = Episode(**arrs)
+    validate_episode(ep, f"episode file {path}")
+    return ep
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def read_manifest(folder: str | Path, *, must_exist: bool = True) -> dict[str, Any]:
+    folder = Path(folder)
+    p = folder / MANIFEST
+    if not p.exists():
+        if must_exist:
+            raise DreamlabError(f"{folder} has no {MANIFEST}; collect rollouts first: dreamlab worldmodel collect --out {folder}")
+        return {"version": FORMAT_VERSION, "episodes": []}
+    m = load_json(p)
+    if not isinstance(m, dict) or "episodes" not in m:
+        raise DreamlabError(f"{p} is not a rollout manifest; delete it and re-collect with --resume")
+    return m
+
+
+def write_manifest(folder: str | Path, manifest: dict[str, Any]) -> Path:
+    manifest["episodes"] = sorted(manifest["episodes"], key=lambda e: e["index"])
+    manifest["total_steps"] = int(sum(e["steps"] for e in manifest["episodes"]))
+    return save_json(Path(folder) / MANIFEST, manifest)
+
+
+def episode_files(folder: str | Path) -> list[Path]:
+    """The episode files the manifest lists (complete ones only), in index order."""
+    folder = Path(folder)
+    m = read_manifest(folder)
+    if not m["episodes"]:
+        raise DreamlabError(f"{folder / MANIFEST} lists no episodes; collect some first: dreamlab worldmodel collect --out {folder}")
+    return [folder / e["file"] for e in m["episodes"]]
+
+
+def split_files(files: list[Path], split: str, val_every: int = 10) -> list[Path]:
+    """Deterministic episode-level split: every `val_every`-th episode is held out (val and test share it)."""
+    if len(files) < 2:
+        return list(files)
+    held = [f for i, f in enumerate(files) if i % val_every == val_every - 1] or files[-1:]
+    if split == "train":
+        return [f for f in files if f not in held]
+    return held
+
+
+# ----------------------------------------------------------------------------- frames
+
+
+def preprocess_frame(frame: np.ndarray, size: int = 64) -> np.ndarray:
+    """World Models preprocessing: crop CarRacing's HUD (bottom 12 of 96 rows), resize to size x size.
+
+    Frames that already have the target size (e.g. from a fast env that renders 64x64) pass through.
+    """
+    if frame.shape[:2] == (size, size):
+        return np.ascontiguousarray(frame, dtype=np.uint8)
+    h = frame.shape[0]
+    crop = frame[: int(round(h * 84 / 96))] if h == 96 or frame.shape[:2] == (96, 96) else frame
+    import cv2
+
+    return cv2.resize(np.ascontiguousarray(crop), (size, size), interpolation=cv2.INTER_AREA)
