@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=300, help="steps per repetition for gymnasium's env")
     p.add_argument("--workers", type=int, default=2, help="AsyncVectorEnv workers (0 = skip)")
     p.add_argument("--vec-steps", type=int, default=200, help="vector steps (each of the N envs steps this often)")
+    p.add_argument("--vec-reps", type=int, default=3, help="AsyncVectorEnv repetitions (median reported)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
@@ -102,25 +103,32 @@ def main(argv: list[str] | None = None) -> int:
             ratios[env_id].append(f / g)
         print(f"  rep {rep}: gymnasium {g:7.1f}/s  " + "  ".join(f"{i} {fast[i][-1]:8.1f}/s" for i in args.ids),
               flush=True)
-    rows = [("gymnasium " + GYM_ID, statistics.median(base), None)]
-    rows += [(i, statistics.median(fast[i]), statistics.median(ratios[i])) for i in args.ids]
+    table = [["env", "steps/s, 1 process (median)", "ratio (median)"]]
+    table.append([f"gymnasium {GYM_ID}", f"{statistics.median(base):.1f}", "1.0x"])
+    for i in args.ids:
+        table.append([i, f"{statistics.median(fast[i]):.1f}", f"{statistics.median(ratios[i]):.1f}x"])
     if args.workers > 0:
-        vg = vector_steps_per_second(GYM_ID, args.workers, args.vec_steps, args.seed)
-        vf = {i: vector_steps_per_second(i, args.workers, args.vec_steps, args.seed) for i in args.ids}
-    w = max(len(r[0]) for r in rows)
+        print(f"{args.workers} workers (AsyncVectorEnv): {args.vec_reps} repetitions of {args.vec_steps} vector steps")
+        vbase: list[float] = []
+        vfast: dict[str, list[float]] = {i: [] for i in args.ids}
+        for rep in range(args.vec_reps):
+            seed = args.seed + rep
+            vbase.append(vector_steps_per_second(GYM_ID, args.workers, args.vec_steps, seed))
+            for i in args.ids:
+                vfast[i].append(vector_steps_per_second(i, args.workers, args.vec_steps, seed))
+            print(f"  rep {rep}: gymnasium {vbase[-1]:7.1f}/s  "
+                  + "  ".join(f"{i} {vfast[i][-1]:8.1f}/s" for i in args.ids), flush=True)
+        table[0] += [f"steps/s, {args.workers} workers (median)", f"ratio, {args.workers} workers (median)"]
+        table[1] += [f"{statistics.median(vbase):.1f}", "1.0x"]
+        for row, i in zip(table[2:], args.ids):
+            r = statistics.median(f / g for f, g in zip(vfast[i], vbase))
+            row += [f"{statistics.median(vfast[i]):.1f}", f"{r:.1f}x"]
+    widths = [max(len(r[c]) for r in table) for c in range(len(table[0]))]
     print()
-    head = f"| {'env':<{w}} | steps/s (1 process, median) | ratio (median of per-rep ratios) |"
-    if args.workers > 0:
-        head += f" steps/s ({args.workers} workers, AsyncVectorEnv) | ratio ({args.workers} workers) |"
-    print(head)
-    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
-    for name, sps, ratio in rows:
-        shown = f"{ratio:.1f}x" if ratio else "1.0x"
-        line = f"| {name:<{w}} | {sps:27.1f} | {shown:>32} |"
-        if args.workers > 0:
-            v = vg if ratio is None else vf[name]
-            line += f" {v:43.1f} | {f'{v / vg:.1f}x':>19} |"
-        print(line)
+    for n, row in enumerate(table):
+        print("| " + " | ".join(v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(row, widths))) + " |")
+        if n == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return 0
 
 

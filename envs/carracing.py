@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import OrderedDict
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
@@ -81,6 +81,13 @@ def _area_matrix(n_out: int, n_in: int, scale: float) -> np.ndarray:
     return np.clip(np.minimum((r + 1.0) * scale, j + 1.0) - np.maximum(r * scale, j), 0.0, 1.0)
 
 
+class _CarParts(NamedTuple):
+    bodies: list[Any]
+    local: np.ndarray    # (V, 2) vertices of every fixture polygon in body coordinates
+    body_of: np.ndarray  # (V,) index of each vertex's body
+    order: list[tuple[int, int, tuple[int, int, int], int]]  # (start, stop, colour, wheel or -1), draw order
+
+
 class FastCarRacing(CarRacing):
     """gymnasium's CarRacing (same physics, tracks and rewards) with a renderer drawing at the output size.
 
@@ -125,7 +132,7 @@ class FastCarRacing(CarRacing):
         self._text_cache: OrderedDict[tuple, tuple[np.ndarray, np.ndarray, slice, slice]] = OrderedDict()
         self._font: Any = None
         self._car_src: Any = None
-        self._car_cache: tuple[list[Any], list[Any]] = ([], [])
+        self._car_cache = _CarParts([], np.zeros((0, 2)), np.zeros(0, int), [])
 
     # ------------------------------------------------------------------ rendering entry points
     def _render(self, mode: str) -> Any:
@@ -208,9 +215,8 @@ class FastCarRacing(CarRacing):
             gy = [i for i in range(-20, 20, 2) if GRASS_DIM * i <= y1 and GRASS_DIM * (i + 1) >= y0]
             if gx and gy:
                 idx = [((i + 20) // 2) * 20 + (j + 20) // 2 for i in gx for j in gy]
-                g = project(_GRASS[idx])
-                for poly in g:
-                    fill(canvas, poly, grass_color, cv2.LINE_8, _FIXED_BITS)
+                # the patches never overlap, so one fillPoly call draws them all
+                cv2.fillPoly(canvas, project(_GRASS[idx]), grass_color, cv2.LINE_8, _FIXED_BITS)
             # road tiles and kerbs in gymnasium's order, culled by their world bounds
             self._sync_road()
             if len(self._road_pts):
@@ -250,53 +256,65 @@ class FastCarRacing(CarRacing):
         # tile colours are the tiles' own arrays: FrictionDetector recolours them in place when visited
         self._road_colors = [color for _, color in self.road_poly]
 
-    def _car_parts(self) -> tuple[list[Any], list[tuple[int, np.ndarray, tuple[int, int, int]]]]:
-        """The car's drawn bodies and, in `Car.draw` order, (body index, local polygon, colour); cached per Car."""
+    def _car_parts(self) -> _CarParts:
+        """The car's drawn bodies and polygons in `Car.draw` order, as flat arrays; cached per Car object."""
         car = self.car
         if self._car_src is not car:
             bodies = list(car.drawlist)
-            polys = []
+            local, body_of, order = [], [], []
+            n = 0
             for i, obj in enumerate(bodies):
                 color = tuple(int(v * 255) for v in obj.color)
                 for f in obj.fixtures:
-                    polys.append((i, np.asarray(f.shape.vertices, dtype=np.float64), color))
+                    verts = np.asarray(f.shape.vertices, dtype=np.float64)
+                    local.append(verts)
+                    body_of += [i] * len(verts)
+                    order.append((n, n + len(verts), color, -1))
+                    n += len(verts)
                     if "phase" in obj.__dict__:
-                        polys.append((i, _STRIPE, car_dynamics.WHEEL_WHITE))  # the wheel's white stripe
-            self._car_src, self._car_cache = car, (bodies, polys)
+                        order.append((0, 0, car_dynamics.WHEEL_WHITE, i))  # the wheel's white stripe
+            self._car_src = car
+            self._car_cache = _CarParts(bodies, np.concatenate(local), np.asarray(body_of), order)
         return self._car_cache
 
     def _draw_car(self, canvas: np.ndarray, L: np.ndarray, o: np.ndarray) -> None:
         """Hull and wheels (with their rotating white stripe) exactly as `Car.draw`, without particles."""
-        bodies, polys = self._car_parts()
+        parts = self._car_parts()
+        bodies = parts.bodies
+        state = np.empty((len(bodies), 3))
+        for k, obj in enumerate(bodies):
+            p = obj.position
+            state[k] = (p[0], p[1], obj.angle)
+        ca, sa = np.cos(state[:, 2]), np.sin(state[:, 2])
+        # body -> canvas affine maps of all bodies at once: M_b = L @ R_b, off_b = L @ p_b + o
+        Mt = np.empty((len(bodies), 2, 2))  # transposed: row vector @ Mt
+        Mt[:, 0, 0] = L[0, 0] * ca + L[0, 1] * sa
+        Mt[:, 1, 0] = -L[0, 0] * sa + L[0, 1] * ca
+        Mt[:, 0, 1] = L[1, 0] * ca + L[1, 1] * sa
+        Mt[:, 1, 1] = -L[1, 0] * sa + L[1, 1] * ca
+        off = state[:, :2] @ L.T + o
+        bi = parts.body_of
+        lv = parts.local
+        pts = lv[:, :1] * Mt[bi, 0] + lv[:, 1:] * Mt[bi, 1] + off[bi]
+        pts = np.rint(pts).astype(np.int32)
         w, r = car_dynamics.WHEEL_W * car_dynamics.SIZE, car_dynamics.WHEEL_R * car_dynamics.SIZE
-        maps = []
-        for obj in bodies:
-            pos = obj.position
-            a = obj.angle
-            ca, sa = math.cos(a), math.sin(a)
-            maps.append((ca, sa, pos[0], pos[1]))
-        m = np.asarray(maps)
-        # body -> canvas affine maps, all bodies at once: M_b = L @ R_b, off_b = L @ p_b + o
-        R = np.empty((len(bodies), 2, 2))
-        R[:, 0, 0], R[:, 0, 1], R[:, 1, 0], R[:, 1, 1] = m[:, 0], -m[:, 1], m[:, 1], m[:, 0]
-        Mt = np.transpose(L @ R, (0, 2, 1))
-        off = m[:, 2:] @ L.T + o
-        for i, local, color in polys:
-            if local is _STRIPE:
-                obj = bodies[i]
-                a1 = obj.phase
-                a2 = obj.phase + 1.2  # radians
-                s1, s2 = math.sin(a1), math.sin(a2)
-                c1, c2 = math.cos(a1), math.cos(a2)
-                if s1 > 0 and s2 > 0:
-                    continue
-                if s1 > 0:
-                    c1 = float(np.sign(c1))
-                if s2 > 0:
-                    c2 = float(np.sign(c2))
-                local = np.array([(-w, r * c1), (w, r * c1), (w, r * c2), (-w, r * c2)])
-            cv2.fillConvexPoly(canvas, np.rint(local @ Mt[i] + off[i]).astype(np.int32), color, cv2.LINE_8,
-                               _FIXED_BITS)
+        fill = cv2.fillConvexPoly
+        for start, stop, color, wheel in parts.order:
+            if wheel < 0:
+                fill(canvas, pts[start:stop], color, cv2.LINE_8, _FIXED_BITS)
+                continue
+            phase = bodies[wheel].phase
+            a1, a2 = phase, phase + 1.2  # radians
+            s1, s2 = math.sin(a1), math.sin(a2)
+            if s1 > 0 and s2 > 0:
+                continue
+            c1, c2 = math.cos(a1), math.cos(a2)
+            if s1 > 0:
+                c1 = math.copysign(1.0, c1) if c1 else 0.0
+            if s2 > 0:
+                c2 = math.copysign(1.0, c2) if c2 else 0.0
+            stripe = np.array([(-w, r * c1), (w, r * c1), (w, r * c2), (-w, r * c2)]) @ Mt[wheel] + off[wheel]
+            fill(canvas, np.rint(stripe).astype(np.int32), color, cv2.LINE_8, _FIXED_BITS)
 
     # ------------------------------------------------------------------ the HUD
     def _draw_hud(self, out: np.ndarray, fx: float, fy: float) -> np.ndarray:
@@ -356,8 +374,12 @@ class FastCarRacing(CarRacing):
         out[r0:] = hud
 
         text, box, rows, cols = self._text_patch(f"{self.reward:04.0f}", out_h, out_w, fx, fy)
-        region = out[rows, cols].astype(np.float32)
-        out[rows, cols] = (region * (1.0 - box) + text + 0.5).astype(np.uint8)
+        if rows.start >= math.ceil(SCENE_H * fy) and cols.stop <= math.floor(5 * s * fx):
+            # the text sits on pure black (left of the speed bar, below the scene): paste it
+            out[rows, cols] = (text + 0.5).astype(np.uint8)
+        else:
+            region = out[rows, cols].astype(np.float32)
+            out[rows, cols] = (region * (1.0 - box) + text + 0.5).astype(np.uint8)
         return out
 
     def _text_patch(self, label: str, out_h: int, out_w: int, fx: float,
