@@ -44,7 +44,7 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
         c_res = train_controller(run_dir, cma_config(cfg, generations=gens), resume=True, progress=progress, reset_best=True)
         theta = load_controller(ctrl)[0].numpy()
         seeds = [cfg.eval_seed + 500 + i for i in range(cfg.eval_episodes)]
-        with RealEvaluator(run_dir, cfg.env_id, cfg.workers, cfg.eval_max_steps) as ev:
+        with RealEvaluator(run_dir, cfg.eval_env_id, cfg.workers, cfg.eval_max_steps) as ev:
             real = summarize(ev.run([("controller", theta, s, False) for s in seeds], desc=f"round {k} real check", progress=progress))
         info = {"round": k, "episodes_total": n_now + cfg.round_episodes, "mdn_test_nll_per_step": mdn_res.get("test_nll_per_step"),
                 "dream_best": c_res["best_dream_fitness"], "real_mean": real["mean"], "real_std": real["std"], "real_seeds": seeds}

@@ -118,7 +118,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     cfg = _cfg(args, write=False)
     res = evaluate_run(args.run, episodes=args.episodes, seed=args.seed, workers=args.workers if args.workers is not None else cfg.workers,
-                       controller=args.controller, env_id=args.env_id or "CarRacing-v3", baseline=not args.no_baseline,
+                       controller=args.controller, env_id=args.env_id or "CarRacing-v3", max_steps=args.max_steps, baseline=not args.no_baseline,
                        video=not args.no_video, temperature=cfg.temperature, progress=not args.no_progress)
     for k in ("controller", "random"):
         if k in res:
@@ -201,7 +201,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="episode i uses env seed SEED + i")
     p.add_argument("--workers", type=int)
     p.add_argument("--controller", help="controller file (default RUN/controller/best.safetensors)")
-    p.add_argument("--env-id")
+    p.add_argument("--env-id", help="default CarRacing-v3 (gymnasium's)")
+    p.add_argument("--max-steps", type=int, default=1000, help="steps per episode (default 1000, CarRacing-v3's limit)")
     p.add_argument("--no-baseline", action="store_true", help="skip the random-policy baseline")
     p.add_argument("--no-video", action="store_true")
     p.set_defaults(func=_evaluate)

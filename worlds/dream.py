@@ -224,3 +224,31 @@ def dream_summary(sim: DreamSimulator, theta: torch.Tensor, rollouts: int = 16, 
     out = sim.rollout(theta[None], rollouts, seed=seed)
     r = out["returns"][0]
     return {"dream_mean": float(r.mean()), "dream_std": float(r.std()) if rollouts > 1 else 0.0, "dream_steps": float(out["steps"].mean())}
+
+
+def tiny_world_model(seed: int = 0, z_dim: int = 8, hidden: int = 16, mixtures: int = 2, n_init: int = 8) -> tuple[WorldVAE, MDNRNN, torch.Tensor, torch.Tensor]:
+    """A tiny random-weight V and M with random initial states, seeded: for tests and env checks only."""
+    from worlds.models import MDNRNNConfig, WorldVAEConfig
+
+    torch.manual_seed(seed)
+    vae = WorldVAE(WorldVAEConfig(z_dim=z_dim, width=4)).eval()
+    mdn = MDNRNN(MDNRNNConfig(z_dim=z_dim, hidden=hidden, mixtures=mixtures)).eval()
+    g = torch.Generator().manual_seed(seed + 1)
+    return vae, mdn, torch.randn(n_init, z_dim, generator=g), torch.full((n_init, z_dim), -2.0)
+
+
+def write_world_run(run_dir: str | Path, vae: WorldVAE, mdn: MDNRNN, init_mu: torch.Tensor, init_logvar: torch.Tensor) -> Path:
+    """Write V, M and initial latents in the run-folder layout `load_dream` reads (for tests and tools)."""
+    from dreamlab.io import save_json, save_tensors
+
+    run_dir = Path(run_dir)
+    vae.save_pretrained(run_dir / "vae" / "model")
+    mdn.save_pretrained(run_dir / "mdn" / "model")
+    entries = []
+    for i in range(len(init_mu)):
+        name = f"ep_{i:06d}.safetensors"
+        save_tensors(run_dir / "latents" / name, {"mu": init_mu[i:i + 1].half(), "logvar": init_logvar[i:i + 1].half(),
+                                                  "action": torch.zeros(0, ACTION_DIM), "reward": torch.zeros(0), "done": torch.zeros(0)})
+        entries.append({"file": name, "source": "synthetic", "steps": 0})
+    save_json(run_dir / "latents" / "manifest.json", {"vae": "synthetic", "z_dim": int(init_mu.shape[1]), "episodes": entries})
+    return run_dir

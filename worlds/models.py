@@ -183,7 +183,7 @@ class MDNRNN(Generator):
     # ---- the head -------------------------------------------------------------------------
     def split_head(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         k, z = self.config.mixtures, self.config.z_dim
-        out = out.float()
+        out = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
         logpi = F.log_softmax(out[..., :k], -1)
         mu = out[..., k:k + k * z].unflatten(-1, (k, z))
         logsig = out[..., k + k * z:k + 2 * k * z].unflatten(-1, (k, z)).clamp(-7.0, 5.0)
@@ -243,15 +243,16 @@ class MDNRNN(Generator):
         return self.split_head(self.head(out)), state
 
     def _terms(self, batch: Batch, sample_z: bool = True) -> dict[str, torch.Tensor]:
-        mu, logvar = batch["mu"].float(), batch["logvar"].float()
+        dt = self.head.weight.dtype
+        mu, logvar = batch["mu"].to(dt), batch["logvar"].to(dt)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample_z else mu
-        action, mask = batch["action"].float(), batch["mask"].float()
+        action, mask = batch["action"].to(dt), batch["mask"].to(dt)
         (logpi, m, ls, r_hat, d_logit), _ = self.forward_sequence(z[:, :-1], action)
         logp = self.mixture_log_prob(z[:, 1:], logpi, m, ls)
         n = mask.sum().clamp(min=1.0)
         nll = -(logp * mask).sum() / n
-        r_mse = (((r_hat - batch["reward"].float()) ** 2) * mask).sum() / n
-        done = batch["done"].float()
+        r_mse = (((r_hat - batch["reward"].to(dt)) ** 2) * mask).sum() / n
+        done = batch["done"].to(dt)
         d_bce = (F.binary_cross_entropy_with_logits(d_logit, done, reduction="none") * mask).sum() / n
         return {"nll": nll, "reward_mse": r_mse, "done_bce": d_bce}
 

@@ -1,0 +1,115 @@
+"""The batched dream (determinism by seed, done handling, common initial states) and the dream gymnasium env."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dreamlab.errors import DreamlabError
+from worlds.dream import DreamConfig, DreamSimulator, load_dream, tiny_world_model, write_world_run
+from worlds.policies import num_params
+
+
+def _sim(horizon: int = 30, **kw) -> DreamSimulator:
+    _, mdn, mu, lv = tiny_world_model(seed=0)
+    return DreamSimulator(mdn, mu, lv, DreamConfig(horizon=horizon, **kw))
+
+
+def test_dream_is_reproducible_by_seed_on_cpu() -> None:
+    sim = _sim()
+    thetas = torch.randn(3, sim.n_params, generator=torch.Generator().manual_seed(0)) * 0.3
+    a = sim.rollout(thetas, 4, seed=11, record=True)
+    b = sim.rollout(thetas, 4, seed=11, record=True)
+    c = sim.rollout(thetas, 4, seed=12, record=True)
+    assert a["returns"].shape == (3, 4) and a["z"].shape == (31, 12, 8) and a["actions"].shape == (30, 12, 3)
+    assert torch.equal(a["returns"], b["returns"]) and torch.equal(a["z"], b["z"])
+    assert not torch.equal(a["z"], c["z"])
+    # rollout j of every candidate starts from the same real state (common random numbers for CMA-ES)
+    z0 = a["z"][0].view(3, 4, -1)
+    assert torch.equal(z0[0], z0[1]) and torch.equal(z0[0], z0[2])
+    # without recording, the same seed gives the same returns
+    assert torch.equal(sim.rollout(thetas, 4, seed=11)["returns"], a["returns"])
+    # actions respect CarRacing's bounds
+    act = a["actions"]
+    assert act[..., 0].abs().max() <= 1 and act[..., 1:].min() >= 0 and act[..., 1:].max() <= 1
+
+
+def test_done_head_ends_dreams_and_stops_reward() -> None:
+    sim = _sim(horizon=20)
+    with torch.no_grad():
+        sim.mdn.head.bias[-1] = 30.0  # P(done) ~ 1 after the first step
+        sim.mdn.head.bias[-2] = 1.0
+    out = sim.rollout(torch.zeros(2, sim.n_params), 3, seed=0)
+    assert torch.equal(out["steps"], torch.ones(2, 3))
+    with torch.no_grad():
+        sim.mdn.head.bias[-1] = -30.0
+    out = sim.rollout(torch.zeros(2, sim.n_params), 3, seed=0)
+    assert torch.equal(out["steps"], torch.full((2, 3), 20.0))
+
+
+def test_dream_rejects_bad_parameters() -> None:
+    sim = _sim()
+    with pytest.raises(DreamlabError, match="expected"):
+        sim.rollout(torch.zeros(2, sim.n_params + 1), 2)
+    bad = torch.zeros(2, sim.n_params)
+    bad[0, 0] = float("nan")
+    with pytest.raises(DreamlabError, match="NaN"):
+        sim.rollout(bad, 2)
+
+
+def test_load_dream_from_run_folder(tmp_path: Path) -> None:
+    vae, mdn, mu, lv = tiny_world_model(seed=3)
+    write_world_run(tmp_path / "wm", vae, mdn, mu, lv)
+    v2, m2, sim = load_dream(tmp_path / "wm", "cpu", DreamConfig(horizon=5))
+    assert sim.n_params == num_params(8, 16)
+    assert torch.equal(m2.head.weight, mdn.head.weight)
+    with pytest.raises(DreamlabError, match="no vae/"):
+        load_dream(tmp_path / "missing", "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_dream_matches_shapes_and_is_finite() -> None:
+    _, mdn, mu, lv = tiny_world_model(seed=0)
+    sim = DreamSimulator(mdn.cuda(), mu, lv, DreamConfig(horizon=50))
+    out = sim.rollout(torch.zeros(4, sim.n_params), 3, seed=0)
+    assert out["returns"].shape == (4, 3) and torch.isfinite(out["returns"]).all()
+    assert (4, 3) in sim._graphs
+
+
+# ----------------------------------------------------------------------------- the gymnasium env
+
+
+def test_dream_env_passes_checker_and_trains_with_ppo(tmp_path: Path) -> None:
+    gym = pytest.importorskip("gymnasium")
+    from gymnasium.utils.env_checker import check_env
+
+    from envs.dream_env import DreamEnv
+
+    check_env(DreamEnv(), skip_render_check=True)
+    check_env(DreamEnv(obs="image"), skip_render_check=True)
+    env = DreamEnv(max_steps=7)
+    o1, _ = env.reset(seed=5)
+    traj1 = [env.step(np.array([0.1, 0.5, 0.0], np.float32)) for _ in range(7)]
+    o2, _ = env.reset(seed=5)
+    traj2 = [env.step(np.array([0.1, 0.5, 0.0], np.float32)) for _ in range(7)]
+    assert np.array_equal(o1, o2) and all(np.array_equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(traj1, traj2))
+    assert traj1[-1][3] is True  # truncated at max_steps
+    with pytest.raises(DreamlabError, match="action"):
+        env.step(np.array([np.nan, 0, 0]))
+    # a trained world model from a run folder, through gymnasium's registry
+    vae, mdn, mu, lv = tiny_world_model(seed=4)
+    write_world_run(tmp_path / "wm", vae, mdn, mu, lv)
+    import envs
+
+    envs.register_all()
+    e = gym.make("dreamlab/Dream-v0", run_dir=str(tmp_path / "wm"), obs="image", render_mode="rgb_array")
+    obs, _ = e.reset(seed=0)
+    assert obs.shape == (64, 64, 3) and obs.dtype == np.uint8 and e.render().shape == (64, 64, 3)
+    sb3 = pytest.importorskip("stable_baselines3")
+    model = sb3.PPO("MlpPolicy", DreamEnv(max_steps=32), n_steps=32, batch_size=16, n_epochs=1, device="cpu", seed=0)
+    model.learn(64)
+    act, _ = model.predict(DreamEnv().reset(seed=0)[0], deterministic=True)
+    assert act.shape == (3,)

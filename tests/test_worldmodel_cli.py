@@ -1,0 +1,57 @@
+"""A tiny end-to-end World Models run through the real CLI: 2 episodes x 50 steps, one epoch of V and of M,
+2 CMA-ES generations, real-env evaluation, videos; then the stage commands and bad input."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("gymnasium")
+pytest.importorskip("cma")
+
+from dreamlab.cli import main  # noqa: E402
+
+
+def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "wm"
+    assert main(["worldmodel", "run", "--preset", "tiny", "--out", str(run), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "controller:" in printed and "random policy:" in printed
+    man = json.loads((run / "rollouts" / "manifest.json").read_text())
+    assert [e["steps"] for e in man["episodes"]] == [50, 50]
+    assert (run / "vae" / "model" / "model.safetensors").exists() and (run / "vae" / "reconstructions.png").exists()
+    vae_metrics = [json.loads(x) for x in (run / "vae" / "metrics.jsonl").read_text().splitlines()]
+    assert max(r["step"] for r in vae_metrics) == 3  # 51 training frames / batch 16: one epoch
+    lat = json.loads((run / "latents" / "manifest.json").read_text())
+    assert len(lat["episodes"]) == 2 and lat["z_dim"] == 8
+    ev = json.loads((run / "mdn" / "eval.json").read_text())
+    assert ev["step"] == 1 and "test_nll_per_step" in ev
+    fit = (run / "controller" / "fitness.jsonl").read_text().splitlines()
+    assert len(fit) == 2 and (run / "controller" / "best.safetensors").exists()
+    scores = json.loads((run / "eval" / "controller_seed1000_n1.json").read_text())
+    assert scores["episodes"] == 1 and len(scores["scores"]) == 1 and scores["seeds"] == [1000]
+    assert scores["env_id"] == "CarRacing-v3"
+    assert any((run / "eval").glob("side_by_side_seed1000.*")) and any(run.glob("dream.*"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["pipeline"]["controller"]["mean"] == pytest.approx(scores["mean"])
+
+    # stage commands on the same run folder
+    assert main(["worldmodel", "evaluate", str(run), "--episodes", "2", "--seed", "7", "--max-steps", "30", "--no-video",
+                 "--no-baseline", "--no-progress"]) == 0
+    s2 = json.loads((run / "eval" / "controller_seed7_n2.json").read_text())
+    assert s2["seeds"] == [7, 8] and len(s2["scores"]) == 2 and s2["max_steps"] == 30
+    assert main(["worldmodel", "dream-video", str(run), "--steps", "10", "--out", str(tmp_path / "d.gif")]) == 0
+    assert (tmp_path / "d.gif").stat().st_size > 0
+    assert main(["worldmodel", "train-controller", str(run), "--generations", "3", "--resume", "--no-progress"]) == 0
+    assert len((run / "controller" / "fitness.jsonl").read_text().splitlines()) == 3
+
+
+def test_cli_bad_input_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["worldmodel", "evaluate", str(tmp_path / "nope"), "--episodes", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "train-controller" in err and len(err.splitlines()) == 1
+    assert main(["worldmodel", "train-mdn", str(tmp_path / "nope2"), "--preset", "tiny"]) == 2
+    assert "encode" in capsys.readouterr().err
+    assert main(["worldmodel", "run", "--preset", "tiny", "--out", str(tmp_path / "x"), "--set", "episodes=zero"]) == 2
+    assert "episodes" in capsys.readouterr().err
