@@ -234,7 +234,7 @@ def training_vocabulary() -> set[str]:
     words: set[str] = set()
 
     def add(s: str) -> None:
-        words.update(re.findall(r"[a-z0-9\-]+", s.lower()))
+        words.update(re.findall(r"[a-z0-9]+", s.lower()))
 
     for p in _PREFIXES:
         add(p)
@@ -446,8 +446,12 @@ def _split_arrays(kind: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def load_procedural(kind: str, split: str = "train", *, held_out_only: bool = False) -> dict[str, torch.Tensor]:
-    """{"x": float (N,3,64,64) in [0,1], "y": combination index (N,), "attrs": (N, n_attr), one tensor per attribute}."""
+def load_procedural(kind: str, split: str = "train", *, held_out_only: bool = False,
+                    max_items: int | None = None) -> dict[str, torch.Tensor]:
+    """{"x": float (N,3,64,64) in [0,1], "y": combination index (N,), "attrs": (N, n_attr), one tensor per attribute}.
+
+    `held_out_only` keeps the images whose combination is held out of training; `max_items` keeps the first N.
+    """
     _check_kind(kind)
     if split not in SPLIT_SIZES:
         raise DreamlabError(f"unknown split {split!r}; choose one of {', '.join(SPLIT_SIZES)}")
@@ -456,6 +460,8 @@ def load_procedural(kind: str, split: str = "train", *, held_out_only: bool = Fa
         held = np.array([combo_indices(kind, c) for c in HELD_OUT[kind]])
         keep = (lab[:, None, :] == held[None]).all(-1).any(-1)
         x, lab = x[keep], lab[keep]
+    if max_items:
+        x, lab = x[:max_items], lab[:max_items]
     nv = num_values(kind)
     combo = np.ravel_multi_index(tuple(lab.T), nv) if len(lab) else np.zeros(0, np.int64)
     out = {"x": torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255.0),
