@@ -85,7 +85,8 @@ class _CarParts(NamedTuple):
     bodies: list[Any]
     local: np.ndarray    # (V, 2) vertices of every fixture polygon in body coordinates
     body_of: np.ndarray  # (V,) index of each vertex's body
-    order: list[tuple[int, int, tuple[int, int, int], int]]  # (start, stop, colour, wheel or -1), draw order
+    batches: list[tuple[list[tuple[int, int]], tuple[int, int, int]]]  # wheels first, then the hull
+    wheels: list[int]    # indices of the wheel bodies (they carry a white stripe)
 
 
 class FastCarRacing(CarRacing):
@@ -93,7 +94,8 @@ class FastCarRacing(CarRacing):
 
     Extra arguments over gymnasium's: `obs_size` (int or (height, width) of the observation),
     `crop_hud` (drop the HUD rows as World Models does, i.e. render gymnasium's `obs[:84]` region) and
-    `supersample` (sub-samples per output pixel along each axis; 4 matches gymnasium within ~2/255).
+    `supersample` (sub-samples per output pixel along each axis; the default 2 matches gymnasium's
+    observations within ~0.4/255 per pixel at 64x64, 4 within ~0.2/255, at some speed).
     """
 
     metadata = {"render_modes": ["human", "rgb_array", "state_pixels"], "render_fps": CarRacing.metadata["render_fps"]}
@@ -128,11 +130,11 @@ class FastCarRacing(CarRacing):
         self._road_src: list | None = None
         self._road_pts = np.zeros((0, 4, 2))
         self._road_lo = self._road_hi = np.zeros((0, 2))
-        self._road_colors: list = []
+        self._road_rgb = np.zeros((0, 3))
         self._text_cache: OrderedDict[tuple, tuple[np.ndarray, np.ndarray, slice, slice]] = OrderedDict()
         self._font: Any = None
         self._car_src: Any = None
-        self._car_cache = _CarParts([], np.zeros((0, 2)), np.zeros(0, int), [])
+        self._car_cache = _CarParts([], np.zeros((0, 2)), np.zeros(0, int), [], [])
 
     # ------------------------------------------------------------------ rendering entry points
     def _render(self, mode: str) -> Any:
@@ -188,8 +190,10 @@ class FastCarRacing(CarRacing):
         ty = WINDOW_H / 4 + (s * sx_ + c * sy_)
         ax, ay = k * fx * _FIXED, k * fy * _FIXED
         # canvas (fixed point) = L @ (x, y) + o; pixel centres of the canvas sit at integer coordinates
-        L = np.array([[ax * zoom * c, -ax * zoom * s], [-ay * zoom * s, -ay * zoom * c]])
-        o = np.array([ax * tx - 0.5 * _FIXED, ay * (WINDOW_H - ty) - 0.5 * _FIXED])
+        l00, l01, l10, l11 = ax * zoom * c, -ax * zoom * s, -ay * zoom * s, -ay * zoom * c
+        o0, o1 = ax * tx - 0.5 * _FIXED, ay * (WINDOW_H - ty) - 0.5 * _FIXED
+        L = np.array([[l00, l01], [l10, l11]])
+        o = np.array([o0, o1])
         Lt = L.T
 
         def project(pts: np.ndarray) -> np.ndarray:
@@ -198,35 +202,37 @@ class FastCarRacing(CarRacing):
         canvas = np.empty((ch, cw, 3), np.uint8)
         if ch > 0:
             # the view rectangle in world coordinates (axis-aligned bounds of its 4 corners)
-            det = L[0, 0] * L[1, 1] - L[0, 1] * L[1, 0]
-            Linv_t = np.array([[L[1, 1], -L[1, 0]], [-L[0, 1], L[0, 0]]]) / det
-            corners = (_UNIT_CORNERS * (cw * _FIXED, ch * _FIXED) - o) @ Linv_t
-            x0, y0 = corners.min(axis=0)
-            x1, y1 = corners.max(axis=0)
+            det = l00 * l11 - l01 * l10
+            xs, ys = [], []
+            for u, v in ((0.0, 0.0), (cw * _FIXED, 0.0), (0.0, ch * _FIXED), (cw * _FIXED, ch * _FIXED)):
+                u, v = u - o0, v - o1
+                xs.append((l11 * u - l01 * v) / det)
+                ys.append((-l10 * u + l00 * v) / det)
+            x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
             fill = cv2.fillConvexPoly
             if -PLAYFIELD <= x0 and x1 <= PLAYFIELD and -PLAYFIELD <= y0 and y1 <= PLAYFIELD:
                 cv2.rectangle(canvas, (0, 0), (cw - 1, ch - 1), _color(self.bg_color), -1)
             else:
                 canvas.fill(0)
                 fill(canvas, project(_FIELD[0]), _color(self.bg_color), cv2.LINE_8, _FIXED_BITS)
-            # grass patches overlapping the view: a regular grid, so pick them arithmetically
-            grass_color = _color(self.grass_color)
-            gx = [i for i in range(-20, 20, 2) if GRASS_DIM * i <= x1 and GRASS_DIM * (i + 1) >= x0]
-            gy = [i for i in range(-20, 20, 2) if GRASS_DIM * i <= y1 and GRASS_DIM * (i + 1) >= y0]
+            # grass patches overlapping the view: a regular grid (every other cell), picked arithmetically
+            gx = range(max(-20, 2 * math.floor((x0 / GRASS_DIM - 1) / 2)), min(20, math.floor(x1 / GRASS_DIM) + 1), 2)
+            gy = range(max(-20, 2 * math.floor((y0 / GRASS_DIM - 1) / 2)), min(20, math.floor(y1 / GRASS_DIM) + 1), 2)
             if gx and gy:
                 idx = [((i + 20) // 2) * 20 + (j + 20) // 2 for i in gx for j in gy]
                 # the patches never overlap, so one fillPoly call draws them all
-                cv2.fillPoly(canvas, project(_GRASS[idx]), grass_color, cv2.LINE_8, _FIXED_BITS)
+                cv2.fillPoly(canvas, project(_GRASS[idx]), _color(self.grass_color), cv2.LINE_8, _FIXED_BITS)
             # road tiles and kerbs in gymnasium's order, culled by their world bounds
             self._sync_road()
             if len(self._road_pts):
                 lo, hi = self._road_lo, self._road_hi
                 vis = np.flatnonzero((hi[:, 0] >= x0) & (lo[:, 0] <= x1) & (hi[:, 1] >= y0) & (lo[:, 1] <= y1))
                 if len(vis):
-                    r = project(self._road_pts[vis])
-                    colors = self._road_colors
-                    for poly, i in zip(r, vis.tolist()):
-                        fill(canvas, poly, _color(colors[i]), cv2.LINE_8, _FIXED_BITS)
+                    polys = project(self._road_pts[vis])
+                    # int() of gymnasium's float colours truncates, as astype does
+                    colors = self._road_rgb[vis].astype(np.int32).tolist()
+                    for poly, color in zip(polys, colors):
+                        fill(canvas, poly, color, cv2.LINE_8, _FIXED_BITS)
             if particles:
                 thick = max(1, int(round(2 * k * fx)))
                 for p in car.particles:
@@ -243,25 +249,34 @@ class FastCarRacing(CarRacing):
         return self._draw_hud(out, fx, out_h / WINDOW_H)
 
     def _sync_road(self) -> None:
-        """Cache the road polygons as one array whenever reset() made a new `road_poly` list."""
-        if self._road_src is self.road_poly and len(self._road_colors) == len(self.road_poly):
+        """Cache the road polygons and colours as arrays whenever reset() made a new `road_poly` list.
+
+        A tile's colour is recoloured in place by gymnasium's FrictionDetector (`tile.color[:] = ...`) when
+        the car touches it; the tiles' colour arrays are therefore re-pointed to rows of one (M, 3) array
+        (same values, same in-place semantics), so all visible colours are read in one operation.
+        """
+        if self._road_src is self.road_poly and len(self._road_rgb) == len(self.road_poly):
             return
         self._road_src = self.road_poly
-        if self.road_poly:
-            self._road_pts = np.asarray([poly for poly, _ in self.road_poly], dtype=np.float64)
-        else:
-            self._road_pts = np.zeros((0, 4, 2))
+        n = len(self.road_poly)
+        self._road_pts = np.asarray([poly for poly, _ in self.road_poly], dtype=np.float64).reshape(n, 4, 2)
         self._road_lo = self._road_pts.min(axis=1)
         self._road_hi = self._road_pts.max(axis=1)
-        # tile colours are the tiles' own arrays: FrictionDetector recolours them in place when visited
-        self._road_colors = [color for _, color in self.road_poly]
+        rgb = np.asarray([np.asarray(color, dtype=np.float64) for _, color in self.road_poly]).reshape(n, 3)
+        tiles = {id(t.color): t for t in (self.road or []) if isinstance(getattr(t, "color", None), np.ndarray)}
+        for i, (poly, color) in enumerate(self.road_poly):
+            tile = tiles.get(id(color))
+            if tile is not None and tile.color.shape == (3,) and tile.color.dtype == rgb.dtype:
+                tile.color = rgb[i]  # a view: FrictionDetector's in-place writes land in `rgb`
+                self.road_poly[i] = (poly, tile.color)
+        self._road_rgb = rgb
 
     def _car_parts(self) -> _CarParts:
-        """The car's drawn bodies and polygons in `Car.draw` order, as flat arrays; cached per Car object."""
+        """The car's drawn bodies and polygons as flat arrays, cached per Car object."""
         car = self.car
         if self._car_src is not car:
             bodies = list(car.drawlist)
-            local, body_of, order = [], [], []
+            local, body_of, polys = [], [], []
             n = 0
             for i, obj in enumerate(bodies):
                 color = tuple(int(v * 255) for v in obj.color)
@@ -269,16 +284,29 @@ class FastCarRacing(CarRacing):
                     verts = np.asarray(f.shape.vertices, dtype=np.float64)
                     local.append(verts)
                     body_of += [i] * len(verts)
-                    order.append((n, n + len(verts), color, -1))
+                    polys.append((n, n + len(verts), color, "phase" in obj.__dict__))
                     n += len(verts)
-                    if "phase" in obj.__dict__:
-                        order.append((0, 0, car_dynamics.WHEEL_WHITE, i))  # the wheel's white stripe
+            # cv2.fillPoly fills several polygons in one call with the even-odd rule, so a batch must hold
+            # polygons of one colour that do not overlap: the wheels; hull fixtures 1+3 and 2+4 (1 and 2 overlap)
+            wheels = [p for p in polys if p[3]]
+            hull = [p for p in polys if not p[3]]
+            batches = [([(p[0], p[1]) for p in wheels], wheels[0][2])] if wheels else []
+            if len(hull) == 4:
+                batches += [([(hull[0][0], hull[0][1]), (hull[2][0], hull[2][1])], hull[0][2]),
+                            ([(hull[1][0], hull[1][1]), (hull[3][0], hull[3][1])], hull[1][2])]
+            else:
+                batches += [([(p[0], p[1])], p[2]) for p in hull]
+            wheel_index = [i for i, obj in enumerate(bodies) if "phase" in obj.__dict__]
             self._car_src = car
-            self._car_cache = _CarParts(bodies, np.concatenate(local), np.asarray(body_of), order)
+            self._car_cache = _CarParts(bodies, np.concatenate(local), np.asarray(body_of), batches, wheel_index)
         return self._car_cache
 
     def _draw_car(self, canvas: np.ndarray, L: np.ndarray, o: np.ndarray) -> None:
-        """Hull and wheels (with their rotating white stripe) exactly as `Car.draw`, without particles."""
+        """Hull and wheels (with their rotating white stripe) as `Car.draw` draws them, without particles.
+
+        Wheels do not overlap each other and each stripe lies inside its wheel, so drawing all wheels, then
+        all stripes, then the hull gives the same picture as gymnasium's wheel, stripe, ..., hull order.
+        """
         parts = self._car_parts()
         bodies = parts.bodies
         state = np.empty((len(bodies), 3))
@@ -295,26 +323,30 @@ class FastCarRacing(CarRacing):
         off = state[:, :2] @ L.T + o
         bi = parts.body_of
         lv = parts.local
-        pts = lv[:, :1] * Mt[bi, 0] + lv[:, 1:] * Mt[bi, 1] + off[bi]
-        pts = np.rint(pts).astype(np.int32)
-        w, r = car_dynamics.WHEEL_W * car_dynamics.SIZE, car_dynamics.WHEEL_R * car_dynamics.SIZE
-        fill = cv2.fillConvexPoly
-        for start, stop, color, wheel in parts.order:
-            if wheel < 0:
-                fill(canvas, pts[start:stop], color, cv2.LINE_8, _FIXED_BITS)
-                continue
-            phase = bodies[wheel].phase
-            a1, a2 = phase, phase + 1.2  # radians
-            s1, s2 = math.sin(a1), math.sin(a2)
-            if s1 > 0 and s2 > 0:
-                continue
-            c1, c2 = math.cos(a1), math.cos(a2)
-            if s1 > 0:
-                c1 = math.copysign(1.0, c1) if c1 else 0.0
-            if s2 > 0:
-                c2 = math.copysign(1.0, c2) if c2 else 0.0
-            stripe = np.array([(-w, r * c1), (w, r * c1), (w, r * c2), (-w, r * c2)]) @ Mt[wheel] + off[wheel]
-            fill(canvas, np.rint(stripe).astype(np.int32), color, cv2.LINE_8, _FIXED_BITS)
+        pts = np.rint(lv[:, :1] * Mt[bi, 0] + lv[:, 1:] * Mt[bi, 1] + off[bi]).astype(np.int32)
+        batches = parts.batches
+        if parts.wheels:
+            cv2.fillPoly(canvas, [pts[a:b] for a, b in batches[0][0]], batches[0][1], cv2.LINE_8, _FIXED_BITS)
+            batches = batches[1:]
+            w, r = car_dynamics.WHEEL_W * car_dynamics.SIZE, car_dynamics.WHEEL_R * car_dynamics.SIZE
+            stripes = []
+            for i in parts.wheels:
+                phase = bodies[i].phase
+                a1, a2 = phase, phase + 1.2  # radians
+                s1, s2 = math.sin(a1), math.sin(a2)
+                if s1 > 0 and s2 > 0:
+                    continue
+                c1, c2 = math.cos(a1), math.cos(a2)
+                if s1 > 0:
+                    c1 = math.copysign(1.0, c1) if c1 else 0.0
+                if s2 > 0:
+                    c2 = math.copysign(1.0, c2) if c2 else 0.0
+                stripe = np.array([(-w, r * c1), (w, r * c1), (w, r * c2), (-w, r * c2)]) @ Mt[i] + off[i]
+                stripes.append(np.rint(stripe).astype(np.int32))
+            if stripes:
+                cv2.fillPoly(canvas, stripes, car_dynamics.WHEEL_WHITE, cv2.LINE_8, _FIXED_BITS)
+        for spans, color in batches:
+            cv2.fillPoly(canvas, [pts[a:b] for a, b in spans], color, cv2.LINE_8, _FIXED_BITS)
 
     # ------------------------------------------------------------------ the HUD
     def _draw_hud(self, out: np.ndarray, fx: float, fy: float) -> np.ndarray:
