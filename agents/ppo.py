@@ -57,6 +57,7 @@ class PPOConfig:
     eval_seed: int = 1000           # episode i is env seed eval_seed + i
     eval_max_steps: int = 1000      # env steps per evaluation episode (CarRacing's own limit is 1000)
     video: bool = True              # save a video of the first evaluation episode
+    ckpt_every: int = 20_000        # agent steps between policy.safetensors checkpoints (0 = only at the end)
 
 
 def validate(cfg: PPOConfig) -> PPOConfig:
@@ -69,6 +70,8 @@ def validate(cfg: PPOConfig) -> PPOConfig:
     allowed = [k for k in gym.registry if k.startswith("dreamlab/CarRacing")] + ["CarRacing-v3"]
     if cfg.env not in allowed:
         raise DreamlabError(f"--env {cfg.env!r} is not a CarRacing id; choose one of {', '.join(allowed)}")
+    if cfg.ckpt_every < 0:
+        raise DreamlabError(f"ckpt_every={cfg.ckpt_every} must be >= 0")
     for name in ("timesteps", "n_envs", "frame_skip", "frame_stack", "size", "n_steps", "batch_size", "n_epochs",
                  "eval_max_steps", "sde_sample_freq"):
         if getattr(cfg, name) < 1:
@@ -126,10 +129,20 @@ def build_model(cfg: PPOConfig, venv: Any) -> Any:
     )
 
 
-class _EpisodeLog:
-    """sb3 callback: one metrics.jsonl row per finished training episode (return from the Monitor)."""
+def _save_policy(model: Any, path: Path) -> None:
+    import torch
 
-    def __new__(cls, path: Path) -> Any:
+    from dreamlab.io import save_tensors
+
+    save_tensors(path, {k: v for k, v in model.policy.state_dict().items() if isinstance(v, torch.Tensor)},
+                 metadata={"timesteps": str(int(model.num_timesteps))})
+
+
+class _EpisodeLog:
+    """sb3 callback: one metrics.jsonl row per finished training episode (return from the Monitor), and a
+    policy checkpoint every `ckpt_every` agent steps."""
+
+    def __new__(cls, path: Path, ckpt: Path | None = None, ckpt_every: int = 0) -> Any:
         from stable_baselines3.common.callbacks import BaseCallback
 
         class EpisodeLog(BaseCallback):
@@ -137,6 +150,7 @@ class _EpisodeLog:
                 super().__init__()
                 self.rows: list[dict[str, Any]] = []
                 self.t0 = time.perf_counter()
+                self.last_ckpt = 0
 
             def _on_step(self) -> bool:
                 for info in self.locals.get("infos", []):
@@ -147,6 +161,9 @@ class _EpisodeLog:
                                           "seconds": round(time.perf_counter() - self.t0, 1)})
                         if len(self.rows) % 8 == 0:
                             self.flush()
+                if ckpt is not None and ckpt_every > 0 and self.num_timesteps - self.last_ckpt >= ckpt_every:
+                    self.last_ckpt = self.num_timesteps
+                    _save_policy(self.model, ckpt)
                 return True
 
             def flush(self) -> None:
@@ -160,9 +177,8 @@ class _EpisodeLog:
 def train(cfg: PPOConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
     """Train PPO into run folder `out` (config.json, metrics.jsonl, policy.safetensors), then evaluate."""
     import numpy as np
-    import torch
 
-    from dreamlab.io import save_json, save_tensors
+    from dreamlab.io import save_json
 
     cfg = validate(cfg)
     out = Path(out)
@@ -174,14 +190,13 @@ def train(cfg: PPOConfig, out: str | Path, progress: bool = True) -> dict[str, A
 
         venv = VecNormalize(venv, norm_obs=False, norm_reward=True, gamma=cfg.gamma)
     model = build_model(cfg, venv)
-    log = _EpisodeLog(out / "metrics.jsonl")
+    log = _EpisodeLog(out / "metrics.jsonl", out / "policy.safetensors", cfg.ckpt_every)
     t0 = time.perf_counter()
     model.learn(total_timesteps=cfg.timesteps, callback=log, progress_bar=progress)
     seconds = time.perf_counter() - t0
     log.flush()
     venv.close()
-    save_tensors(out / "policy.safetensors", {k: v for k, v in model.policy.state_dict().items()
-                                             if isinstance(v, torch.Tensor)})
+    _save_policy(model, out / "policy.safetensors")
     train_info = {"timesteps": int(model.num_timesteps), "env_steps": int(model.num_timesteps) * cfg.frame_skip,
                   "train_seconds": round(seconds, 1), "train_episodes": len(log.rows),
                   "last_20_train_returns_mean": float(np.mean([r["episode_return"] for r in log.rows[-20:]]))
