@@ -7,6 +7,7 @@
     env = gym.make("dreamlab/CarRacing-v3")
 
 or, without the import, `gym.make("envs:dreamlab/CarRacing-v3")` (gymnasium imports the module first).
+Gymnasium 1.x has no plugin entry points any more, so one of the two is needed.
 """
 from __future__ import annotations
 
@@ -80,11 +81,6 @@ def make(env_id: str, **kwargs: Any) -> Any:
     if env_id not in gym.registry or not (env_id.startswith("dreamlab/") or env_id == "CarRacing-v3"):
         raise DreamlabError(f"unknown env id {env_id!r}; choose one of {', '.join(env_ids())} (or CarRacing-v3)")
     return gym.make(env_id, **kwargs)
-
-
-def register_envs() -> None:
-    """Entry point for gymnasium's plugin mechanism (`[project.entry-points."gymnasium.envs"]`)."""
-    register_all()
 
 
 register_all()
