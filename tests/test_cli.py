@@ -34,6 +34,10 @@ def test_train_sample_eval_resume(tmp_path: Path, capsys: pytest.CaptureFixture[
     from PIL import Image
 
     assert Image.open(tmp_path / "g.png").size[0] > 28
+    assert main(["sample", str(run), "-n", "3", "--out", str(tmp_path / "s.safetensors"), "--device", "cpu"]) == 0
+    from dreamlab.io import load_tensors
+
+    assert load_tensors(tmp_path / "s.safetensors")["samples"].shape == (3, 1, 28, 28)
     assert main(["eval", str(run), "--device", "cpu"]) == 0
     assert "test_elbo" in json.loads((run / "eval_test.json").read_text())
     assert main(["train", "vae", "--out", str(run), "--resume", "--set", "steps=5", "--no-progress"]) == 0
@@ -49,6 +53,7 @@ def test_train_sample_eval_resume(tmp_path: Path, capsys: pytest.CaptureFixture[
         (["train", "vae", "--set", "steps=ten"], "steps='ten' is not a valid int"),
         (["train", "vae", "--set", "steps"], "must look like key=value"),
         (["sample", "/nonexistent/run"], "is not a run folder"),
+        (["sample", "/nonexistent/run", "--out", "x.jpg"], "must end in .png"),
         (["data", "prepare", "imagenet"], "unknown dataset 'imagenet'"),
     ],
 )
