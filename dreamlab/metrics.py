@@ -19,7 +19,7 @@ def gaussian_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.
 def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray, eps: float = 1e-6) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}), stabilised as in the reference FID code."""
     diff = mu1 - mu2
-    covmean, _ = linalg.sqrtm(s1.dot(s2), disp=False)
+    covmean = linalg.sqrtm(s1.dot(s2))
     if not np.isfinite(covmean).all():
         off = np.eye(s1.shape[0]) * eps
         covmean = linalg.sqrtm((s1 + off).dot(s2 + off))
