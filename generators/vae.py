@@ -362,10 +362,71 @@ class ConvVAE(_LatentModel):
         return self.decode(z)
 
 
+# ----------------------------------------------------------------------------- ch. 3 "Exploring latent space" on faces
+
+
+@dataclass
+class FacesVAEConfig(ConvVAEConfig):
+    dataset: str = "faces"  # the procedural CelebA-like faces (dreamlab.procedural)
+    z_dim: int = 64
+    kl_tolerance: float = 0.0  # a plain ELBO-style VAE here, not World Models' floored KL
+    #: attributes shown in latent arithmetic: "name" (binary) or "name=value"
+    arithmetic: tuple[str, ...] = ("smiling", "glasses", "hair=blonde")
+
+
+@register
+class FacesVAE(ConvVAE):
+    """VAE on procedural 64x64 faces (book ch. 3): latent arithmetic and morphing between faces."""
+
+    name = "vae_faces"
+    config_class = FacesVAEConfig
+    presets = {
+        "tiny": {"width": 4, "z_dim": 4, "steps": 3, "batch_size": 8},
+        "quick": {"steps": 1500, "batch_size": 64, "lr": 1e-3, "width": 16},
+        "full": {"steps": 20000, "batch_size": 128, "lr": 5e-4},
+    }
+
+    def _attribute_mask(self, data: dict[str, torch.Tensor], spec: str) -> torch.Tensor:
+        from dreamlab.errors import DreamlabError
+        from dreamlab.procedural import ATTRIBUTES
+
+        attrs = ATTRIBUTES[self.config.dataset]
+        name, _, value = spec.partition("=")
+        if name not in attrs:
+            raise DreamlabError(f"arithmetic attribute {name!r} is not one of {', '.join(attrs)}")
+        values = [str(v) for v in attrs[name]]
+        target = values.index(value) if value else values.index("True") if "True" in values else -1
+        if target < 0:
+            raise DreamlabError(f"arithmetic attribute {spec!r}: give a value, one of {name}={'|'.join(values)}")
+        return data[name] == target
+
+    def write_artifacts(self, run_dir: Path) -> list[Path]:
+        from dreamlab.images import save_grid
+
+        out = super().write_artifacts(run_dir)
+        if self.config.dataset not in ("faces", "flowers", "bricks"):
+            return out
+        d = self.train_data("test")
+        x = d["x"][:2000]
+        # morphing: 4 pairs of test faces, 10 steps each
+        rows = [self.interpolate(x[2 * i], x[2 * i + 1], steps=10) for i in range(4)]
+        out.append(save_grid(torch.cat(rows).cpu(), Path(run_dir) / "morphing.png", nrow=10))
+        # latent arithmetic: faces without the attribute, plus s * (mean z with - mean z without)
+        for spec in self.config.arithmetic:
+            mask = self._attribute_mask({k: v[:2000] for k, v in d.items()}, spec)
+            if mask.all() or not mask.any():
+                continue
+            vec = self.attribute_vector(x, mask)
+            base = x[~mask][:6]
+            grid = self.add_attribute(base, vec, scales=(-1, 0, 1, 2, 3, 4))
+            out.append(save_grid(grid.cpu(), Path(run_dir) / f"arithmetic_{spec.replace('=', '_')}.png", nrow=6))
+        return out
+
+
 def latent_demo_data(dataset: str, split: str = "test", n: int = 2000) -> dict[str, torch.Tensor]:
     """A slice of a dataset for latent-space demos (arithmetic, morphing)."""
     d = load_dataset(dataset, split)
     return {k: v[:n] for k, v in d.items()}
 
 
-__all__ = ["Autoencoder", "VAE", "ConvVAE", "AEConfig", "VAEConfig", "ConvVAEConfig", "latent_demo_data"]
+__all__ = ["Autoencoder", "VAE", "ConvVAE", "FacesVAE", "AEConfig", "VAEConfig", "ConvVAEConfig", "FacesVAEConfig", "latent_demo_data"]
