@@ -25,10 +25,10 @@ def _generators_list(args: argparse.Namespace) -> int:
         cls = get_model_class(name)
         lp = getattr(cls, "log_prob_kind", None)
         rows.append((name, cls.kind, ",".join(sorted(cls.presets)) or "-", lp or "-", (cls.__doc__ or "").strip().splitlines()[0]))
-    w = max(len(r[0]) for r in rows)
-    print(f"{'name':<{w}}  {'kind':<10} {'presets':<11} {'log_prob':<8} description")
-    for r in rows:
-        print(f"{r[0]:<{w}}  {r[1]:<10} {r[2]:<11} {r[3]:<8} {r[4]}")
+    header = ("name", "kind", "presets", "log_prob", "description")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
+    for r in [header, *rows]:
+        print("  ".join(f"{c:<{w}}" for c, w in zip(r[:4], widths)) + "  " + r[4])
     return 0
 
 
