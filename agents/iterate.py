@@ -1,8 +1,9 @@
 """Iterative training (World Models sec. 5): collect with the current controller, retrain M, retrain C.
 
 Round k (k = 2..rounds) appends `round_episodes` controller episodes to RUN/rollouts, encodes them, continues
-M's training on all latents for another `mdn_steps` steps, and continues CMA-ES from its saved state for
-another `generations` generations in the new dream. A real-env check of each round's controller is written
+M's training on all latents for another `round_mdn_steps` steps, and continues CMA-ES from its saved state for
+another `round_generations` generations in the new dream. A real-env check of each round's controller (in the collection
+env `env_id`, e.g. the fast CarRacing with the same physics) is written
 to RUN/summary.json under `round_k`. Completed rounds are recorded in RUN/rounds.json and skipped on resume.
 """
 from __future__ import annotations
@@ -35,16 +36,16 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
         stage_encode(run_dir, cfg, progress=progress)
         # continue M on all data: same model config, more steps
         old = load_json(run_dir / "mdn" / "config.json")
-        steps = int(old["train"]["steps"]) + cfg.mdn_steps
+        steps = int(old["train"]["steps"]) + cfg.round_mdn_steps
         model = MDNRNN(MDNRNNConfig(**{f.name: old["config"][f.name] for f in dataclasses.fields(MDNRNNConfig) if f.name in old["config"]}))
         tc = TrainConfig(**{**old["train"], "steps": steps, "betas": tuple(old["train"]["betas"])})
         mdn_res = train(model, tc, run_dir / "mdn", resume=True, progress=progress)
         # continue CMA-ES in the new dream
-        gens = int(load_json(run_dir / "controller" / "cma_state.json")["generation"]) + cfg.generations
+        gens = int(load_json(run_dir / "controller" / "cma_state.json")["generation"]) + cfg.round_generations
         c_res = train_controller(run_dir, cma_config(cfg, generations=gens), resume=True, progress=progress, reset_best=True)
         theta = load_controller(ctrl)[0].numpy()
         seeds = [cfg.eval_seed + 500 + i for i in range(cfg.eval_episodes)]
-        with RealEvaluator(run_dir, cfg.eval_env_id, cfg.workers, cfg.eval_max_steps) as ev:
+        with RealEvaluator(run_dir, cfg.env_id, cfg.workers, cfg.eval_max_steps) as ev:
             real = summarize(ev.run([("controller", theta, s, False) for s in seeds], desc=f"round {k} real check", progress=progress))
         info = {"round": k, "episodes_total": n_now + cfg.round_episodes, "mdn_test_nll_per_step": mdn_res.get("test_nll_per_step"),
                 "dream_best": c_res["best_dream_fitness"], "real_mean": real["mean"], "real_std": real["std"], "real_seeds": seeds}

@@ -30,7 +30,7 @@ class WorldModelConfig:
     env_id: str = "CarRacing-v3"
     episodes: int = 10_000
     max_steps: int = 1000
-    policy: Literal["brownian", "random_controller"] = "random_controller"
+    policy: Literal["brownian", "random_controller", "mixed"] = "random_controller"
     workers: int = 0
     seed: int = 0
     # V
@@ -63,6 +63,8 @@ class WorldModelConfig:
     eval_seed: int = 1000
     rounds: int = 1
     round_episodes: int = 1000
+    round_mdn_steps: int = 5000      # M's extra steps per iterative round
+    round_generations: int = 100     # CMA-ES generations per iterative round
     device: str = "auto"
     threads: int = 0                 # torch CPU threads in this process (0 = torch's default); 1 avoids
                                      # OpenMP oversubscription on a busy machine (measured 7x faster there)
@@ -70,17 +72,18 @@ class WorldModelConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # finishes on 2 CPU cores in well under 20 minutes (see docs/worldmodels.md for measured times)
-    "quick": {"env_id": "dreamlab/CarRacing64-v3", "episodes": 40, "max_steps": 250, "policy": "brownian", "vae_width": 16, "vae_steps": 500, "vae_batch": 64,
+    "quick": {"env_id": "dreamlab/CarRacing64-v3", "episodes": 40, "max_steps": 250, "policy": "mixed", "vae_width": 16, "vae_steps": 500, "vae_batch": 64,
               "vae_lr": 1e-3, "hidden": 128, "seq_len": 32, "mdn_steps": 800, "mdn_batch": 32, "generations": 60,
-              "popsize": 16, "rollouts": 8, "horizon": 250, "eval_every": 0, "final_episodes": 10,
-              "round_episodes": 16, "threads": 1},
+              "popsize": 16, "rollouts": 8, "horizon": 250, "eval_every": 0, "eval_episodes": 4, "final_episodes": 10,
+              "rounds": 2, "round_episodes": 16, "round_mdn_steps": 800, "round_generations": 60, "threads": 1},
     # the paper's sizes (a GPU and many CPU cores for collection)
     "paper": {},
     # for tests: seconds
     "tiny": {"episodes": 2, "max_steps": 50, "policy": "brownian", "workers": 1, "z_dim": 8, "vae_width": 4, "vae_steps": 3,
              "vae_batch": 16, "vae_lr": 1e-3, "hidden": 16, "mixtures": 2, "seq_len": 16, "mdn_steps": 1, "mdn_batch": 4,
              "generations": 2, "popsize": 4, "rollouts": 2, "horizon": 20, "eval_every": 0, "final_episodes": 1,
-             "eval_max_steps": 50, "round_episodes": 1, "threads": 1},
+             "eval_max_steps": 50, "eval_episodes": 1, "round_episodes": 1, "round_mdn_steps": 1, "round_generations": 1,
+             "threads": 1},
 }
 
 

@@ -45,6 +45,14 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     assert (tmp_path / "d.gif").stat().st_size > 0
     assert main(["worldmodel", "train-controller", str(run), "--generations", "3", "--resume", "--no-progress"]) == 0
     assert len((run / "controller" / "fitness.jsonl").read_text().splitlines()) == 3
+    # iterative training: one more round collects with the controller, continues M and C
+    assert main(["worldmodel", "iterate", str(run), "--rounds", "2", "--no-progress"]) == 0
+    rounds = json.loads((run / "rounds.json").read_text())["rounds"]
+    assert len(rounds) == 1 and rounds[0]["episodes_total"] == 3
+    man = json.loads((run / "rollouts" / "manifest.json").read_text())
+    assert len(man["episodes"]) == 3 and man["config"]["policy"] == "controller"
+    assert len((run / "controller" / "fitness.jsonl").read_text().splitlines()) == 4
+    assert json.loads((run / "mdn" / "eval.json").read_text())["step"] == 2
 
 
 def test_cli_bad_input_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

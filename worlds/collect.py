@@ -9,6 +9,7 @@ Policies:
   brownian           a_{t+1} = clip(a_t + N(0, sigma^2)), the usual CarRacing exploration noise
   random_controller  the paper's random rollouts: a random-weight linear controller on the features of
                      a random-weight V and M (weights redrawn each episode)
+  mixed              even episodes brownian, odd episodes random_controller
   controller         a trained C with its V and M (`world_model` run folder, `controller` file): iterative training
 """
 from __future__ import annotations
@@ -34,7 +35,7 @@ from worlds.rollouts import (
     write_manifest,
 )
 
-Policy = Literal["brownian", "random_controller", "controller"]
+Policy = Literal["brownian", "random_controller", "mixed", "controller"]
 
 
 @dataclass
@@ -80,17 +81,20 @@ def make_env(env_id: str, max_steps: int = 0) -> Any:
 
 
 class BrownianPolicy:
+    """Random walks for steer, gas and a latent brake in [-1, 1] (brake = max(0, latent)), so the car is
+    off the brake about half the time and the data include high speeds, skids and grass, not only crawling."""
+
     def __init__(self, rng: np.random.Generator, sigma: float) -> None:
         self.rng, self.sigma = rng, sigma
-        self.a = np.array([0.0, rng.uniform(0.3, 1.0), 0.0], np.float32)
+        self.a = np.array([0.0, rng.uniform(0.3, 1.0), -0.5], np.float32)
 
     def reset(self) -> None:
         pass
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         a = self.a.copy()
-        self.a = np.clip(self.a + self.rng.normal(0, self.sigma, 3).astype(np.float32) * np.array([1.0, 1.0, 0.5], np.float32),
-                         [-1.0, 0.0, 0.0], [1.0, 1.0, 1.0]).astype(np.float32)
+        a[2] = max(0.0, a[2])
+        self.a = np.clip(self.a + self.rng.normal(0, self.sigma, 3).astype(np.float32), [-1.0, 0.0, -1.0], [1.0, 1.0, 1.0]).astype(np.float32)
         return a
 
 
@@ -173,10 +177,10 @@ def run_episode(env: Any, policy: Any, seed: int, frame_size: int = 64, on_steps
     return Episode(np.stack(frames), np.stack(acts), np.asarray(rews, np.float32), np.asarray(terms, bool), np.asarray(truncs, bool))
 
 
-def _make_policy(cfg: CollectConfig, rng: np.random.Generator, cached: dict[str, Any]) -> Any:
-    if cfg.policy == "brownian":
+def _make_policy(cfg: CollectConfig, rng: np.random.Generator, cached: dict[str, Any], index: int = 0) -> Any:
+    if cfg.policy == "brownian" or (cfg.policy == "mixed" and index % 2 == 0):
         return BrownianPolicy(rng, cfg.brownian_sigma)
-    if cfg.policy == "random_controller":
+    if cfg.policy in ("random_controller", "mixed"):
         return random_model_policy(rng)
     if "model" not in cached:
         cached["model"] = load_model_policy(cfg.world_model, cfg.controller)
@@ -216,7 +220,7 @@ def _worker(wid: int, cfg_d: dict[str, Any], tasks: Any, results: Any, parent: i
         results.put(("start", wid, idx))
         t0 = time.perf_counter()
         seed = episode_seed(cfg.seed, idx)
-        policy = _make_policy(cfg, np.random.default_rng(seed), cached)
+        policy = _make_policy(cfg, np.random.default_rng(seed), cached, idx)
 
         def on_steps(n: int) -> None:
             if os.getppid() != parent:
@@ -280,7 +284,7 @@ def collect(cfg: CollectConfig, *, resume: bool = False, progress: bool = True, 
             cached: dict[str, Any] = {}
             for idx in todo:
                 seed = episode_seed(cfg.seed, idx)
-                ep = run_episode(env, _make_policy(cfg, np.random.default_rng(seed), cached), seed, cfg.frame_size, bar.update)
+                ep = run_episode(env, _make_policy(cfg, np.random.default_rng(seed), cached, idx), seed, cfg.frame_size, bar.update)
                 save_episode(out / episode_name(idx), ep)
                 record(idx, {"steps": ep.steps, "return": ep.ret, "terminated": bool(ep.terminated[-1]), "seed": seed})
             env.close()

@@ -125,7 +125,10 @@ class DreamSimulator:
     def _step(self, z: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w: torch.Tensor, b: torch.Tensor, p: int, r: int,
               g: torch.Generator | None, noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
         bsz = p * r
-        with autocast(self.device, self.cfg.amp):
+        # bf16 on CUDA; the autocast weight cache is off so the step can be captured in a CUDA graph
+        ctx = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if self.device.type == "cuda" and self.cfg.amp
+               else autocast(self.device, False))
+        with ctx:
             zh = torch.cat([z, h], 1).view(p, r, -1)
             raw = torch.baddbmm(b, zh, w).view(bsz, ACTION_DIM).float()
             a = map_action(raw)
