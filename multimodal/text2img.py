@@ -11,8 +11,9 @@ which makes it about 4x cheaper on a CPU at the same output resolution.
 
 Optional CLIP guidance at sampling time: at each step the clean image predicted from the (guided)
 noise estimate, x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t), is scored by CLIP against the prompt; the
-gradient of that cosine similarity with respect to x_t (through x0, treating eps as constant) shifts
-eps by -sqrt(1 - a_t) * clip_guidance_scale * grad, as in classifier guidance.
+gradient g of that cosine similarity with respect to x0 shifts eps by -sqrt(1 - a_t) * clip_guidance_scale * g,
+as in classifier guidance (taken in x0 space, without the 1/sqrt(a_t) chain factor that explodes at
+the first, noisiest steps).
 
 `Text2ImgPipeline` is a dreamlab `Generator` (registered as "text2img", trained by the shared trainer)
 and a diffusers-style pipeline: `pipe(prompt, num_inference_steps=, guidance_scale=,
@@ -90,6 +91,7 @@ class Text2ImgPipeline(Generator):
 
     name = "text2img"
     config_class = Text2ImgConfig
+    example_condition = {"prompt": "a smiling face with blonde hair and glasses"}
     presets = {
         "tiny": {"clip_dir": "", "max_per_set": 32, "sample_size": 16, "patch_size": 2, "block_out_channels": (16, 32), "layers_per_block": 1,
                  "attention_head_dim": 4, "norm_num_groups": 8, "captions_per_class": 2, "num_inference_steps": 3,
@@ -292,13 +294,15 @@ class Text2ImgPipeline(Generator):
         return ((x.clamp(-1, 1) + 1) / 2).float()
 
     def _clip_grad(self, x: torch.Tensor, eps: torch.Tensor, a: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """d/dx_t of the CLIP cosine similarity of the predicted clean image x0(x_t) with the prompt."""
+        """Gradient of the CLIP cosine similarity (image vs prompt) with respect to the predicted clean image x0.
+
+        Taken in x0 space: the chain factor dx0/dx_t = 1/sqrt(a_t) would multiply the push by ~16 at the
+        first DDIM steps (a_t ~ 0.004), where x0 is still a blur, and wreck the samples.
+        """
         with torch.enable_grad():
-            xt = x.detach().requires_grad_(True)
-            x0 = (xt - (1 - a).sqrt() * eps.detach()) / a.sqrt()
-            img = (x0.clamp(-1, 1) + 1) / 2
-            sim = (self.clip.encode_image(img) * text).sum()
-            (g,) = torch.autograd.grad(sim, xt)
+            x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1).detach().requires_grad_(True)
+            sim = (self.clip.encode_image((x0 + 1) / 2) * text).sum()
+            (g,) = torch.autograd.grad(sim, x0)
         return g
 
     # ---- persistence ----------------------------------------------------------------------
