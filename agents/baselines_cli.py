@@ -18,8 +18,8 @@ def _ppo(args: argparse.Namespace) -> int:
           f"{t['train_episodes']} training episodes")
     if "eval" in res:
         e = res["eval"]
-        print(f"eval: {e['mean']:.1f} +- {e['std']:.1f} over {e['episodes']} episodes (env seeds {e['seed']}.."
-              f"{e['seed'] + e['episodes'] - 1})")
+        print(f"eval ({'deterministic' if e['deterministic'] else 'stochastic'}): {e['mean']:.1f} +- {e['std']:.1f} "
+              f"over {e['episodes']} episodes (env seeds {e['seed']}..{e['seed'] + e['episodes'] - 1})")
     return 0
 
 
@@ -30,9 +30,10 @@ def _ppo_eval(args: argparse.Namespace) -> int:
     if args.max_steps is not None:
         cfg.eval_max_steps = args.max_steps
     cfg.video = not args.no_video
+    cfg.eval_deterministic = not args.stochastic
     e = evaluate(model, cfg, Path(args.run_dir), args.episodes, args.seed, progress=not args.no_progress)
-    print(f"eval: {e['mean']:.1f} +- {e['std']:.1f} over {e['episodes']} episodes (env seeds {e['seed']}.."
-          f"{e['seed'] + e['episodes'] - 1})")
+    print(f"eval ({'deterministic' if e['deterministic'] else 'stochastic'}): {e['mean']:.1f} +- {e['std']:.1f} "
+          f"over {e['episodes']} episodes (env seeds {e['seed']}..{e['seed'] + e['episodes'] - 1})")
     return 0
 
 
@@ -56,6 +57,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--seed", type=int, default=1000, help="episode i is env seed SEED+i (default 1000)")
     e.add_argument("--max-steps", type=int, default=None, help="env steps per episode (default: the run's)")
     e.add_argument("--device", default="auto")
+    e.add_argument("--stochastic", action="store_true",
+                   help="sample actions as in training (gSDE noise redrawn every sde_sample_freq steps)")
     e.add_argument("--no-video", action="store_true")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=_ppo_eval)

@@ -56,6 +56,7 @@ class PPOConfig:
     eval_episodes: int = 10
     eval_seed: int = 1000           # episode i is env seed eval_seed + i
     eval_max_steps: int = 1000      # env steps per evaluation episode (CarRacing's own limit is 1000)
+    eval_deterministic: bool = True  # False: sample actions as in training (gSDE noise redrawn every sde_sample_freq)
     video: bool = True              # save a video of the first evaluation episode
     ckpt_every: int = 20_000        # agent steps between policy.safetensors checkpoints (0 = only at the end)
 
@@ -109,16 +110,28 @@ def _vec_env(cfg: PPOConfig, n: int, seed: int, monitor: bool = True) -> Any:
     return VecFrameStack(venv, cfg.frame_stack)
 
 
+def linear_schedule(lr0: float) -> Callable[[float], float]:
+    """lr0 decaying linearly to 0, and 0 after that.
+
+    sb3 finishes its last rollout past `total_timesteps` (rollouts are n_steps x n_envs long), where its
+    progress_remaining goes negative: an unclamped schedule then gives a negative learning rate, and that
+    last PPO update climbs the loss (nothing in PPO's clipping bounds a change for the worse). A 100k-step
+    run lost its trained policy that way.
+    """
+
+    def lr(progress_remaining: float) -> float:
+        return max(progress_remaining, 0.0) * lr0
+
+    return lr
+
+
 def build_model(cfg: PPOConfig, venv: Any) -> Any:
     import torch.nn as nn
     from stable_baselines3 import PPO
 
     from dreamlab.device import resolve_device
 
-    lr: float | Callable[[float], float] = cfg.learning_rate
-    if cfg.linear_lr:
-        lr0 = cfg.learning_rate
-        lr = lambda progress_remaining: progress_remaining * lr0  # noqa: E731
+    lr: float | Callable[[float], float] = linear_schedule(cfg.learning_rate) if cfg.linear_lr else cfg.learning_rate
     return PPO(
         "CnnPolicy", venv, learning_rate=lr, n_steps=cfg.n_steps, batch_size=cfg.batch_size,
         n_epochs=cfg.n_epochs, gamma=cfg.gamma, gae_lambda=cfg.gae_lambda, clip_range=cfg.clip_range,
@@ -226,8 +239,14 @@ def load_policy(run_dir: str | Path, device: str = "auto") -> tuple[Any, PPOConf
 
 def evaluate(model: Any, cfg: PPOConfig, out: str | Path, episodes: int, seed: int,
              progress: bool = True) -> dict[str, Any]:
-    """Deterministic episodes on env seeds seed+i (<= eval_max_steps env steps); scores JSON + one video."""
+    """Episodes on env seeds seed+i (<= eval_max_steps env steps); scores JSON + one video.
+
+    The policy is deterministic (the mean action) unless `cfg.eval_deterministic` is False; then actions are
+    sampled as in training, the gSDE noise matrix being redrawn every `sde_sample_freq` steps from a torch
+    generator seeded with `seed`.
+    """
     import numpy as np
+    import torch
     from tqdm import tqdm
 
     from dreamlab.images import save_video
@@ -238,14 +257,21 @@ def evaluate(model: Any, cfg: PPOConfig, out: str | Path, episodes: int, seed: i
     out = Path(out)
     render = "rgb_array" if cfg.video else None
     env = make_env(cfg, render_mode=render)
+    deterministic = cfg.eval_deterministic
+    if not deterministic:
+        torch.manual_seed(seed)
+    name = "ppo" if deterministic else "ppo-stochastic"
     scores, lengths, frames = [], [], []
     for i in tqdm(range(episodes), desc="ppo eval", unit="ep", disable=not progress):
         obs, _ = env.reset(seed=seed + i)
         stack = [np.zeros_like(obs)] * (cfg.frame_stack - 1) + [obs]  # as VecFrameStack after a reset
-        ret, steps, done = 0.0, 0, False
+        ret, steps, done, t = 0.0, 0, False, 0
         while not done and steps < cfg.eval_max_steps:
             x = np.concatenate(stack[-cfg.frame_stack:], axis=-1)[None]
-            action, _ = model.predict(x, deterministic=True)
+            if not deterministic and cfg.use_sde and t % cfg.sde_sample_freq == 0:
+                model.policy.reset_noise(1)
+            t += 1
+            action, _ = model.predict(x, deterministic=deterministic)
             obs, r, term, trunc, _ = env.step(action[0])
             ret += float(r)
             steps += cfg.frame_skip
@@ -256,9 +282,9 @@ def evaluate(model: Any, cfg: PPOConfig, out: str | Path, episodes: int, seed: i
         scores.append(ret)
         lengths.append(steps)
     env.close()
-    res = {"policy": "ppo", "env": cfg.env, "seed": seed, "episodes": episodes, "scores": scores,
-           "env_steps": lengths, "mean": float(np.mean(scores)), "std": float(np.std(scores))}
-    save_json(out / "eval" / f"ppo_seed{seed}_n{episodes}.json", res)
+    res = {"policy": name, "env": cfg.env, "deterministic": deterministic, "seed": seed, "episodes": episodes,
+           "scores": scores, "env_steps": lengths, "mean": float(np.mean(scores)), "std": float(np.std(scores))}
+    save_json(out / "eval" / f"{name}_seed{seed}_n{episodes}.json", res)
     if frames:
-        save_video(np.stack(frames), out / "eval" / f"ppo_seed{seed}_episode0.mp4", fps=50 // cfg.frame_skip)
+        save_video(np.stack(frames), out / "eval" / f"{name}_seed{seed}_episode0.mp4", fps=50 // cfg.frame_skip)
     return res

@@ -27,15 +27,32 @@ def test_ppo_trains_evaluates_and_reloads(tmp_path: Path, capsys: pytest.Capture
     assert scores["std"] == pytest.approx(np.std(scores["scores"]))
     assert (out / "eval" / "ppo_seed1000_episode0.mp4").stat().st_size > 0
     assert (out / "policy.safetensors").exists()
-    assert "eval:" in capsys.readouterr().out
+    assert "eval (deterministic):" in capsys.readouterr().out
 
     # the saved weights reload into a fresh PPO: same deterministic scores on the same seeds
     assert main(["agents", "ppo-eval", str(out), "--episodes", "2", "--no-video", "--no-progress"]) == 0
     again = json.loads((out / "eval" / "ppo_seed1000_n2.json").read_text())
     assert again["scores"] == pytest.approx(scores["scores"])
 
+    # sampled actions as in training (gSDE noise redrawn), reproducible from the seed
+    runs = []
+    for _ in range(2):
+        assert main(["agents", "ppo-eval", str(out), "--episodes", "1", "--stochastic", "--no-video",
+                     "--no-progress"]) == 0
+        runs.append(json.loads((out / "eval" / "ppo-stochastic_seed1000_n1.json").read_text()))
+    assert runs[0]["deterministic"] is False and runs[0]["scores"] == runs[1]["scores"]
+
 
 def test_ppo_bad_env_is_a_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["agents", "ppo", "--env", "Pong-v5", "--out", str(tmp_path / "x"), *TINY]) == 2
     err = capsys.readouterr().err
     assert "--env 'Pong-v5' is not a CarRacing id; choose one of dreamlab/CarRacing-v3" in err
+
+
+def test_linear_schedule_never_goes_negative() -> None:
+    """sb3 overshoots total_timesteps by up to one rollout; the lr must then be 0, not negative."""
+    from agents.ppo import linear_schedule
+
+    lr = linear_schedule(1e-4)
+    assert lr(1.0) == pytest.approx(1e-4) and lr(0.25) == pytest.approx(2.5e-5)
+    assert lr(0.0) == 0.0 and lr(-0.024) == 0.0
