@@ -9,9 +9,9 @@ of a step is spent there. Here the same camera (zoom animation, rotation by the 
 translation that keeps the car at a quarter of the height) is composed into one affine map straight to
 the output grid. Polygons are filled with OpenCV on a canvas only `supersample` times the output size and
 box-filtered down, which is what pygame's smoothscale does to the big canvas. The HUD (black bar, speed,
-four ABS sensors, steering, gyro and the score text) consists of axis-aligned rectangles and one text
-patch, so it is composited analytically from exact per-pixel area coverage: no large intermediate canvas
-anywhere.
+four ABS sensors, steering, gyro and the score text) consists of axis-aligned rectangles, drawn on a
+supersampled strip of the HUD rows only, and one text patch, box-filtered exactly and cached per label:
+no large intermediate canvas anywhere.
 
 `obs_size` and `crop_hud` give the world-model observations directly: `crop_hud=True` renders only the
 top 700 of the 800 window rows, i.e. gymnasium's `obs[:84]` (the World Models crop), straight at
