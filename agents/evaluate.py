@@ -162,7 +162,7 @@ def side_by_side_video(run_dir: Path, obs: np.ndarray, actions: np.ndarray, path
     mu, _ = vae.encode_frames(obs)
     recon = decode_frames(vae, mu).numpy()
     g = torch.Generator().manual_seed(seed)
-    z_seq = mdn.sample(1, generator=g, actions=torch.from_numpy(actions)[None], z0=mu[:1], temperature=temperature)[0]
+    z_seq = mdn.sample(1, generator=g, actions=torch.from_numpy(actions)[None], z0=mu[:1], temperature=temperature)[0, :, :mdn.config.z_dim]
     dream = decode_frames(vae, z_seq).numpy()
     n = min(len(obs), len(recon), len(dream))
     frames = np.concatenate([obs[:n], recon[:n], dream[:n]], axis=2)

@@ -76,8 +76,8 @@ def ours_mdn(dev, bs: int, t: int, amp: bool) -> float:
 
     m = MDNRNN(MDNRNNConfig(hidden=256, mixtures=5, seq_len=t)).to(dev)
     opt = torch.optim.Adam(m.parameters(), 1e-3)
-    b = {"mu": torch.randn(bs, t + 1, 32, device=dev).half(), "logvar": torch.full((bs, t + 1, 32), -2.0, device=dev).half(),
-         "action": torch.rand(bs, t, 3, device=dev), "reward": torch.randn(bs, t, device=dev),
+    b = {"x": torch.randn(bs, t + 1, 35, device=dev).half(), "logvar": torch.full((bs, t + 1, 32), -2.0, device=dev).half(),
+         "reward": torch.randn(bs, t, device=dev),
          "done": torch.zeros(bs, t, device=dev), "mask": torch.ones(bs, t, device=dev)}
 
     def step() -> None:

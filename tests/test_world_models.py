@@ -14,8 +14,9 @@ def _batch(b: int, t: int, z: int, a: int, seed: int = 0) -> dict[str, torch.Ten
     g = torch.Generator().manual_seed(seed)
     mask = torch.ones(b, t)
     mask[1, -2:] = 0  # padded tail must not count
-    return {"mu": torch.randn(b, t + 1, z, generator=g), "logvar": torch.full((b, t + 1, z), -30.0),
-            "action": torch.rand(b, t, a, generator=g), "reward": torch.randn(b, t, generator=g),
+    mu, act = torch.randn(b, t + 1, z, generator=g), torch.rand(b, t, a, generator=g)
+    return {"x": torch.cat([mu, torch.cat([act, torch.zeros(b, 1, a)], 1)], -1), "logvar": torch.full((b, t + 1, z), -30.0),
+            "reward": torch.randn(b, t, generator=g),
             "done": (torch.rand(b, t, generator=g) < 0.3).float(), "mask": mask}
 
 
@@ -27,7 +28,8 @@ def test_mdn_loss_matches_direct_computation() -> None:
     # with logvar = -30 the resampled z equals mu to ~1e-7, so the loss is (numerically) deterministic
     loss, metrics = m.loss(batch)
     # direct computation: raw head outputs, then explicit sums over steps, components and dimensions
-    x = torch.cat([batch["mu"][:, :-1], batch["action"]], -1)
+    mu_seq = batch["x"][..., :3]
+    x = batch["x"][:, :-1]
     out = m.head(m.rnn(x)[0]).detach()
     K, Z = 2, 3
     nll = mse = bce = n = 0.0
@@ -46,7 +48,7 @@ def test_mdn_loss_matches_direct_computation() -> None:
                 for d in range(Z):
                     mu = o[K + k * Z + d]
                     sig = math.exp(min(max(o[K + K * Z + k * Z + d], -7.0), 5.0))
-                    y = float(batch["mu"][b, t + 1, d])
+                    y = float(mu_seq[b, t + 1, d])
                     prod *= math.exp(-0.5 * ((y - mu) / sig) ** 2) / (sig * math.sqrt(2 * math.pi))
                 dens += pis[k] * prod
             nll -= math.log(dens)
@@ -75,7 +77,8 @@ def test_step_equals_lstm_and_log_prob_is_sum_of_steps() -> None:
         assert torch.allclose(h, seq[:, t], atol=1e-6)
         logpi, mu, ls, _, _ = m.split_head(out)
         lp += m.mixture_log_prob(z[:, t + 1], logpi, mu, ls)
-    assert torch.allclose(m.log_prob(z, a), lp, atol=1e-5)
+    x = torch.cat([z, torch.cat([a, torch.zeros(2, 1, 3)], 1)], -1)
+    assert torch.allclose(m.log_prob(x), lp, atol=1e-5)
 
 
 def test_sample_shapes_temperature_and_errors() -> None:
@@ -84,7 +87,9 @@ def test_sample_shapes_temperature_and_errors() -> None:
     a = torch.rand(3, 7, 3)
     x1 = m.sample(3, generator=torch.Generator().manual_seed(0), actions=a)
     x2 = m.sample(3, generator=torch.Generator().manual_seed(0), actions=a)
-    assert x1.shape == (3, 8, 4) and torch.equal(x1, x2)
+    assert x1.shape == (3, 8, 4 + 3) and torch.equal(x1, x2)
+    assert torch.equal(x1[:, :-1, 4:], a)  # the conditioning actions ride along, so log_prob(sample) works
+    assert torch.isfinite(m.log_prob(x1)).all()
     # tau -> 0: the draw collapses onto the most likely component's mean
     logpi = torch.log(torch.tensor([[0.1, 0.9]]))
     mu = torch.tensor([[[5.0, 5.0], [-1.0, 2.0]]])
@@ -98,8 +103,9 @@ def test_chunk_sequences_masks_padding_and_checks_z_dim() -> None:
     ep = {"mu": torch.randn(11, 4), "logvar": torch.zeros(11, 4), "action": torch.rand(10, 3), "reward": torch.ones(10),
           "done": torch.zeros(10)}
     d = chunk_sequences([ep], 4, 4, 3)
-    assert d["mu"].shape == (3, 5, 4) and d["action"].shape == (3, 4, 3)
+    assert d["x"].shape == (3, 5, 4 + 3)
     assert d["mask"].sum() == 10 and d["mask"][2].tolist() == [1, 1, 0, 0]
-    assert torch.allclose(d["mu"][1, 0].float(), ep["mu"][4].half().float())  # chunks overlap by one latent
+    assert torch.allclose(d["x"][1, 0, :4].float(), ep["mu"][4].half().float())  # chunks overlap by one latent
+    assert torch.allclose(d["x"][0, :4, 4:].float(), ep["action"][:4].half().float())
     with pytest.raises(DreamlabError, match="z_dim"):
         chunk_sequences([ep], 4, 8, 3)

@@ -4,8 +4,10 @@
   a rollout folder: episode files are read a few at a time into a shuffle buffer, so 10M frames are never
   in memory at once. With no `rollouts` folder it trains on a tiny cached CarRacing sample (tests, demos).
 * `MDNRNN` ("mdn_rnn"): an LSTM on [z_t, a_t] whose head gives a mixture of K diagonal Gaussians over
-  z_{t+1}, the reward r_t and the probability that the episode ends. Training re-samples z from the stored
-  (mu, logvar) every batch; `sample` generates latent sequences conditioned on actions at temperature tau.
+  z_{t+1}, the reward r_t and the probability that the episode ends. Its data items are sequences
+  x = [z | a] (T+1, Z+A) (mu of V's code and the action taken, fp16) plus logvar, reward, done and a mask;
+  training re-samples z from (mu, logvar) every batch; `sample` generates [z | a] sequences conditioned on
+  actions at temperature tau, and `log_prob` is exact.
   Held-out NLL is reported in nats per step (`test_nll_per_step`). With no `latents` folder it trains on a
   small procedural latent-dynamics set (tests).
 """
@@ -166,6 +168,7 @@ class MDNRNN(Generator):
     name = "mdn_rnn"
     config_class = MDNRNNConfig
     log_prob_kind = "exact"
+    sample_range = None  # latent sequences are unbounded
     presets = {
         "tiny": {"z_dim": 4, "hidden": 16, "mixtures": 2, "seq_len": 8, "steps": 3, "batch_size": 4},
         "quick": {"hidden": 128, "seq_len": 32, "steps": 600, "batch_size": 32, "lr": 1e-3, "grad_clip": 1.0},
@@ -243,10 +246,11 @@ class MDNRNN(Generator):
         return self.split_head(self.head(out)), state
 
     def _terms(self, batch: Batch, sample_z: bool = True) -> dict[str, torch.Tensor]:
-        dt = self.head.weight.dtype
-        mu, logvar = batch["mu"].to(dt), batch["logvar"].to(dt)
+        dt, zd = self.head.weight.dtype, self.config.z_dim
+        x = batch["x"].to(dt)
+        mu, action, logvar = x[..., :zd], x[:, :-1, zd:], batch["logvar"].to(dt)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample_z else mu
-        action, mask = batch["action"].to(dt), batch["mask"].to(dt)
+        mask = batch["mask"].to(dt)
         (logpi, m, ls, r_hat, d_logit), _ = self.forward_sequence(z[:, :-1], action)
         logp = self.mixture_log_prob(z[:, 1:], logpi, m, ls)
         n = mask.sum().clamp(min=1.0)
@@ -265,20 +269,22 @@ class MDNRNN(Generator):
                       "reward_mse": float(t["reward_mse"].detach()), "done_bce": float(t["done_bce"].detach())}
 
     @torch.no_grad()
-    def log_prob(self, x: torch.Tensor, actions: torch.Tensor | None = None) -> torch.Tensor:
-        """Exact log-density (nats) of latent sequences x (B, T+1, Z) given actions (B, T, A), h0 = 0."""
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log-density (nats) of the latents of sequences x = [z | a] (B, T+1, Z+A) given their actions
+        (a_t in row t; the last row's action is padding), starting from h = 0."""
+        zd, ad = self.config.z_dim, self.config.action_dim
         x = x.to(self.device).float()
-        if actions is None:
-            raise DreamlabError("mdn_rnn.log_prob needs the actions the sequence was generated with")
-        (logpi, m, ls, _, _), _ = self.forward_sequence(x[:, :-1], actions.to(self.device).float())
-        return self.mixture_log_prob(x[:, 1:], logpi, m, ls).sum(1)
+        if x.ndim != 3 or x.shape[-1] != zd + ad:
+            raise DreamlabError(f"mdn_rnn.log_prob takes [z | a] sequences of shape (B, T+1, {zd + ad}), got {tuple(x.shape)}")
+        (logpi, m, ls, _, _), _ = self.forward_sequence(x[:, :-1, :zd], x[:, :-1, zd:])
+        return self.mixture_log_prob(x[:, 1:, :zd], logpi, m, ls).sum(1)
 
     # ---- sampling -------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None, actions: torch.Tensor | None = None,
                z0: torch.Tensor | None = None, steps: int = 16, temperature: float | None = None, **condition: Any) -> torch.Tensor:
-        """Latent sequences (n, T+1, Z) conditioned on actions (n, T, A) (default: random CarRacing-like
-        actions), starting at z0 (n, Z) (default: N(0, I)), at temperature tau."""
+        """Sequences [z | a] (n, T+1, Z+A): latents conditioned on actions (n, T, A) (default: random
+        CarRacing-like actions, appended with a zero last row), from z0 (n, Z) (default N(0, I)), at temperature tau."""
         cfg, dev = self.config, self.device
         tau = cfg.temperature if temperature is None else temperature
         if actions is None:
@@ -296,7 +302,7 @@ class MDNRNN(Generator):
             logpi, m, ls, _, _ = self.split_head(o)
             z = self.sample_mixture(logpi, m, ls, tau, generator)
             out.append(z)
-        return torch.stack(out, 1)
+        return torch.cat([torch.stack(out, 1), F.pad(actions, (0, 0, 0, 1))], -1)
 
     def write_artifacts(self, run_dir: Path) -> list[Path]:
         from dreamlab.images import plot_curves
@@ -332,7 +338,8 @@ def chunk_sequences(eps: list[dict[str, torch.Tensor]], seq_len: int, z_dim: int
             masks.append(p(torch.ones(L), 0))
     if not mus:
         raise DreamlabError(f"no latent sequences found in {where}; run encode first: dreamlab worldmodel encode")
-    return {"mu": torch.stack(mus).half(), "logvar": torch.stack(lvs).half(), "action": torch.stack(acts).float(),
+    mu, act = torch.stack(mus), torch.stack(acts)
+    return {"x": torch.cat([mu, F.pad(act, (0, 0, 0, 1))], -1).half(), "logvar": torch.stack(lvs).half(),
             "reward": torch.stack(rews).float(), "done": torch.stack(dones).float(), "mask": torch.stack(masks).float()}
 
 
@@ -351,8 +358,8 @@ def toy_latent_sequences(z_dim: int, action_dim: int, seq_len: int, n: int, seed
     mu = torch.stack(zs, 1)
     done = torch.zeros(n, seq_len)
     done[:, -1] = (torch.rand(n, generator=g) < 0.5).float()
-    return {"mu": mu.half(), "logvar": torch.full_like(mu, -6.0).half(), "action": a, "reward": torch.stack(rs, 1),
-            "done": done, "mask": torch.ones(n, seq_len)}
+    return {"x": torch.cat([mu, F.pad(a, (0, 0, 0, 1))], -1).half(), "logvar": torch.full_like(mu, -6.0).half(),
+            "reward": torch.stack(rs, 1), "done": done, "mask": torch.ones(n, seq_len)}
 
 
 __all__ = ["WorldVAE", "WorldVAEConfig", "MDNRNN", "MDNRNNConfig", "FrameStream", "chunk_sequences", "to_float_frames"]
