@@ -163,8 +163,8 @@ class _GraphDream:
         self.eps = torch.randn(bsz, zd, device=dev)
 
         def one() -> None:
-            torch.rand(self.u.shape, device=dev, out=self.u)
-            torch.randn(self.eps.shape, device=dev, out=self.eps)
+            self.u.uniform_()  # in-place draws from the default CUDA generator: graph-safe (philox offsets)
+            self.eps.normal_()
             z, h, c, _, rew, done = sim._step(self.z, self.h, self.c, self.w, self.b, p, r, None, (self.u, self.eps))
             self.ret.add_(rew * self.alive)
             self.steps.add_(self.alive)
