@@ -8,8 +8,10 @@ resumed run asks exactly the candidates an uninterrupted run would have asked (t
 cma's own logger files and its stop-criterion history (`es.fit.hist`), which only affect termination
 tests such as tolfun, not the search.
 
-Run folder (`RUN/controller/`): best.safetensors (the best controller so far, by dream fitness of the
-distribution mean), fitness.jsonl (per generation: best/mean/worst candidate, mean-candidate dream fitness,
+Run folder (`RUN/controller/`): best_dream.safetensors (the best controller so far by dream fitness of the
+distribution mean), best.safetensors (the one downstream stages use: best_dream, or with `select_by_real`
+the dream-trained checkpoint whose periodic real-env check, `eval_episodes` episodes of `horizon` steps on
+env seeds 0.., scored best; the search itself only ever sees dream fitness), fitness.jsonl (per generation: best/mean/worst candidate, mean-candidate dream fitness,
 sigma, and real-env means when evaluated), fitness.png (dream vs real curves), config.json.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ class CMAConfig:
     diagonal: bool = False           # CMA_diagonal: much cheaper updates at 867 dimensions
     eval_every: int = 10             # real-env evaluation of the best controller every N generations (0 = off)
     eval_episodes: int = 4
+    select_by_real: bool = False     # keep, as best.safetensors, the checked controller with the best real check
     workers: int = 0                 # real-env worker processes (0 = all cores)
     env_id: str = "CarRacing-v3"
     seed: int = 0
@@ -156,6 +159,7 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
     if resume:
         es, meta = load_cma_state(out_dir, n, cfg)
         best = {"fitness": meta.get("best_mean_fitness", -float("inf")), "generation": meta.get("best_generation", -1)}
+        best_real = {"mean": meta.get("best_real_mean", -float("inf")), "generation": meta.get("best_real_generation", -1)}
         gen = int(meta["generation"])
         if reset_best:  # the world model changed (iterative training): old dream fitness is not comparable
             best = {"fitness": -float("inf"), "generation": -1}
@@ -164,6 +168,7 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
         np.random.seed(cfg.seed)
         es = _make_es(n, cfg)
         best, gen = {"fitness": -float("inf"), "generation": -1}, 0
+        best_real = {"mean": -float("inf"), "generation": -1}
         (out_dir / "fitness.jsonl").unlink(missing_ok=True)
     evaluator = None
     if cfg.fitness == "real" or cfg.eval_every > 0:
@@ -199,17 +204,23 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
                 row["dream_steps_per_s"] = round(dream_steps / max(time.perf_counter() - t0, 1e-9), 1)
             if f[-1] > best["fitness"]:
                 best = {"fitness": float(f[-1]), "generation": gen}
-                save_controller(out_dir / "best.safetensors", cand[-1], z_dim, hidden, generation=str(gen), fitness=f"{f[-1]:.4f}")
+                save_controller(out_dir / "best_dream.safetensors", cand[-1], z_dim, hidden, generation=str(gen), fitness=f"{f[-1]:.4f}")
+                if not cfg.select_by_real or best_real["generation"] < 0:
+                    save_controller(out_dir / "best.safetensors", cand[-1], z_dim, hidden, generation=str(gen), fitness=f"{f[-1]:.4f}")
             if cfg.eval_every > 0 and (gen % cfg.eval_every == 0 or gen == cfg.generations) and evaluator is not None:
                 from worlds.policies import load_controller
 
-                theta = load_controller(out_dir / "best.safetensors")[0].numpy()
+                theta = load_controller(out_dir / "best_dream.safetensors")[0].numpy()
                 seeds = list(range(cfg.eval_episodes))
                 rs = evaluator.returns([theta] * len(seeds), seeds)
                 row["real_mean"], row["real_std"] = float(np.mean(rs)), float(np.std(rs))
+                if cfg.select_by_real and row["real_mean"] > best_real["mean"]:
+                    best_real = {"mean": row["real_mean"], "generation": gen}
+                    save_controller(out_dir / "best.safetensors", theta, z_dim, hidden, generation=str(gen), real_check=f"{row['real_mean']:.4f}")
             with open(out_dir / "fitness.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
-            save_cma_state(out_dir, es, {"generation": gen, "best_mean_fitness": best["fitness"], "best_generation": best["generation"]})
+            save_cma_state(out_dir, es, {"generation": gen, "best_mean_fitness": best["fitness"], "best_generation": best["generation"],
+                                         "best_real_mean": best_real["mean"], "best_real_generation": best_real["generation"]})
             bar.update(1)
             bar.set_postfix(best=f"{row['best']:.1f}", mean=f"{row['mean']:.1f}", sigma=f"{es.sigma:.3f}",
                             **({"real": f"{row['real_mean']:.1f}"} if "real_mean" in row else {}))
@@ -220,6 +231,7 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
     plot_fitness(out_dir)
     rows = read_fitness(out_dir)
     return {"generations": gen, "best_dream_fitness": best["fitness"], "best_generation": best["generation"],
+            "best_real_check": best_real["mean"], "best_real_generation": best_real["generation"],
             "last": rows[-1] if rows else {}, "seconds": round(time.perf_counter() - t_start, 1)}
 
 

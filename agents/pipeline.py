@@ -56,6 +56,7 @@ class WorldModelConfig:
     diagonal: bool = False
     eval_every: int = 25
     eval_episodes: int = 8
+    select_by_real: bool = False     # final C = the dream-trained checkpoint with the best periodic real check
     # evaluation and iteration
     final_episodes: int = 100
     eval_max_steps: int = 1000       # CarRacing-v3's own limit; shorter only for tests
@@ -74,7 +75,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # finishes on 2 CPU cores in well under 20 minutes (see docs/worldmodels.md for measured times)
     "quick": {"env_id": "dreamlab/CarRacing64-v3", "episodes": 40, "max_steps": 250, "policy": "mixed", "vae_width": 16, "vae_steps": 500, "vae_batch": 64,
               "vae_lr": 1e-3, "hidden": 128, "seq_len": 32, "mdn_steps": 800, "mdn_batch": 32, "generations": 60,
-              "popsize": 16, "rollouts": 8, "horizon": 250, "eval_every": 0, "eval_episodes": 4, "final_episodes": 10,
+              "popsize": 16, "rollouts": 8, "horizon": 250, "eval_every": 10, "eval_episodes": 4, "select_by_real": True,
+              "final_episodes": 10,
               "rounds": 2, "round_episodes": 16, "round_mdn_steps": 800, "round_generations": 60, "threads": 1},
     # the paper's sizes (a GPU and many CPU cores for collection)
     "paper": {},
@@ -182,7 +184,7 @@ def cma_config(cfg: WorldModelConfig, **over: Any) -> Any:
 
     base = CMAConfig(generations=cfg.generations, popsize=cfg.popsize, rollouts=cfg.rollouts, sigma0=cfg.sigma0,
                      temperature=cfg.temperature, horizon=cfg.horizon, diagonal=cfg.diagonal, eval_every=cfg.eval_every,
-                     eval_episodes=cfg.eval_episodes, workers=cfg.workers, env_id=cfg.env_id, seed=cfg.seed, device=cfg.device)
+                     eval_episodes=cfg.eval_episodes, select_by_real=cfg.select_by_real, workers=cfg.workers, env_id=cfg.env_id, seed=cfg.seed, device=cfg.device)
     return dataclasses.replace(base, **over)
 
 

@@ -76,10 +76,13 @@ def test_real_env_fitness_and_periodic_real_evaluation(tmp_path: Path) -> None:
     vae, mdn, mu, lv = tiny_world_model(seed=0)
     run = write_world_run(tmp_path / "wm", vae, mdn, mu, lv)
     cfg = CMAConfig(generations=2, popsize=2, rollouts=1, horizon=12, fitness="real", eval_every=1, eval_episodes=1,
-                    workers=1, env_id="dreamlab/CarRacing64-v3", device="cpu")
+                    select_by_real=True, workers=1, env_id="dreamlab/CarRacing64-v3", device="cpu")
     res = train_controller(run, cfg, progress=False, out=tmp_path / "c")
     rows = [json.loads(x) for x in (tmp_path / "c" / "fitness.jsonl").read_text().splitlines()]
     assert res["generations"] == 2 and len(rows) == 2
     assert all("real_mean" in r and np.isfinite(r["real_mean"]) for r in rows)
     # a 12-step CarRacing episode loses 0.1 per frame and gains at most a few tiles
     assert all(-1.3 <= r["best"] <= 50 for r in rows)
+    # with select_by_real the kept controller is the checked one with the best real check
+    best_gen = max(rows, key=lambda r: r["real_mean"])["generation"]
+    assert res["best_real_generation"] == best_gen and res["best_real_check"] == max(r["real_mean"] for r in rows)
