@@ -115,8 +115,9 @@ def linear_schedule(lr0: float) -> Callable[[float], float]:
 
     sb3 finishes its last rollout past `total_timesteps` (rollouts are n_steps x n_envs long), where its
     progress_remaining goes negative: an unclamped schedule then gives a negative learning rate, and that
-    last PPO update climbs the loss (nothing in PPO's clipping bounds a change for the worse). A 100k-step
-    run lost its trained policy that way.
+    last PPO update climbs the loss (PPO's clipping does not bound a change for the worse). A 100k-step run
+    trained that way scored -61 on evaluation after training returns near 400; clamped, an 80k-step run
+    scored 400.
     """
 
     def lr(progress_remaining: float) -> float:
