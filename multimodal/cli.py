@@ -137,10 +137,10 @@ def register_cli(subparsers) -> None:
     e.add_argument("--kind", choices=["faces", "flowers", "bricks"], help="prompt set (default: the model's first set)")
     e.add_argument("--n-per-prompt", type=_positive_int("--n-per-prompt"), default=8)
     _sampling_args(e)
-    e.set_defaults(func=_evaluate, clip_guidance_scale=100.0)
+    e.set_defaults(func=_evaluate, clip_guidance_scale=10.0)
     for a in e._actions:
         if a.dest == "clip_guidance_scale":
-            a.help = "CLIP guidance scale of the CLIP rows (default 100)"
+            a.help = "CLIP guidance scale of the CLIP rows (default 10)"
 
     g = subparsers.add_parser("text2img", help="generate images from a text prompt with a trained pipeline")
     g.add_argument("prompt", help="what to draw, e.g. 'a smiling face with blonde hair and glasses'")

@@ -40,7 +40,7 @@ def default_settings(guidance_scale: float, clip_guidance_scale: float) -> list[
 
 def evaluate_text2img(pipe, run_dir: str | Path, *, kind: str | None = None, n_per_prompt: int = 8,
                       num_inference_steps: int | None = None, guidance_scale: float = 3.0,
-                      clip_guidance_scale: float = 100.0, judge_steps: int = 600, judge_images: int = 8000, seed: int = 0,
+                      clip_guidance_scale: float = 10.0, judge_steps: int = 600, judge_images: int = 8000, seed: int = 0,
                       settings: list[tuple[str, float, float]] | None = None, progress: bool = True) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
