@@ -91,10 +91,7 @@ def _eval(args: argparse.Namespace) -> int:
     from generators.trainer import load_run
 
     model = load_run(args.run_dir, device=args.device or "auto")
-    res = model.evaluate(args.split)
-    extra = getattr(model, "extra_eval", None)
-    if callable(extra):
-        res.update(extra(Path(args.run_dir)))
+    res = model.evaluate(args.split, max_items=args.max_items or None)
     save_json(Path(args.run_dir) / f"eval_{args.split}.json", res)
     for k, v in res.items():
         print(f"{k}: {v:.6g}" if isinstance(v, float) else f"{k}: {v}")
@@ -149,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a trained model on held-out data")
     e.add_argument("run_dir")
     e.add_argument("--split", default="test", choices=["val", "test"])
+    e.add_argument("--max-items", type=int, default=0, help="evaluate on the first N items only (default: all)")
     e.add_argument("--device")
     e.set_defaults(func=_eval)
 

@@ -45,6 +45,7 @@ class TrainConfig:
     log_every: int = 50
     ckpt_every: int = 500
     eval_every: int = 0             # 0 = only at the end
+    eval_items: int = 0             # held-out items used by evaluations (0 = the whole split)
     num_workers: int = 0            # DataLoader workers for Dataset-backed models
     threads: int = 0                # torch CPU threads, 0 = torch's default
 

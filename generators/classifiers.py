@@ -84,7 +84,7 @@ class MLPClassifier(_Classifier):
     name = "mlp"
     config_class = MLPConfig
     presets = {
-        "tiny": {"hidden": (8,), "steps": 3, "batch_size": 16},
+        "tiny": {"hidden": (8,), "steps": 3, "batch_size": 16, "eval_items": 200},
         "quick": {"steps": 2000, "batch_size": 128, "lr": 5e-4},
         "full": {"steps": 10000, "batch_size": 128, "lr": 5e-4},
     }
@@ -117,7 +117,7 @@ class CNNClassifier(_Classifier):
     name = "cnn"
     config_class = CNNConfig
     presets = {
-        "tiny": {"channels": (4, 4, 8, 8), "features": 8, "steps": 3, "batch_size": 16},
+        "tiny": {"channels": (4, 4, 8, 8), "features": 8, "steps": 3, "batch_size": 16, "eval_items": 200},
         "quick": {"steps": 1500, "batch_size": 128, "lr": 1e-3},
         "full": {"steps": 8000, "batch_size": 128, "lr": 1e-3},
     }

@@ -295,7 +295,7 @@ def train(model: Model, tc: TrainConfig, run_dir: str | Path, *, resume: bool = 
                 bar.set_postfix({k: f"{v:.4g}" for k, v in list(avg.items())[:3]})
                 acc, nacc, t0 = {}, 0, time.perf_counter()
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
-                logger.log(step, model.evaluate("val"))
+                logger.log(step, model.evaluate("val", max_items=tc.eval_items or None))
                 model.train()
             if step % tc.ckpt_every == 0 and step < tc.steps:
                 save_checkpoint(run_dir, model, opts, step)
@@ -312,7 +312,7 @@ def train(model: Model, tc: TrainConfig, run_dir: str | Path, *, resume: bool = 
         return result
     model.save_pretrained(run_dir / "model")
     model.eval()
-    result.update(model.evaluate("test"))
+    result.update(model.evaluate("test", max_items=tc.eval_items or None))
     save_json(run_dir / "eval.json", result)
     logger.log(step, {k: v for k, v in result.items() if isinstance(v, (int, float)) and k != "step"})
     logger.close()

@@ -178,7 +178,7 @@ class Autoencoder(_LatentModel):
     name = "autoencoder"
     config_class = AEConfig
     presets = {
-        "tiny": {"channels": (4, 8, 8), "steps": 3, "batch_size": 16},
+        "tiny": {"channels": (4, 8, 8), "steps": 3, "batch_size": 16, "eval_items": 200},
         "quick": {"steps": 1500, "batch_size": 128, "lr": 1e-3},
         "full": {"steps": 9000, "batch_size": 100, "lr": 1e-3},
     }
@@ -230,7 +230,7 @@ class VAE(_LatentModel):
     config_class = VAEConfig
     log_prob_kind = "bound"
     presets = {
-        "tiny": {"channels": (4, 8, 8), "steps": 3, "batch_size": 16},
+        "tiny": {"channels": (4, 8, 8), "steps": 3, "batch_size": 16, "eval_items": 200},
         "quick": {"steps": 3000, "batch_size": 128, "lr": 1e-3},
         "full": {"steps": 15000, "batch_size": 100, "lr": 1e-3, "z_dim": 2},
     }
@@ -310,7 +310,7 @@ class ConvVAE(_LatentModel):
     name = "conv_vae"
     config_class = ConvVAEConfig
     presets = {
-        "tiny": {"width": 4, "z_dim": 4, "steps": 3, "batch_size": 8},
+        "tiny": {"width": 4, "z_dim": 4, "steps": 3, "batch_size": 8, "eval_items": 200},
         "quick": {"steps": 1000, "batch_size": 64, "lr": 1e-3},
         "full": {"steps": 20000, "batch_size": 100, "lr": 1e-4},
     }
@@ -381,7 +381,7 @@ class FacesVAE(ConvVAE):
     name = "vae_faces"
     config_class = FacesVAEConfig
     presets = {
-        "tiny": {"width": 4, "z_dim": 4, "steps": 3, "batch_size": 8},
+        "tiny": {"width": 4, "z_dim": 4, "steps": 3, "batch_size": 8, "eval_items": 200},
         "quick": {"steps": 1500, "batch_size": 64, "lr": 1e-3, "width": 16},
         "full": {"steps": 20000, "batch_size": 128, "lr": 5e-4},
     }

@@ -38,7 +38,7 @@ def test_train_sample_eval_resume(tmp_path: Path, capsys: pytest.CaptureFixture[
     from dreamlab.io import load_tensors
 
     assert load_tensors(tmp_path / "s.safetensors")["samples"].shape == (3, 1, 28, 28)
-    assert main(["eval", str(run), "--device", "cpu"]) == 0
+    assert main(["eval", str(run), "--device", "cpu", "--max-items", "100"]) == 0
     assert "test_elbo" in json.loads((run / "eval_test.json").read_text())
     assert main(["train", "vae", "--out", str(run), "--resume", "--set", "steps=5", "--no-progress"]) == 0
     assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 5

@@ -33,7 +33,7 @@ class TinyMLP(_SmallData, MLPClassifier):
 
 
 def _tc(**kw) -> TrainConfig:
-    return TrainConfig(**{"steps": 6, "batch_size": 16, "device": "cpu", "log_every": 1, "ckpt_every": 2, **kw})
+    return TrainConfig(**{"steps": 6, "batch_size": 16, "device": "cpu", "log_every": 1, "ckpt_every": 2, "eval_items": 64, **kw})
 
 
 def _vae() -> TinyVAE:
