@@ -72,9 +72,9 @@ class WorldModelConfig:
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # finishes on 2 CPU cores in well under 20 minutes (see docs/worldmodels.md for measured times)
-    "quick": {"env_id": "dreamlab/CarRacing64-v3", "episodes": 40, "max_steps": 250, "policy": "mixed", "vae_width": 16, "vae_steps": 500, "vae_batch": 64,
-              "vae_lr": 1e-3, "hidden": 128, "seq_len": 32, "mdn_steps": 800, "mdn_batch": 32, "generations": 60,
+    # 2 CPU cores: 9.1 min measured at load 1-3.5 (docs/worldmodels.md); real CarRacing-v3 134 vs random -34
+    "quick": {"env_id": "dreamlab/CarRacing64-v3", "episodes": 80, "max_steps": 250, "policy": "mixed", "vae_width": 16, "vae_steps": 1000, "vae_batch": 64,
+              "vae_lr": 1e-3, "hidden": 128, "seq_len": 32, "mdn_steps": 1600, "mdn_batch": 32, "generations": 100,
               "popsize": 16, "rollouts": 8, "horizon": 250, "eval_every": 10, "eval_episodes": 4, "select_by_real": True,
               "final_episodes": 10,
               "rounds": 2, "round_episodes": 16, "round_mdn_steps": 800, "round_generations": 60, "threads": 1},
