@@ -22,8 +22,9 @@ data:
 	  || echo "hint: install Fashion-MNIST with: sudo apt-get install -y dataset-fashion-mnist"; \
 	else echo "hint: install Fashion-MNIST with: sudo apt-get install -y dataset-fashion-mnist"; fi
 
+# the main job: CarRacing rollouts -> V -> M -> controller trained in the dream -> scored in the real env
 demo: install
-	$(BIN)/dreamlab train vae --preset quick --out runs/vae-quick
+	$(BIN)/dreamlab worldmodel run --preset quick --out runs/worldmodel-quick
 
 test: install
 	$(BIN)/python -m pytest -q -m "not gpu"
