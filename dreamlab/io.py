@@ -64,11 +64,11 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, _umask_mode())
     os.close(fd)
     try:
         flat = {k: v.detach().contiguous().cpu().clone() for k, v in tensors.items()}
         save_file(flat, tmp, metadata=metadata)
+        os.chmod(tmp, _umask_mode())  # mkstemp made it 0600; follow the umask
         os.replace(tmp, path)
     except BaseException:
         with _suppress():
