@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -116,15 +117,25 @@ class Model(nn.Module):
         p = next(self.parameters(), None)
         return p.device if p is not None else torch.device("cpu")
 
+    #: extra safetensors metadata of `model.safetensors` (e.g. a format tag other libraries look for)
+    weights_metadata: ClassVar[dict[str, str]] = {}
+
     def save_pretrained(self, directory: str | Path) -> Path:
-        """Write `config.json` + `model.safetensors` into `directory` (atomically, as a whole folder)."""
+        """Write `config.json` + `model.safetensors` (+ `save_extra` files) into `directory`, atomically:
+        the folder is built beside it and swapped in whole, so a crash never leaves a half-written model."""
         directory = Path(directory)
         tmp = directory.with_name(directory.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left over from a crashed save
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
         save_json(tmp / "config.json", {"name": self.name, "config": to_dict(self.config)})
-        save_tensors(tmp / "model.safetensors", self.state_dict(), metadata={"name": self.name})
+        save_tensors(tmp / "model.safetensors", self.state_dict(), metadata={"name": self.name, **self.weights_metadata})
+        self.save_extra(tmp)
         replace_dir(tmp, directory)
         return directory
+
+    def save_extra(self, directory: Path) -> None:
+        """Hook: write other libraries' files (open_clip's, diffusers') beside dreamlab's in a model folder."""
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "auto") -> Model:

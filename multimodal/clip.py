@@ -32,9 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from dreamlab import procedural as P
-from dreamlab.config import to_dict
 from dreamlab.errors import DreamlabError
-from dreamlab.io import replace_dir, save_json, save_tensors
+from dreamlab.io import save_json
 from generators.base import Model, TrainConfig, register
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
@@ -320,22 +319,15 @@ class ClipModel(Model):
         return {"model_cfg": open_clip_model_cfg(self.config, minilm_path(), False),
                 "preprocess_cfg": {**PREPROCESS_CFG, "size": self.config.image_size}}
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """dreamlab `config.json` + open_clip's local-dir files (open_clip_config.json, weights, tokenizer)."""
-        directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_json(tmp / "config.json", {"name": self.name, "config": to_dict(self.config)})
-        save_json(tmp / "open_clip_config.json", self.open_clip_config())
-        save_tensors(tmp / "model.safetensors", self.state_dict(), metadata={"name": self.name, "format": "open_clip"})
+    weights_metadata = {"format": "open_clip"}
+
+    def save_extra(self, directory: Path) -> None:
+        """open_clip's local-dir files beside dreamlab's: open_clip_config.json and the tokenizer."""
+        save_json(directory / "open_clip_config.json", self.open_clip_config())
         src = minilm_path()
         for f in TOKENIZER_FILES:
             if os.path.exists(os.path.join(src, f)):
-                shutil.copyfile(os.path.join(src, f), tmp / f)
-        replace_dir(tmp, directory)
-        return directory
+                shutil.copyfile(os.path.join(src, f), directory / f)
 
     def write_artifacts(self, run_dir: Path) -> list[Path]:
         from dreamlab.images import plot_curves

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from dreamlab import procedural as P
 from dreamlab.config import to_dict
 from dreamlab.errors import DreamlabError
-from dreamlab.io import atomic_write_text, load_json, replace_dir, save_json, save_tensors
+from dreamlab.io import atomic_write_text, load_json, save_json, save_tensors
 from generators.base import Generator, TrainConfig, register
 from multimodal.clip import ClipConfig, ClipModel, load_clip, validate_prompts
 
@@ -306,28 +306,17 @@ class Text2ImgPipeline(Generator):
         return g
 
     # ---- persistence ----------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """dreamlab (config.json + model.safetensors) and diffusers layout (model_index.json, unet/, scheduler/)."""
-        import shutil
-
-        directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        save_json(tmp / "config.json", {"name": self.name, "config": to_dict(self.config)})
-        save_tensors(tmp / "model.safetensors", self.state_dict(), metadata={"name": self.name})
-        save_json(tmp / "model_index.json", {"_class_name": "Text2ImgPipeline", "_dreamlab_name": self.name,
+    def save_extra(self, directory: Path) -> None:
+        """diffusers' layout beside dreamlab's files: model_index.json, unet/, scheduler/."""
+        save_json(directory / "model_index.json", {"_class_name": "Text2ImgPipeline", "_dreamlab_name": self.name,
                                              "unet": ["diffusers", "UNet2DConditionModel"],
                                              "scheduler": ["diffusers", "DDIMScheduler"],
                                              "text_encoder": ["open_clip", "CustomTextCLIP"]})
-        (tmp / "unet").mkdir()
-        save_json(tmp / "unet" / "config.json", dict(self.unet.config))
-        save_tensors(tmp / "unet" / "diffusion_pytorch_model.safetensors", self.unet.state_dict())
-        (tmp / "scheduler").mkdir()
-        save_json(tmp / "scheduler" / "scheduler_config.json", {"_class_name": "DDIMScheduler", **dict(self.scheduler().config)})
-        replace_dir(tmp, directory)
-        return directory
+        (directory / "unet").mkdir()
+        save_json(directory / "unet" / "config.json", dict(self.unet.config))
+        save_tensors(directory / "unet" / "diffusion_pytorch_model.safetensors", self.unet.state_dict())
+        (directory / "scheduler").mkdir()
+        save_json(directory / "scheduler" / "scheduler_config.json", {"_class_name": "DDIMScheduler", **dict(self.scheduler().config)})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "auto") -> Text2ImgPipeline:
