@@ -217,7 +217,6 @@ def _worker(wid: int, cfg_d: dict[str, Any], tasks: Any, results: Any, parent: i
             continue
         if idx is None:
             return
-        results.put(("start", wid, idx))
         t0 = time.perf_counter()
         seed = episode_seed(cfg.seed, idx)
         policy = _make_policy(cfg, np.random.default_rng(seed), cached, idx)
@@ -299,95 +298,97 @@ def collect(cfg: CollectConfig, *, resume: bool = False, progress: bool = True, 
 
 
 def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summary: dict[str, Any]) -> None:
+    """Run episodes on worker processes. The parent hands each worker one episode at a time through the
+    worker's own queue, so it always knows what a worker was doing: when a worker dies (even before any of
+    its messages got out), its episode is handed to the restarted worker."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     n = cfg.workers or os.cpu_count() or 1
     n = max(1, min(n, len(todo)))
-    tasks, results = ctx.Queue(), ctx.Queue()
-    for i in todo:
-        tasks.put(i)
+    results = ctx.Queue()
     cfg_d = dataclasses.asdict(cfg)
     parent = os.getpid()
+    pending = list(reversed(todo))  # popped from the end: episodes in order
+    remaining = set(todo)
+    assigned: dict[int, int | None] = dict.fromkeys(range(n))
+    queues: dict[int, Any] = {}
+    errors: dict[int, int] = {}
 
     def spawn(wid: int) -> Any:
-        p = ctx.Process(target=_worker, args=(wid, cfg_d, tasks, results, parent), daemon=True, name=f"collect-{wid}")
+        queues[wid] = ctx.Queue()
+        p = ctx.Process(target=_worker, args=(wid, cfg_d, queues[wid], results, parent), daemon=True, name=f"collect-{wid}")
         p.start()
         return p
 
+    def assign(wid: int) -> None:
+        while pending and pending[-1] not in remaining:
+            pending.pop()
+        assigned[wid] = pending.pop() if pending else None
+        if assigned[wid] is not None:
+            queues[wid].put(assigned[wid])
+
+    def handle(msg: tuple) -> None:
+        kind, wid = msg[0], msg[1]
+        if kind == "steps":
+            bar.update(msg[2])
+            return
+        idx = msg[2]
+        if assigned.get(wid) != idx:
+            return  # a stale message from a worker that has since been replaced
+        if kind == "done":
+            if idx in remaining:
+                remaining.discard(idx)
+                record(idx, msg[3])
+        elif kind == "error":
+            errors[idx] = errors.get(idx, 0) + 1
+            if errors[idx] > 2:
+                raise DreamlabError(f"episode {idx} failed 3 times in {cfg.env_id}: {msg[3]}")
+            pending.append(idx)
+        assign(wid)
+
     procs = {w: spawn(w) for w in range(n)}
-    in_flight: dict[int, int | None] = dict.fromkeys(procs)
-    remaining = set(todo)
-    errors: dict[int, int] = {}
+    for w in procs:
+        assign(w)
     last_check = time.perf_counter()
     try:
         while remaining:
             try:
-                msg = results.get(timeout=0.5)
+                handle(results.get(timeout=0.5))
             except queue.Empty:
-                msg = None
-            if msg is not None:
-                kind, wid = msg[0], msg[1]
-                if kind == "start":
-                    in_flight[wid] = msg[2]
-                elif kind == "steps":
-                    bar.update(msg[2])
-                elif kind == "done":
-                    in_flight[wid] = None
-                    if msg[2] in remaining:
-                        remaining.discard(msg[2])
-                        record(msg[2], msg[3])
-                elif kind == "error":
-                    in_flight[wid] = None
-                    idx = msg[2]
-                    errors[idx] = errors.get(idx, 0) + 1
-                    if errors[idx] > 2:
-                        raise DreamlabError(f"episode {idx} failed 3 times in {cfg.env_id}: {msg[3]}")
-                    tasks.put(idx)
-                if time.perf_counter() - last_check < 0.5:
-                    continue
+                pass
+            if time.perf_counter() - last_check < 0.5:
+                continue
             last_check = time.perf_counter()
             for wid, p in list(procs.items()):
-                if not p.is_alive():
-                    _drain(results, in_flight, remaining, record, bar)
-                    summary["restarts"] += 1
-                    if summary["restarts"] > cfg.max_restarts:
-                        raise DreamlabError(f"collector workers crashed {summary['restarts']} times (last exit code {p.exitcode}); "
-                                            "see the messages above, fix the env, then rerun with --resume")
-                    lost = in_flight.get(wid)
-                    if lost is not None and lost in remaining:
-                        tasks.put(lost)
-                    in_flight[wid] = None
-                    bar.write(f"worker {wid} died (exit code {p.exitcode}); restarted it" + (f", re-running episode {lost}" if lost is not None else ""))
-                    procs[wid] = spawn(wid)
+                if p.is_alive():
+                    continue
+                while True:  # messages it sent before dying (it may have finished its episode)
+                    try:
+                        handle(results.get_nowait())
+                    except queue.Empty:
+                        break
+                summary["restarts"] += 1
+                if summary["restarts"] > cfg.max_restarts:
+                    raise DreamlabError(f"collector workers crashed {summary['restarts']} times (last exit code {p.exitcode}); "
+                                        "see the messages above, fix the env, then rerun with --resume")
+                lost = assigned.get(wid)
+                bar.write(f"worker {wid} died (exit code {p.exitcode}); restarted it"
+                          + (f", re-running episode {lost}" if lost is not None and lost in remaining else ""))
+                procs[wid] = spawn(wid)
+                if lost is not None and lost in remaining:
+                    queues[wid].put(lost)
+                else:
+                    assign(wid)
     finally:
-        for _ in procs:
-            tasks.put(None)
+        for w in procs:
+            queues[w].put(None)
         deadline = time.time() + 5
         for p in procs.values():
             p.join(timeout=max(0.1, deadline - time.time()))
             if p.is_alive():
                 p.terminate()
                 p.join(1)
-
-
-def _drain(results: Any, in_flight: dict[int, int | None], remaining: set[int], record: Any, bar: Any) -> None:
-    """Read messages already queued (a dead worker may have finished an episode just before dying)."""
-    while True:
-        try:
-            msg = results.get_nowait()
-        except queue.Empty:
-            return
-        kind, wid = msg[0], msg[1]
-        if kind == "start":
-            in_flight[wid] = msg[2]
-        elif kind == "steps":
-            bar.update(msg[2])
-        elif kind == "done":
-            in_flight[wid] = None
-            if msg[2] in remaining:
-                remaining.discard(msg[2])
-                record(msg[2], msg[3])
 
 
 def demo_rollouts() -> Path:
