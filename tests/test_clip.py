@@ -7,24 +7,9 @@ import socket
 import pytest
 import torch
 
-from dreamlab import procedural as P
 from dreamlab.errors import DreamlabError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def offline_small(tmp_path_factory):
-    """Small procedural splits in a private cache, and no network at all (any connect raises)."""
-    def refuse(*a, **k):
-        raise OSError("network disabled in tests")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DREAMLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setattr(P, "SPLIT_SIZES", {"train": 200, "val": 40, "test": 300})
-        mp.setattr(socket.socket, "connect", refuse)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # tiny models: one thread is faster than two on a shared 2-core machine
-        yield
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("offline_small_procedural")
 
 
 @pytest.fixture(scope="module")

@@ -1,28 +1,13 @@
 """Text-to-image pipeline: tiny end-to-end training, save/load reproducibility, guidance, CLI, evaluation."""
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 
 from dreamlab import procedural as P
 from dreamlab.errors import DreamlabError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def offline_small(tmp_path_factory):
-    def refuse(*a, **k):
-        raise OSError("network disabled in tests")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("DREAMLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setattr(P, "SPLIT_SIZES", {"train": 200, "val": 40, "test": 300})
-        mp.setattr(socket.socket, "connect", refuse)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        yield
-        torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("offline_small_procedural")
 
 
 @pytest.fixture(scope="module")
