@@ -75,7 +75,7 @@ def _collect(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(cfg, **{k: v for k, v in {"episodes": args.episodes, "max_steps": args.max_steps, "workers": args.workers,
                                                           "env_id": args.env_id, "seed": args.seed}.items() if v is not None})
     res = stage_collect(run, cfg, resume=args.resume, progress=not args.no_progress,
-                        policy=args.policy if args.policy != "controller" else "controller", controller=ctrl)
+                        policy=args.policy, controller=ctrl)
     _print(res)
     return 0
 

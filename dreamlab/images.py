@@ -91,6 +91,5 @@ def save_video(frames: Sequence[np.ndarray] | np.ndarray, path: str | Path, fps:
     if ext == ".gif":
         data = iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / fps, loop=0)
     else:
-        data = iio.imwrite("<bytes>", frames, extension=ext or ".mp4", fps=fps, codec="libx264",
-                           macro_block_size=1, plugin="pyav" if False else None)
+        data = iio.imwrite("<bytes>", frames, extension=ext or ".mp4", fps=fps, codec="libx264", macro_block_size=1)
     return atomic_write_bytes(path, data)

@@ -1,6 +1,7 @@
 """Atomic file writes and safetensors IO. Nothing here ever unpickles."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -35,7 +36,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     return path
@@ -71,7 +72,7 @@ def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], m
         os.chmod(tmp, _umask_mode())  # mkstemp made it 0600; follow the umask
         os.replace(tmp, path)
     except BaseException:
-        with _suppress():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
     return path
@@ -109,11 +110,3 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-class _suppress:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return True

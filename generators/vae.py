@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dreamlab.data import FMNIST_CLASSES, load_dataset
+from dreamlab.data import FMNIST_CLASSES
 from generators.base import Batch, Generator, register
 
 # ----------------------------------------------------------------------------- shared latent tools
@@ -423,10 +423,4 @@ class FacesVAE(ConvVAE):
         return out
 
 
-def latent_demo_data(dataset: str, split: str = "test", n: int = 2000) -> dict[str, torch.Tensor]:
-    """A slice of a dataset for latent-space demos (arithmetic, morphing)."""
-    d = load_dataset(dataset, split)
-    return {k: v[:n] for k, v in d.items()}
-
-
-__all__ = ["Autoencoder", "VAE", "ConvVAE", "FacesVAE", "AEConfig", "VAEConfig", "ConvVAEConfig", "FacesVAEConfig", "latent_demo_data"]
+__all__ = ["Autoencoder", "VAE", "ConvVAE", "FacesVAE", "AEConfig", "VAEConfig", "ConvVAEConfig", "FacesVAEConfig"]

@@ -1,8 +1,6 @@
 """The fast CarRacing: identical physics to gymnasium's, observations within 6/255, wrappers, checkers."""
 from __future__ import annotations
 
-import importlib.util
-
 import cv2
 import gymnasium as gym
 import numpy as np
@@ -165,19 +163,11 @@ def test_crop_and_resize_shapes() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- checkers
-def _entry_point_missing(env_id: str) -> str | None:
-    module = gym.spec(env_id).entry_point.split(":")[0]
-    return None if importlib.util.find_spec(module) else f"{env_id}: entry-point module {module} is not written yet"
-
-
 @pytest.mark.parametrize("env_id", envs.env_ids())
 def test_gymnasium_and_sb3_env_checkers(env_id: str) -> None:
     from gymnasium.utils.env_checker import check_env
     from stable_baselines3.common.env_checker import check_env as sb3_check_env
 
-    missing = _entry_point_missing(env_id)
-    if missing:
-        pytest.skip(missing)
     env = gym.make(env_id)
     check_env(env.unwrapped, skip_render_check=False)
     sb3_check_env(gym.make(env_id), warn=True)
