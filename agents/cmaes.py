@@ -8,8 +8,9 @@ resumed run asks exactly the candidates an uninterrupted run would have asked (t
 cma's own logger files and its stop-criterion history (`es.fit.hist`), which only affect termination
 tests such as tolfun, not the search.
 
-Run folder (`RUN/controller/`): best_dream.safetensors (the best controller so far by dream fitness of the
-distribution mean), best.safetensors (the one downstream stages use: best_dream, or with `select_by_real`
+Run folder (`RUN/controller/`): mdn_<hash>/ (the M the saved controllers were trained in, named in their
+metadata, so a controller kept from an earlier round of iterative training still acts with its own M), best_dream.safetensors (the best controller so far by dream fitness of the
+distribution mean on `val_rollouts` fixed dream rollouts), best.safetensors (the one downstream stages use: best_dream, or with `select_by_real`
 the dream-trained checkpoint whose periodic real-env check, `eval_episodes` episodes of `horizon` steps on
 env seeds 0.., scored best; the search itself only ever sees dream fitness), fitness.jsonl (per generation: best/mean/worst candidate, mean-candidate dream fitness,
 sigma, and real-env means when evaluated), fitness.png (dream vs real curves), config.json.
@@ -40,8 +41,12 @@ class CMAConfig:
     horizon: int = 1000              # dream steps (or real steps per episode)
     fitness: Literal["dream", "real"] = "dream"
     diagonal: bool = False           # CMA_diagonal: much cheaper updates at 867 dimensions
+    val_rollouts: int = 32           # dream validation of the distribution mean: the same rollouts every generation
+                                     # (0 = off: best_dream is picked on the generation's own, ever-changing rollouts)
+    features: Literal["zh", "z"] = "zh"  # C reads [z, h] (the paper) or z alone (h weights fixed at 0: 3(Z+1) parameters searched)
     eval_every: int = 10             # real-env evaluation of the best controller every N generations (0 = off)
     eval_episodes: int = 4
+    check_steps: int = 0             # steps of each real check episode (0 = horizon); longer checks favour controllers that last
     select_by_real: bool = False     # keep, as best.safetensors, the checked controller with the best real check
     workers: int = 0                 # real-env worker processes (0 = all cores)
     env_id: str = "CarRacing-v3"
@@ -50,6 +55,9 @@ class CMAConfig:
 
 
 # ----------------------------------------------------------------------------- CMA state (no pickle)
+
+
+_VAL_SEED = 987_654_321  # dream validation rollouts: disjoint from the per-generation seeds (seed * 1_000_003 + gen)
 
 
 def _make_es(n: int, cfg: CMAConfig, x0: np.ndarray | None = None) -> Any:
@@ -132,8 +140,12 @@ def load_cma_state(folder: Path, n: int, cfg: CMAConfig) -> tuple[Any, dict[str,
 
 
 def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = False, progress: bool = True,
-                     out: str | Path | None = None, reset_best: bool = False) -> dict[str, Any]:
-    """CMA-ES on C for `cfg.generations` generations; state and curves go to `out` (default RUN/controller)."""
+                     out: str | Path | None = None, reset_best: bool = False, restart: bool = False) -> dict[str, Any]:
+    """CMA-ES on C for `cfg.generations` generations; state and curves go to `out` (default RUN/controller).
+
+    `resume` continues the saved search; with `restart` as well, it keeps the generation count, the curves and
+    the best controllers but starts a fresh search (mean 0, sigma0): for a new M, whose landscape the old
+    covariance no longer describes (iterative training)."""
     from tqdm.auto import tqdm
 
     from dreamlab.device import resolve_device
@@ -154,10 +166,26 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
     vae, mdn, sim = load_dream(run_dir, dev, DreamConfig(horizon=cfg.horizon, temperature=cfg.temperature))
     z_dim, hidden = mdn.config.z_dim, mdn.config.hidden
     n = num_params(z_dim, hidden)
+    if cfg.features not in ("zh", "z"):
+        raise DreamlabError(f"features={cfg.features!r}: choose 'zh' (C reads [z, h]) or 'z' (z alone)")
+    m = n if cfg.features == "zh" else num_params(z_dim, 0)  # dimensions CMA-ES searches
+
+    def embed(x: np.ndarray) -> np.ndarray:
+        """Search vectors (B, m) -> full controller parameters (B, n); with features='z' the h rows of W stay 0."""
+        if m == n:
+            return x
+        full = np.zeros((len(x), n))
+        k = 3 * z_dim  # W is (Z+H, 3) row-major: its first 3Z entries are the z rows
+        full[:, :k], full[:, -3:] = x[:, :k], x[:, k:]
+        return full
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_json(out_dir / "config.json", {"cma": dataclasses.asdict(cfg), "world_model": str(run_dir), "num_params": n})
+    save_json(out_dir / "config.json", {"cma": dataclasses.asdict(cfg), "world_model": str(run_dir), "num_params": n, "searched_params": m})
     if resume:
-        es, meta = load_cma_state(out_dir, n, cfg)
+        es, meta = load_cma_state(out_dir, m, cfg)
+        if restart:
+            np.random.seed(cfg.seed + 7 * int(meta["generation"]) + 1)
+            es = _make_es(m, cfg)
         best = {"fitness": meta.get("best_mean_fitness", -float("inf")), "generation": meta.get("best_generation", -1)}
         best_real = {"mean": meta.get("best_real_mean", -float("inf")), "generation": meta.get("best_real_generation", -1)}
         gen = int(meta["generation"])
@@ -166,7 +194,7 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
         _truncate_jsonl(out_dir / "fitness.jsonl", gen)
     else:
         np.random.seed(cfg.seed)
-        es = _make_es(n, cfg)
+        es = _make_es(m, cfg)
         best, gen = {"fitness": -float("inf"), "generation": -1}, 0
         best_real = {"mean": -float("inf"), "generation": -1}
         (out_dir / "fitness.jsonl").unlink(missing_ok=True)
@@ -174,7 +202,9 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
     if cfg.fitness == "real" or cfg.eval_every > 0:
         from agents.evaluate import RealEvaluator
 
-        evaluator = RealEvaluator(run_dir, cfg.env_id, cfg.workers, cfg.horizon)
+        steps = cfg.horizon if cfg.fitness == "real" else (cfg.check_steps or cfg.horizon)
+        evaluator = RealEvaluator(run_dir, cfg.env_id, cfg.workers, steps)
+    mdn_tag = ""  # M's snapshot in out_dir, written the first time a controller trained in this M is saved
     bar = tqdm(total=cfg.generations, initial=gen, desc=f"CMA-ES ({cfg.fitness})", unit="gen", disable=not progress, dynamic_ncols=True)
     t_start = time.perf_counter()
     try:
@@ -183,7 +213,7 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
         while gen < cfg.generations:
             t0 = time.perf_counter()
             xs = np.asarray(es.ask())
-            cand = np.concatenate([xs, es.mean[None]], 0)  # the distribution mean rides along, same rollouts
+            cand = embed(np.concatenate([xs, es.mean[None]], 0))  # the distribution mean rides along, same rollouts
             if cfg.fitness == "dream":
                 f = sim.fitness(torch.from_numpy(cand).float(), cfg.rollouts, seed=cfg.seed * 1_000_003 + gen).cpu().numpy().astype(np.float64)
                 dream_steps = len(cand) * cfg.rollouts * cfg.horizon
@@ -202,11 +232,19 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
                                    "seconds": round(time.perf_counter() - t0, 3)}
             if dream_steps:
                 row["dream_steps_per_s"] = round(dream_steps / max(time.perf_counter() - t0, 1e-9), 1)
-            if f[-1] > best["fitness"]:
-                best = {"fitness": float(f[-1]), "generation": gen}
-                save_controller(out_dir / "best_dream.safetensors", cand[-1], z_dim, hidden, generation=str(gen), fitness=f"{f[-1]:.4f}")
+            # best_dream: picked on a fixed dream validation set (the same initial states and M noise every
+            # generation), so it is the best mean so far, not the one that drew the luckiest rollouts
+            score = float(f[-1])
+            if cfg.fitness == "dream" and cfg.val_rollouts > 0:
+                score = float(sim.fitness(torch.from_numpy(cand[-1:]).float(), cfg.val_rollouts, seed=_VAL_SEED + cfg.seed)[0])
+                row["mean_candidate_val"] = score
+            if score > best["fitness"]:
+                best = {"fitness": score, "generation": gen}
+                mdn_tag = mdn_tag or snapshot_mdn(out_dir, mdn)
+                save_controller(out_dir / "best_dream.safetensors", cand[-1], z_dim, hidden, generation=str(gen), fitness=f"{score:.4f}", mdn=mdn_tag)
                 if not cfg.select_by_real or best_real["generation"] < 0:
-                    save_controller(out_dir / "best.safetensors", cand[-1], z_dim, hidden, generation=str(gen), fitness=f"{f[-1]:.4f}")
+                    save_controller(out_dir / "best.safetensors", cand[-1], z_dim, hidden, generation=str(gen), fitness=f"{score:.4f}", mdn=mdn_tag)
+                prune_mdn_snapshots(out_dir)
             if cfg.eval_every > 0 and (gen % cfg.eval_every == 0 or gen == cfg.generations) and evaluator is not None:
                 from worlds.policies import load_controller
 
@@ -216,7 +254,10 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
                 row["real_mean"], row["real_std"] = float(np.mean(rs)), float(np.std(rs))
                 if cfg.select_by_real and row["real_mean"] > best_real["mean"]:
                     best_real = {"mean": row["real_mean"], "generation": gen}
-                    save_controller(out_dir / "best.safetensors", theta, z_dim, hidden, generation=str(gen), real_check=f"{row['real_mean']:.4f}")
+                    mdn_tag = mdn_tag or snapshot_mdn(out_dir, mdn)
+                    save_controller(out_dir / "best.safetensors", theta, z_dim, hidden, generation=str(gen), real_check=f"{row['real_mean']:.4f}",
+                                    mdn=mdn_tag)
+                    prune_mdn_snapshots(out_dir)
             with open(out_dir / "fitness.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             save_cma_state(out_dir, es, {"generation": gen, "best_mean_fitness": best["fitness"], "best_generation": best["generation"],
@@ -233,6 +274,38 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
     return {"generations": gen, "best_dream_fitness": best["fitness"], "best_generation": best["generation"],
             "best_real_check": best_real["mean"], "best_real_generation": best_real["generation"],
             "last": rows[-1] if rows else {}, "seconds": round(time.perf_counter() - t_start, 1)}
+
+
+def snapshot_mdn(out_dir: Path, mdn: Any) -> str:
+    """Save M beside the controllers as `mdn_<hash of its weights>/` (once) and return that folder's name.
+
+    Saved controllers name it in their metadata (`worlds.policies.controller_mdn`): C reads M's hidden state,
+    so a controller kept from an earlier round of iterative training must keep running with the M it was trained in."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for k, v in sorted(mdn.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().float().cpu().numpy().tobytes())
+    name = f"mdn_{h.hexdigest()[:12]}"
+    if not (out_dir / name / "model.safetensors").exists():
+        mdn.save_pretrained(out_dir / name)
+    return name
+
+
+def prune_mdn_snapshots(out_dir: Path) -> None:
+    """Remove M snapshots no saved controller refers to."""
+    import shutil
+
+    from safetensors import safe_open
+
+    used = set()
+    for f in out_dir.glob("*.safetensors"):  # best, best_dream, round_k_best (cma_state names no M)
+        with safe_open(str(f), "pt") as fh:
+            used.add((fh.metadata() or {}).get("mdn", ""))
+    for d in out_dir.glob("mdn_*"):
+        if d.is_dir() and d.name not in used and not d.name.endswith(".tmp"):
+            shutil.rmtree(d, ignore_errors=True)
 
 
 def read_fitness(folder: Path) -> list[dict[str, Any]]:
@@ -261,7 +334,10 @@ def plot_fitness(folder: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(g, [r["best"] for r in rows], label="dream: best candidate", alpha=0.6)
     ax.plot(g, [r["mean"] for r in rows], label="dream: population mean", alpha=0.6)
-    ax.plot(g, [r["mean_candidate"] for r in rows], label="dream: distribution mean", lw=2)
+    ax.plot(g, [r["mean_candidate"] for r in rows], label="dream: distribution mean", lw=1)
+    if any("mean_candidate_val" in r for r in rows):
+        ax.plot([r["generation"] for r in rows if "mean_candidate_val" in r], [r["mean_candidate_val"] for r in rows if "mean_candidate_val" in r],
+                label="dream: distribution mean, fixed validation rollouts", lw=2)
     real = [(r["generation"], r["real_mean"], r.get("real_std", 0.0)) for r in rows if "real_mean" in r]
     if real:
         ax.errorbar([x[0] for x in real], [x[1] for x in real], yerr=[x[2] for x in real], fmt="o-", color="k", label="real env: best controller")

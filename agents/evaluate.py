@@ -20,7 +20,7 @@ from dreamlab.io import atomic_write_text, save_json
 _G: dict[str, Any] = {}
 
 
-def _init_worker(world_model: str, env_id: str, max_steps: int) -> None:
+def _init_worker(world_model: str, env_id: str, max_steps: int, mdn_dir: str = "") -> None:
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     torch.set_num_threads(1)
     from worlds.collect import make_env
@@ -30,7 +30,7 @@ def _init_worker(world_model: str, env_id: str, max_steps: int) -> None:
     if world_model:
         from worlds.dream import load_world_model
 
-        _G["wm"] = load_world_model(world_model, device="cpu")
+        _G["wm"] = load_world_model(world_model, device="cpu", mdn_dir=mdn_dir or None)
 
 
 class _RandomPolicy:
@@ -66,10 +66,12 @@ def _episode(task: tuple[str, np.ndarray | None, int, bool]) -> dict[str, Any]:
 
 
 class RealEvaluator:
-    """Runs episodes of controllers (or the random policy) in `workers` processes (1 = in this process)."""
+    """Runs episodes of controllers (or the random policy) in `workers` processes (1 = in this process).
+    Controllers act with V and M of `world_model`, or with the M in `mdn_dir` (the one they were trained with)."""
 
-    def __init__(self, world_model: str | Path | None, env_id: str = "CarRacing-v3", workers: int = 0, max_steps: int = 1000) -> None:
-        self.args = (str(world_model or ""), env_id, int(max_steps))
+    def __init__(self, world_model: str | Path | None, env_id: str = "CarRacing-v3", workers: int = 0, max_steps: int = 1000,
+                 mdn_dir: str | Path | None = None) -> None:
+        self.args = (str(world_model or ""), env_id, int(max_steps), str(mdn_dir or ""))
         self.workers = max(1, workers or os.cpu_count() or 1)
         self.pool = None
 
@@ -125,7 +127,7 @@ def write_scores(out: Path, name: str, summ: dict[str, Any], meta: dict[str, Any
 def evaluate_run(run_dir: str | Path, *, episodes: int = 100, seed: int = 0, workers: int = 0, controller: str | Path | None = None,
                  env_id: str = "CarRacing-v3", max_steps: int = 1000, baseline: bool = True, video: bool = True,
                  video_frames: int = 300, temperature: float = 1.0, progress: bool = True) -> dict[str, Any]:
-    from worlds.policies import load_controller
+    from worlds.policies import controller_mdn, load_controller
 
     run_dir = Path(run_dir)
     if episodes < 1:
@@ -134,11 +136,13 @@ def evaluate_run(run_dir: str | Path, *, episodes: int = 100, seed: int = 0, wor
     if not ctrl.exists():
         raise DreamlabError(f"{ctrl} does not exist; train a controller first: dreamlab worldmodel train-controller {run_dir}")
     theta, _, _ = load_controller(ctrl)
+    mdn_dir = controller_mdn(ctrl)
     out_dir = run_dir / "eval"
-    meta = {"env_id": env_id, "max_steps": max_steps, "env_seeds": f"{seed}..{seed + episodes - 1}", "controller": str(ctrl)}
+    meta = {"env_id": env_id, "max_steps": max_steps, "env_seeds": f"{seed}..{seed + episodes - 1}", "controller": str(ctrl),
+            "mdn": str(mdn_dir or run_dir / "mdn")}
     res: dict[str, Any] = {}
     seeds = [seed + i for i in range(episodes)]
-    with RealEvaluator(run_dir, env_id, workers, max_steps) as ev:
+    with RealEvaluator(run_dir, env_id, workers, max_steps, mdn_dir) as ev:
         rc = ev.run([("controller", theta.numpy(), s, video and i == 0) for i, s in enumerate(seeds)], desc="evaluate controller", progress=progress)
         res["controller"] = summarize(rc)
         write_scores(out_dir, f"controller_seed{seed}_n{episodes}", res["controller"], meta)
@@ -148,17 +152,19 @@ def evaluate_run(run_dir: str | Path, *, episodes: int = 100, seed: int = 0, wor
             write_scores(out_dir, f"random_seed{seed}_n{episodes}", res["random"], {**meta, "controller": "uniform random actions"})
     if video and "obs" in rc[0]:
         res["video"] = str(side_by_side_video(run_dir, rc[0]["obs"][: video_frames + 1], rc[0]["actions"][:video_frames],
-                                              out_dir / f"side_by_side_seed{seed}.mp4", temperature=temperature, seed=seed))
+                                              out_dir / f"side_by_side_seed{seed}.mp4", temperature=temperature, seed=seed,
+                                              mdn_dir=mdn_dir))
     return res
 
 
 @torch.no_grad()
-def side_by_side_video(run_dir: Path, obs: np.ndarray, actions: np.ndarray, path: Path, temperature: float = 1.0, seed: int = 0) -> Path:
+def side_by_side_video(run_dir: Path, obs: np.ndarray, actions: np.ndarray, path: Path, temperature: float = 1.0, seed: int = 0,
+                       mdn_dir: Path | None = None) -> Path:
     """Real frame | V reconstruction | dream (M from the first real z, driven open-loop by the real actions)."""
     from dreamlab.images import save_video
     from worlds.dream import decode_frames, load_world_model
 
-    vae, mdn = load_world_model(run_dir, device="cpu")
+    vae, mdn = load_world_model(run_dir, device="cpu", mdn_dir=mdn_dir)
     mu, _ = vae.encode_frames(obs)
     recon = decode_frames(vae, mu).numpy()
     g = torch.Generator().manual_seed(seed)

@@ -1,10 +1,12 @@
 """Iterative training (World Models sec. 5): collect with the current controller, retrain M, retrain C.
 
-Round k (k = 2..rounds) appends `round_episodes` controller episodes to RUN/rollouts, encodes them, continues
-M's training on all latents for another `round_mdn_steps` steps, and continues CMA-ES from its saved state for
-another `round_generations` generations in the new dream. A real-env check of each round's controller (in the collection
+Round k (k = 2..rounds) appends `round_episodes` controller episodes to RUN/rollouts (`round_collect`: driven by the
+kept controller, by the dream-best one, or half and half), encodes them, continues
+M's training on all latents for another `round_mdn_steps` steps, and continues CMA-ES from its saved state (or,
+with `round_restart`, starts a fresh search in the new dream) for another `round_generations` generations. A real-env check of each round's controller (in the collection
 env `env_id`, e.g. the fast CarRacing with the same physics) is written
-to RUN/summary.json under `round_k`. Completed rounds are recorded in RUN/rounds.json and skipped on resume.
+to RUN/summary.json under `round_k`; the controller it checked is kept as `controller/round_k_best.safetensors`,
+and `best.safetensors` becomes the round controller with the best of these full-length checks. Completed rounds are recorded in RUN/rounds.json and skipped on resume.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from dreamlab.io import load_json, save_json
+from dreamlab.io import atomic_write_bytes, load_json, save_json
 
 
 def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[dict[str, Any]]:
@@ -22,7 +24,7 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
     from generators.base import TrainConfig
     from generators.trainer import train
     from worlds.models import MDNRNN, MDNRNNConfig
-    from worlds.policies import load_controller
+    from worlds.policies import controller_mdn, load_controller
     from worlds.rollouts import read_manifest
 
     run_dir = Path(run_dir)
@@ -31,8 +33,16 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
     for k in range(len(done) + 2, cfg.rounds + 1):
         ctrl = run_dir / "controller" / "best.safetensors"
         n_now = len(read_manifest(run_dir / "rollouts")["episodes"])
-        stage_collect(run_dir, cfg, resume=True, progress=progress, episodes=n_now + cfg.round_episodes, policy="controller",
-                      controller=str(ctrl), seed=cfg.seed + 7919 * k)
+        # "both": half the episodes with the kept controller, half with the dream-best one. The dream-best controller
+        # is the one exploiting M's errors (e.g. full gas and hard steering that M thinks stays on the road); driving
+        # it for real shows M exactly the states it got wrong, so the next M closes the loophole C found.
+        sources = {"best": [ctrl], "dream": [run_dir / "controller" / "best_dream.safetensors"],
+                   "both": [ctrl, run_dir / "controller" / "best_dream.safetensors"]}[cfg.round_collect]
+        n_target = n_now + cfg.round_episodes
+        for j, src in enumerate(sources):
+            n_j = n_now + (cfg.round_episodes * (j + 1)) // len(sources)
+            stage_collect(run_dir, cfg, resume=True, progress=progress, episodes=n_j if j < len(sources) - 1 else n_target,
+                          policy="controller", controller=str(src), seed=cfg.seed + 7919 * k + 104_729 * j)
         stage_encode(run_dir, cfg, progress=progress)
         # continue M on all data: same model config, more steps
         old = load_json(run_dir / "mdn" / "config.json")
@@ -42,14 +52,24 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
         mdn_res = train(model, tc, run_dir / "mdn", resume=True, progress=progress)
         # continue CMA-ES in the new dream
         gens = int(load_json(run_dir / "controller" / "cma_state.json")["generation"]) + cfg.round_generations
-        c_res = train_controller(run_dir, cma_config(cfg, generations=gens), resume=True, progress=progress, reset_best=True)
+        c_res = train_controller(run_dir, cma_config(cfg, generations=gens), resume=True, progress=progress, reset_best=True,
+                                 restart=cfg.round_restart)
         theta = load_controller(ctrl)[0].numpy()
         seeds = [cfg.eval_seed + 500 + i for i in range(cfg.eval_episodes)]
-        with RealEvaluator(run_dir, cfg.env_id, cfg.workers, cfg.eval_max_steps) as ev:
+        with RealEvaluator(run_dir, cfg.env_id, cfg.workers, cfg.eval_max_steps, controller_mdn(ctrl)) as ev:
             real = summarize(ev.run([("controller", theta, s, False) for s in seeds], desc=f"round {k} real check", progress=progress))
+        kept = ctrl.with_name(f"round_{k}_best.safetensors")
+        atomic_write_bytes(kept, ctrl.read_bytes())
         info = {"round": k, "episodes_total": n_now + cfg.round_episodes, "mdn_test_nll_per_step": mdn_res.get("test_nll_per_step"),
-                "dream_best": c_res["best_dream_fitness"], "real_mean": real["mean"], "real_std": real["std"], "real_seeds": seeds}
+                "dream_best": c_res["best_dream_fitness"], "real_mean": real["mean"], "real_std": real["std"], "real_seeds": seeds,
+                "controller": kept.name}
         done.append(info)
+        # The 250-step checks inside CMA-ES pick a controller per round; these full-length checks pick among the
+        # rounds: a later round's pick that drives worse over 1000 steps does not replace an earlier one.
+        top = max((r for r in done if (ctrl.parent / r.get("controller", "")).is_file()), key=lambda r: r["real_mean"])
+        if top is not info:
+            atomic_write_bytes(ctrl, (ctrl.parent / top["controller"]).read_bytes())
+        info["kept_round"] = top["round"]
         save_json(state_p, {"rounds": done})
         _summary(run_dir, f"round_{k}", info)
     return done

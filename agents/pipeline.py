@@ -30,7 +30,7 @@ class WorldModelConfig:
     env_id: str = "CarRacing-v3"
     episodes: int = 10_000
     max_steps: int = 1000
-    policy: Literal["brownian", "random_controller", "mixed"] = "random_controller"
+    policy: Literal["brownian", "random_controller", "mixed", "pursuit", "explore"] = "random_controller"
     workers: int = 0
     seed: int = 0
     # V
@@ -54,8 +54,11 @@ class WorldModelConfig:
     temperature: float = 1.15
     horizon: int = 1000
     diagonal: bool = False
+    val_rollouts: int = 32           # fixed dream rollouts that pick the best mean (best_dream)
+    features: Literal["zh", "z"] = "zh"   # what C reads: [z, h] as in the paper, or z alone
     eval_every: int = 25
     eval_episodes: int = 8
+    check_steps: int = 0             # steps per real-check episode (0 = horizon)
     select_by_real: bool = False     # final C = the dream-trained checkpoint with the best periodic real check
     # evaluation and iteration
     final_episodes: int = 100
@@ -66,18 +69,21 @@ class WorldModelConfig:
     round_episodes: int = 1000
     round_mdn_steps: int = 5000      # M's extra steps per iterative round
     round_generations: int = 100     # CMA-ES generations per iterative round
+    round_restart: bool = False      # a fresh CMA-ES search in each round's new dream (the kept controllers stay)
+    round_collect: Literal["best", "dream", "both"] = "both"  # who drives the new episodes: the kept C, the dream-best C, or both
     device: str = "auto"
     threads: int = 0                 # torch CPU threads in this process (0 = torch's default); 1 avoids
                                      # OpenMP oversubscription on a busy machine (measured 7x faster there)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # 2 CPU cores: 9.1 min measured at load 1-3.5 (docs/worldmodels.md); real CarRacing-v3 134 vs random -34
-    "quick": {"env_id": "dreamlab/CarRacing64-v3", "episodes": 80, "max_steps": 250, "policy": "mixed", "vae_width": 16, "vae_steps": 1000, "vae_batch": 64,
-              "vae_lr": 1e-3, "hidden": 128, "seq_len": 32, "mdn_steps": 1600, "mdn_batch": 32, "generations": 100,
-              "popsize": 16, "rollouts": 8, "horizon": 250, "eval_every": 10, "eval_episodes": 4, "select_by_real": True,
+    # 2 CPU cores, about 8-12 min (docs/worldmodels.md has the measured times and real-env scores per seed)
+    "quick": {"env_id": "dreamlab/CarRacing64-v3", "episodes": 80, "max_steps": 250, "policy": "explore", "vae_width": 16, "vae_steps": 1000, "vae_batch": 64,
+              "vae_lr": 1e-3, "hidden": 128, "seq_len": 32, "mdn_steps": 1600, "mdn_batch": 32, "generations": 60,
+              "popsize": 16, "rollouts": 8, "horizon": 250, "eval_every": 5, "eval_episodes": 4, "select_by_real": True,
               "final_episodes": 10,
-              "rounds": 2, "round_episodes": 16, "round_mdn_steps": 800, "round_generations": 60, "threads": 1},
+              "rounds": 4, "round_episodes": 16, "round_mdn_steps": 400, "round_generations": 30, "round_collect": "both", "round_restart": True,
+              "threads": 1},
     # the paper's sizes (a GPU and many CPU cores for collection)
     "paper": {},
     # for tests: seconds
@@ -183,8 +189,8 @@ def cma_config(cfg: WorldModelConfig, **over: Any) -> Any:
     from agents.cmaes import CMAConfig
 
     base = CMAConfig(generations=cfg.generations, popsize=cfg.popsize, rollouts=cfg.rollouts, sigma0=cfg.sigma0,
-                     temperature=cfg.temperature, horizon=cfg.horizon, diagonal=cfg.diagonal, eval_every=cfg.eval_every,
-                     eval_episodes=cfg.eval_episodes, select_by_real=cfg.select_by_real, workers=cfg.workers, env_id=cfg.env_id, seed=cfg.seed, device=cfg.device)
+                     temperature=cfg.temperature, horizon=cfg.horizon, diagonal=cfg.diagonal, features=cfg.features, val_rollouts=cfg.val_rollouts, eval_every=cfg.eval_every,
+                     eval_episodes=cfg.eval_episodes, check_steps=cfg.check_steps, select_by_real=cfg.select_by_real, workers=cfg.workers, env_id=cfg.env_id, seed=cfg.seed, device=cfg.device)
     return dataclasses.replace(base, **over)
 
 
@@ -216,11 +222,12 @@ def stage_dream_video(run_dir: Path, cfg: WorldModelConfig, *, steps: int = 300,
 
     from dreamlab.images import save_video
     from worlds.dream import DreamConfig, decode_frames, load_dream
-    from worlds.policies import load_controller
+    from worlds.policies import controller_mdn, load_controller
 
     _threads(cfg)
-    vae, mdn, sim = load_dream(run_dir, "cpu", DreamConfig(horizon=steps, temperature=cfg.temperature))
     ctrl = run_dir / "controller" / "best.safetensors"
+    vae, mdn, sim = load_dream(run_dir, "cpu", DreamConfig(horizon=steps, temperature=cfg.temperature),
+                               mdn_dir=controller_mdn(ctrl) if ctrl.exists() else None)
     theta = load_controller(ctrl)[0] if ctrl.exists() else torch.zeros(sim.n_params)
     rec = sim.rollout(theta[None], 1, seed=seed, horizon=steps, record=True)
     frames = decode_frames(vae, rec["z"][:, 0]).numpy().repeat(4, 1).repeat(4, 2)

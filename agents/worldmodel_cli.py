@@ -171,7 +171,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--episodes", type=int, help="total episodes wanted (resume continues up to it)")
     p.add_argument("--max-steps", type=int, help="steps per episode (default from the preset)")
     p.add_argument("--workers", type=int, help="worker processes (0 = all cores)")
-    p.add_argument("--policy", default=None, choices=["brownian", "random_controller", "mixed", "controller"])
+    p.add_argument("--policy", default=None, choices=["brownian", "random_controller", "mixed", "pursuit", "explore", "controller"])
     p.add_argument("--controller", help="controller .safetensors for --policy controller (default RUN/controller/best.safetensors)")
     p.add_argument("--env-id", help="gymnasium env id (default CarRacing-v3; e.g. dreamlab/CarRacing-v3)")
     p.add_argument("--seed", type=int)

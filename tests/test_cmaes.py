@@ -86,3 +86,69 @@ def test_real_env_fitness_and_periodic_real_evaluation(tmp_path: Path) -> None:
     # with select_by_real the kept controller is the checked one with the best real check
     best_gen = max(rows, key=lambda r: r["real_mean"])["generation"]
     assert res["best_real_generation"] == best_gen and res["best_real_check"] == max(r["real_mean"] for r in rows)
+
+
+def test_saved_controller_keeps_the_m_it_was_trained_in(tmp_path: Path) -> None:
+    """After M is retrained (iterative training), a kept controller still acts with its own M snapshot."""
+    import shutil
+
+    import torch
+
+    from worlds.collect import load_model_policy
+    from worlds.policies import controller_mdn
+
+    vae, mdn, mu, lv = tiny_world_model(seed=0)
+    run = write_world_run(tmp_path / "wm", vae, mdn, mu, lv)
+    cfg = CMAConfig(generations=2, popsize=4, rollouts=2, horizon=10, sigma0=0.2, eval_every=0, device="cpu", seed=1)
+    train_controller(run, cfg, progress=False)
+    best = run / "controller" / "best.safetensors"
+    snap = controller_mdn(best)
+    assert snap is not None and snap.parent == run / "controller"
+    assert sorted(p.name for p in (run / "controller").glob("mdn_*")) == [snap.name]  # one snapshot, no orphans
+    trained_in = {k: v.clone() for k, v in mdn.state_dict().items()}
+    # "retrain" M in the run folder: the kept controller must not silently switch to it
+    with torch.no_grad():
+        for p in mdn.parameters():
+            p.add_(1.0)
+    mdn.save_pretrained(run / "mdn" / "model")
+    acting = load_model_policy(str(run), str(best)).mdn.state_dict()
+    for k, v in trained_in.items():
+        torch.testing.assert_close(acting[k].cpu(), v.cpu())
+    assert any(not torch.equal(acting[k].cpu(), v.cpu()) for k, v in mdn.state_dict().items())
+    shutil.rmtree(snap)
+    with pytest.raises(DreamlabError, match=snap.name):
+        controller_mdn(best)
+
+
+def test_z_only_controller_searches_3z_plus_3_parameters(tmp_path: Path) -> None:
+    import torch
+
+    from worlds.policies import unflatten
+
+    vae, mdn, mu, lv = tiny_world_model(seed=0)
+    run = write_world_run(tmp_path / "wm", vae, mdn, mu, lv)
+    cfg = CMAConfig(generations=2, popsize=4, rollouts=2, horizon=10, sigma0=0.2, eval_every=0, device="cpu", seed=1, features="z")
+    train_controller(run, cfg, progress=False)
+    z_dim, hidden = mdn.config.z_dim, mdn.config.hidden
+    assert json.loads((run / "controller" / "cma_state.json").read_text())["generation"] == 2
+    cfg_json = json.loads((run / "controller" / "config.json").read_text())
+    assert cfg_json["searched_params"] == 3 * (z_dim + 1) and cfg_json["num_params"] == num_params(z_dim, hidden)
+    theta, _, _ = load_controller(run / "controller" / "best.safetensors")
+    w, b = unflatten(theta, z_dim, hidden)
+    assert torch.count_nonzero(w[z_dim:]) == 0 and torch.count_nonzero(w[:z_dim]) > 0
+    with pytest.raises(DreamlabError, match="features"):
+        train_controller(run, CMAConfig(features="hz", device="cpu"), progress=False, out=tmp_path / "bad")  # type: ignore[arg-type]
+
+
+def test_restart_starts_a_fresh_search_but_keeps_the_run(tmp_path: Path) -> None:
+    import dataclasses
+
+    vae, mdn, mu, lv = tiny_world_model(seed=0)
+    run = write_world_run(tmp_path / "wm", vae, mdn, mu, lv)
+    cfg = CMAConfig(generations=2, popsize=4, rollouts=2, horizon=10, sigma0=0.2, eval_every=0, device="cpu", seed=1)
+    train_controller(run, cfg, progress=False)
+    train_controller(run, dataclasses.replace(cfg, generations=3), resume=True, restart=True, reset_best=True, progress=False)
+    st = json.loads((run / "controller" / "cma_state.json").read_text())
+    assert st["generation"] == 3 and st["countiter"] == 1  # the run goes on; the search is one generation old
+    assert len((run / "controller" / "fitness.jsonl").read_text().splitlines()) == 3
+    assert (run / "controller" / "best.safetensors").exists()

@@ -123,3 +123,26 @@ def test_streaming_loader_reads_few_episodes_at_a_time(tmp_path: Path, monkeypat
     got = torch.stack(frames).numpy()
     assert sorted(map(bytes, got)) == sorted(map(bytes, allf))  # every frame exactly once
     assert not np.array_equal(got, allf)  # shuffled
+
+
+def test_pursuit_policy_drives_the_road_and_explore_cycles_policies(tmp_path: Path) -> None:
+    """The track follower collects tile rewards (random policies rarely do); `explore` cycles three policies."""
+    from worlds.collect import BrownianPolicy, PursuitPolicy, _make_policy, make_env, run_episode
+
+    env = make_env("dreamlab/CarRacing64-v3", 150)
+    rets = [run_episode(env, PursuitPolicy(np.random.default_rng(s), burst_p=0.0), 1000 + s).ret for s in range(2)]
+    env.close()
+    assert min(rets) > 20.0, rets  # 150 steps of -0.1 each = -15 without a single tile
+    cfg = CollectConfig(policy="explore")
+    kinds = [type(_make_policy(cfg, np.random.default_rng(i), {}, i)).__name__ for i in range(3)]
+    assert kinds == [BrownianPolicy.__name__, "ModelPolicy", PursuitPolicy.__name__]
+
+
+def test_pursuit_policy_needs_a_track() -> None:
+    from worlds.collect import PursuitPolicy
+
+    class NoTrack:
+        unwrapped = object()
+
+    with pytest.raises(DreamlabError, match="pursuit.*track"):
+        PursuitPolicy(np.random.default_rng(0)).bind(NoTrack())

@@ -46,13 +46,25 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["worldmodel", "train-controller", str(run), "--generations", "3", "--resume", "--no-progress"]) == 0
     assert len((run / "controller" / "fitness.jsonl").read_text().splitlines()) == 3
     # iterative training: one more round collects with the controller, continues M and C
-    assert main(["worldmodel", "iterate", str(run), "--rounds", "2", "--no-progress"]) == 0
+    # (round_collect=both: one new episode driven by the kept controller, one by the dream-best one)
+    assert main(["worldmodel", "iterate", str(run), "--rounds", "3", "--set", "round_episodes=2", "--set", "round_restart=true",
+                 "--no-progress"]) == 0
     rounds = json.loads((run / "rounds.json").read_text())["rounds"]
-    assert len(rounds) == 1 and rounds[0]["episodes_total"] == 3
+    assert [r["episodes_total"] for r in rounds] == [4, 6]
     man = json.loads((run / "rollouts" / "manifest.json").read_text())
-    assert len(man["episodes"]) == 3 and man["config"]["policy"] == "controller"
-    assert len((run / "controller" / "fitness.jsonl").read_text().splitlines()) == 4
-    assert json.loads((run / "mdn" / "eval.json").read_text())["step"] == 2
+    assert len(man["episodes"]) == 6 and man["config"]["policy"] == "controller"
+    drivers = [Path(e.get("controller", e["policy"])).name for e in sorted(man["episodes"], key=lambda e: e["index"])]
+    assert drivers == ["brownian", "brownian"] + ["best.safetensors", "best_dream.safetensors"] * 2
+    assert len((run / "controller" / "fitness.jsonl").read_text().splitlines()) == 5
+    assert json.loads((run / "mdn" / "eval.json").read_text())["step"] == 3
+    # best.safetensors is the round controller with the best full-length round check
+    top = max(rounds, key=lambda r: r["real_mean"])
+    assert rounds[-1]["kept_round"] == top["round"]
+    assert (run / "controller" / "best.safetensors").read_bytes() == (run / "controller" / top["controller"]).read_bytes()
+    from worlds.policies import controller_mdn
+
+    for f in (run / "controller").glob("*best*.safetensors"):
+        assert controller_mdn(f) is not None  # every kept controller still has its own M
 
 
 def test_cli_bad_input_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

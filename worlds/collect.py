@@ -10,6 +10,11 @@ Policies:
   random_controller  the paper's random rollouts: a random-weight linear controller on the features of
                      a random-weight V and M (weights redrawn each episode)
   mixed              even episodes brownian, odd episodes random_controller
+  pursuit            a noisy track follower (CarRacing only; it reads the track's centre line, privileged
+                     information the agent never gets): random target speed, look-ahead and gain per episode,
+                     correlated steering noise and bursts of random actions, so the data show driving along
+                     the road at speed, skids, leaving the road and coming back, with tile rewards all along
+  explore            episodes cycle brownian, random_controller, pursuit
   controller         a trained C with its V and M (`world_model` run folder, `controller` file): iterative training
 """
 from __future__ import annotations
@@ -35,7 +40,7 @@ from worlds.rollouts import (
     write_manifest,
 )
 
-Policy = Literal["brownian", "random_controller", "mixed", "controller"]
+Policy = Literal["brownian", "random_controller", "mixed", "pursuit", "explore", "controller"]
 
 
 @dataclass
@@ -98,6 +103,60 @@ class BrownianPolicy:
         return a
 
 
+class PursuitPolicy:
+    """Pure pursuit on CarRacing's track centre line, made deliberately imperfect.
+
+    Per episode: target speed, look-ahead (tiles) and steering gain are drawn at random; each step adds
+    autocorrelated steering noise, and with probability `burst_p` a burst of 5-30 uniformly random actions
+    starts. The car therefore drives the road at many speeds, runs wide in corners, leaves the road and finds
+    it again: the states a controller trained in the dream will visit. It needs the env (`bind`), since it
+    reads `env.unwrapped.track` and the car's pose.
+    """
+
+    def __init__(self, rng: np.random.Generator, burst_p: float = 0.01) -> None:
+        self.rng, self.burst_p = rng, burst_p
+        self.speed = float(rng.uniform(25.0, 90.0))
+        self.look = int(rng.integers(3, 11))
+        self.gain = float(rng.uniform(1.0, 3.0))
+        self.noise = float(rng.uniform(0.0, 0.3))
+        self.env: Any = None
+        self.eps, self.burst = 0.0, 0
+        self.burst_a = np.zeros(3, np.float32)
+
+    def bind(self, env: Any) -> None:
+        u = env.unwrapped
+        if not hasattr(u, "track") or not hasattr(u, "car"):
+            raise DreamlabError(f"policy 'pursuit' follows a CarRacing track, but {u.__class__.__name__} has none; "
+                                "use --policy brownian or random_controller for other envs")
+        self.env = u
+        self.centre = np.asarray([(t[2], t[3]) for t in u.track], np.float64)
+
+    def reset(self) -> None:
+        self.eps, self.burst = 0.0, 0
+
+    def __call__(self, frame: np.ndarray) -> np.ndarray:
+        import math
+
+        if self.env is None:
+            raise DreamlabError("PursuitPolicy.bind(env) must be called after env.reset()")
+        if self.burst > 0:
+            self.burst -= 1
+            return self.burst_a.copy()
+        if self.rng.random() < self.burst_p:
+            self.burst = int(self.rng.integers(5, 31))
+            self.burst_a = np.array([self.rng.uniform(-1, 1), self.rng.uniform(0, 1), max(0.0, self.rng.uniform(-1, 1))], np.float32)
+        hull = self.env.car.hull
+        x, y = hull.position
+        i = int(np.argmin(((self.centre - (x, y)) ** 2).sum(1)))
+        tx, ty = self.centre[(i + self.look) % len(self.centre)]
+        # the car's forward axis is its local +y, i.e. at angle hull.angle + pi/2; positive steer turns clockwise
+        err = (math.atan2(ty - y, tx - x) - hull.angle - math.pi / 2 + math.pi) % (2 * math.pi) - math.pi
+        self.eps = 0.9 * self.eps + float(self.rng.normal(0.0, self.noise))
+        v = float(np.hypot(*hull.linearVelocity))
+        steer = float(np.clip(-self.gain * err + self.eps, -1.0, 1.0))
+        return np.array([steer, 0.5 if v < self.speed else 0.0, 0.3 if v > 1.2 * self.speed else 0.0], np.float32)
+
+
 class ModelPolicy:
     """a = C([z, h]) with z = V's mean code of the frame and h the MDN-RNN state after (z, a) steps."""
 
@@ -126,10 +185,10 @@ class ModelPolicy:
 
 def load_model_policy(world_model: str, controller: str) -> ModelPolicy:
     from worlds.dream import load_world_model
-    from worlds.policies import load_controller
+    from worlds.policies import controller_mdn, load_controller
 
-    vae, mdn = load_world_model(world_model, device="cpu")
     theta, z_dim, hidden = load_controller(controller)
+    vae, mdn = load_world_model(world_model, device="cpu", mdn_dir=controller_mdn(controller))
     if (z_dim, hidden) != (mdn.config.z_dim, mdn.config.hidden):
         raise DreamlabError(f"controller {controller} expects z_dim={z_dim}, hidden={hidden} but {world_model} has "
                             f"z_dim={mdn.config.z_dim}, hidden={mdn.config.hidden}: train the controller on this world model")
@@ -155,6 +214,8 @@ def random_model_policy(rng: np.random.Generator) -> ModelPolicy:
 def run_episode(env: Any, policy: Any, seed: int, frame_size: int = 64, on_steps: Any = None) -> Episode:
     obs, _ = env.reset(seed=seed)
     policy.reset()
+    if hasattr(policy, "bind"):
+        policy.bind(env)
     frames = [preprocess_frame(obs, frame_size)]
     acts, rews, terms, truncs = [], [], [], []
     n_report = 0
@@ -177,11 +238,23 @@ def run_episode(env: Any, policy: Any, seed: int, frame_size: int = 64, on_steps
     return Episode(np.stack(frames), np.stack(acts), np.asarray(rews, np.float32), np.asarray(terms, bool), np.asarray(truncs, bool))
 
 
+def policy_kind(policy: str, index: int) -> str:
+    """The policy that drives episode `index` (the mixes alternate by episode index)."""
+    if policy == "mixed":
+        return ("brownian", "random_controller")[index % 2]
+    if policy == "explore":
+        return ("brownian", "random_controller", "pursuit")[index % 3]
+    return policy
+
+
 def _make_policy(cfg: CollectConfig, rng: np.random.Generator, cached: dict[str, Any], index: int = 0) -> Any:
-    if cfg.policy == "brownian" or (cfg.policy == "mixed" and index % 2 == 0):
+    kind = policy_kind(cfg.policy, index)
+    if kind == "brownian":
         return BrownianPolicy(rng, cfg.brownian_sigma)
-    if cfg.policy in ("random_controller", "mixed"):
+    if kind == "random_controller":
         return random_model_policy(rng)
+    if kind == "pursuit":
+        return PursuitPolicy(rng)
     if "model" not in cached:
         cached["model"] = load_model_policy(cfg.world_model, cfg.controller)
     return cached["model"]
@@ -271,7 +344,8 @@ def collect(cfg: CollectConfig, *, resume: bool = False, progress: bool = True, 
 
     def record(idx: int, info: dict[str, Any]) -> None:
         manifest["episodes"] = [e for e in manifest["episodes"] if e["index"] != idx]
-        manifest["episodes"].append({"index": idx, "file": episode_name(idx), **info})
+        who = {"policy": policy_kind(cfg.policy, idx), **({"controller": cfg.controller} if cfg.policy == "controller" else {})}
+        manifest["episodes"].append({"index": idx, "file": episode_name(idx), **info, **who})
         write_manifest(out, manifest)
         summary["new_episodes"] += 1
         summary["steps"] += info["steps"]

@@ -23,15 +23,16 @@ from worlds.models import MDNRNN, WorldVAE
 from worlds.policies import ACTION_DIM, map_action, num_params, unflatten
 
 
-def load_world_model(run_dir: str | Path, device: str | torch.device = "auto") -> tuple[WorldVAE, MDNRNN]:
-    """V and M from a world-model run folder (`vae/` and `mdn/` written by the shared trainer)."""
+def load_world_model(run_dir: str | Path, device: str | torch.device = "auto", mdn_dir: str | Path | None = None) -> tuple[WorldVAE, MDNRNN]:
+    """V and M from a world-model run folder (`vae/` and `mdn/` written by the shared trainer); `mdn_dir`
+    replaces M by another one (the snapshot a controller was trained with, `worlds.policies.controller_mdn`)."""
     from generators.trainer import load_run
 
     run_dir = Path(run_dir)
     for part, cmd in (("vae", "train-vae"), ("mdn", "train-mdn")):
         if not (run_dir / part).is_dir():
             raise DreamlabError(f"{run_dir} has no {part}/ folder; it is not a world-model run: train it with dreamlab worldmodel {cmd} {run_dir}")
-    vae, mdn = load_run(run_dir / "vae", device=device), load_run(run_dir / "mdn", device=device)
+    vae, mdn = load_run(run_dir / "vae", device=device), load_run(Path(mdn_dir) if mdn_dir else run_dir / "mdn", device=device)
     if not isinstance(vae, WorldVAE) or not isinstance(mdn, MDNRNN):
         raise DreamlabError(f"{run_dir}: vae/ must hold a wm_vae and mdn/ an mdn_rnn (found {vae.name}, {mdn.name})")
     if vae.config.z_dim != mdn.config.z_dim:
@@ -212,13 +213,14 @@ def decode_frames(vae: WorldVAE, z: torch.Tensor, batch_size: int = 256) -> torc
     return torch.cat(outs)
 
 
-def load_dream(run_dir: str | Path, device: str | torch.device = "auto", cfg: DreamConfig | None = None) -> tuple[WorldVAE, MDNRNN, DreamSimulator]:
-    """V, M and a DreamSimulator with the run's real initial states (`latents/`)."""
+def load_dream(run_dir: str | Path, device: str | torch.device = "auto", cfg: DreamConfig | None = None,
+               mdn_dir: str | Path | None = None) -> tuple[WorldVAE, MDNRNN, DreamSimulator]:
+    """V, M (or the M in `mdn_dir`) and a DreamSimulator with the run's real initial states (`latents/`)."""
     from worlds.encode import initial_latents
 
     run_dir = Path(run_dir)
     dev = resolve_device(device)
-    vae, mdn = load_world_model(run_dir, dev)
+    vae, mdn = load_world_model(run_dir, dev, mdn_dir)
     mu, lv = initial_latents(run_dir / "latents")
     return vae, mdn, DreamSimulator(mdn, mu, lv, cfg)
 

@@ -71,3 +71,22 @@ def load_controller(path: str | Path) -> tuple[torch.Tensor, int, int]:
         raise DreamlabError(f"{path} contains NaN/inf parameters; retrain the controller")
     unflatten(theta, z_dim, hidden)  # validates the size
     return theta, z_dim, hidden
+
+
+def controller_mdn(path: str | Path) -> Path | None:
+    """The M snapshot a controller was trained with (metadata `mdn`, a folder beside the file), if it has one.
+
+    A controller reads M's hidden state h, so it is only meaningful with the M it was trained in; after
+    iterative training replaced RUN/mdn, a controller kept from an earlier round must still run with its own M.
+    """
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path), "pt") as f:
+        rel = (f.metadata() or {}).get("mdn", "")
+    if not rel:
+        return None
+    d = path.parent / rel
+    if not (d / "model.safetensors").exists():
+        raise DreamlabError(f"{path} was trained with the M in {d}, which is missing; restore it or retrain the controller")
+    return d
