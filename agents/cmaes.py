@@ -181,11 +181,13 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
 
     out_dir.mkdir(parents=True, exist_ok=True)
     save_json(out_dir / "config.json", {"cma": dataclasses.asdict(cfg), "world_model": str(run_dir), "num_params": n, "searched_params": m})
-    if resume:
+    if resume and restart:  # a fresh search: only the bookkeeping of the saved state is needed
+        meta = load_json(out_dir / "cma_state.json")
+        np.random.seed(cfg.seed + 7 * int(meta["generation"]) + 1)
+        es = _make_es(m, cfg)
+    elif resume:
         es, meta = load_cma_state(out_dir, m, cfg)
-        if restart:
-            np.random.seed(cfg.seed + 7 * int(meta["generation"]) + 1)
-            es = _make_es(m, cfg)
+    if resume:
         best = {"fitness": meta.get("best_mean_fitness", -float("inf")), "generation": meta.get("best_generation", -1)}
         best_real = {"mean": meta.get("best_real_mean", -float("inf")), "generation": meta.get("best_real_generation", -1)}
         gen = int(meta["generation"])
@@ -244,7 +246,6 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
                 save_controller(out_dir / "best_dream.safetensors", cand[-1], z_dim, hidden, generation=str(gen), fitness=f"{score:.4f}", mdn=mdn_tag)
                 if not cfg.select_by_real or best_real["generation"] < 0:
                     save_controller(out_dir / "best.safetensors", cand[-1], z_dim, hidden, generation=str(gen), fitness=f"{score:.4f}", mdn=mdn_tag)
-                prune_mdn_snapshots(out_dir)
             if cfg.eval_every > 0 and (gen % cfg.eval_every == 0 or gen == cfg.generations) and evaluator is not None:
                 from worlds.policies import load_controller
 
@@ -257,7 +258,6 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
                     mdn_tag = mdn_tag or snapshot_mdn(out_dir, mdn)
                     save_controller(out_dir / "best.safetensors", theta, z_dim, hidden, generation=str(gen), real_check=f"{row['real_mean']:.4f}",
                                     mdn=mdn_tag)
-                    prune_mdn_snapshots(out_dir)
             with open(out_dir / "fitness.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             save_cma_state(out_dir, es, {"generation": gen, "best_mean_fitness": best["fitness"], "best_generation": best["generation"],
@@ -269,6 +269,7 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
         bar.close()
         if evaluator is not None:
             evaluator.__exit__(None, None, None)
+    prune_mdn_snapshots(out_dir)  # M copies that no kept controller needs any more
     plot_fitness(out_dir)
     rows = read_fitness(out_dir)
     return {"generations": gen, "best_dream_fitness": best["fitness"], "best_generation": best["generation"],
@@ -297,12 +298,10 @@ def prune_mdn_snapshots(out_dir: Path) -> None:
     """Remove M snapshots no saved controller refers to."""
     import shutil
 
-    from safetensors import safe_open
+    from worlds.policies import controller_metadata
 
-    used = set()
-    for f in out_dir.glob("*.safetensors"):  # best, best_dream, round_k_best (cma_state names no M)
-        with safe_open(str(f), "pt") as fh:
-            used.add((fh.metadata() or {}).get("mdn", ""))
+    # best, best_dream, round_k_best (cma_state names no M)
+    used = {controller_metadata(f).get("mdn", "") for f in out_dir.glob("*.safetensors")}
     for d in out_dir.glob("mdn_*"):
         if d.is_dir() and d.name not in used and not d.name.endswith(".tmp"):
             shutil.rmtree(d, ignore_errors=True)

@@ -36,12 +36,10 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
         # "both": half the episodes with the kept controller, half with the dream-best one. The dream-best controller
         # is the one exploiting M's errors (e.g. full gas and hard steering that M thinks stays on the road); driving
         # it for real shows M exactly the states it got wrong, so the next M closes the loophole C found.
-        sources = {"best": [ctrl], "dream": [run_dir / "controller" / "best_dream.safetensors"],
-                   "both": [ctrl, run_dir / "controller" / "best_dream.safetensors"]}[cfg.round_collect]
-        n_target = n_now + cfg.round_episodes
-        for j, src in enumerate(sources):
-            n_j = n_now + (cfg.round_episodes * (j + 1)) // len(sources)
-            stage_collect(run_dir, cfg, resume=True, progress=progress, episodes=n_j if j < len(sources) - 1 else n_target,
+        dream_best = ctrl.with_name("best_dream.safetensors")
+        sources = {"best": [ctrl], "dream": [dream_best], "both": [ctrl, dream_best]}[cfg.round_collect]
+        for j, src in enumerate(sources):  # source j brings the total to its share of the round's episodes
+            stage_collect(run_dir, cfg, resume=True, progress=progress, episodes=n_now + cfg.round_episodes * (j + 1) // len(sources),
                           policy="controller", controller=str(src), seed=cfg.seed + 7919 * k + 104_729 * j)
         stage_encode(run_dir, cfg, progress=progress)
         # continue M on all data: same model config, more steps

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import os
 import queue
 import time
@@ -135,8 +136,6 @@ class PursuitPolicy:
         self.eps, self.burst = 0.0, 0
 
     def __call__(self, frame: np.ndarray) -> np.ndarray:
-        import math
-
         if self.env is None:
             raise DreamlabError("PursuitPolicy.bind(env) must be called after env.reset()")
         if self.burst > 0:

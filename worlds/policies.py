@@ -50,18 +50,23 @@ def save_controller(path: str | Path, theta: np.ndarray | torch.Tensor, z_dim: i
     return save_tensors(path, {"theta": t}, metadata={"z_dim": str(z_dim), "hidden": str(hidden), **{k: str(v) for k, v in meta.items()}})
 
 
-def load_controller(path: str | Path) -> tuple[torch.Tensor, int, int]:
-    """Returns (theta, z_dim, hidden) from a controller safetensors file."""
+def controller_metadata(path: str | Path) -> dict[str, str]:
+    """The string metadata of a controller file (z_dim, hidden, generation, mdn, ...)."""
     from safetensors import safe_open
 
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_controller(path: str | Path) -> tuple[torch.Tensor, int, int]:
+    """Returns (theta, z_dim, hidden) from a controller safetensors file."""
     from dreamlab.io import load_tensors
 
     path = Path(path)
     t = load_tensors(path)
     if "theta" not in t:
         raise DreamlabError(f"{path} holds no 'theta' tensor; it is not a dreamlab controller: retrain with train-controller")
-    with safe_open(str(path), "pt") as f:
-        md = f.metadata() or {}
+    md = controller_metadata(path)
     try:
         z_dim, hidden = int(md["z_dim"]), int(md["hidden"])
     except (KeyError, ValueError) as e:
@@ -79,11 +84,8 @@ def controller_mdn(path: str | Path) -> Path | None:
     A controller reads M's hidden state h, so it is only meaningful with the M it was trained in; after
     iterative training replaced RUN/mdn, a controller kept from an earlier round must still run with its own M.
     """
-    from safetensors import safe_open
-
     path = Path(path)
-    with safe_open(str(path), "pt") as f:
-        rel = (f.metadata() or {}).get("mdn", "")
+    rel = controller_metadata(path).get("mdn", "")
     if not rel:
         return None
     d = path.parent / rel
