@@ -2,8 +2,9 @@
 
     python bench/text2img_bench.py [--run runs/text2img] [--n 16] [--steps 25] [--device auto] [--threads 0]
 
-Uses the trained pipeline in --run when it exists, else the quick-preset architecture with a fresh CLIP
-(speed does not depend on the weights). Prints a markdown table.
+Uses the trained pipeline in --run when it exists; with only its model/config.json present (e.g. copied to a
+GPU machine without the 100 MB of weights), the same architecture with random weights; else the quick-preset
+architecture with a fresh CLIP. Speed does not depend on the weights. Prints a markdown table.
 """
 from __future__ import annotations
 
@@ -32,8 +33,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = resolve_device(args.device)
-    if Path(args.run).exists():
+    cfg_only = Path(args.run) / "model" / "config.json"
+    if (Path(args.run) / "model" / "model.safetensors").exists() or (Path(args.run) / "checkpoint").exists():
         pipe, src = load_pipeline(args.run, device=str(dev)), args.run
+    elif cfg_only.exists():
+        from dreamlab.config import from_dict
+        from dreamlab.io import load_json
+
+        meta = load_json(cfg_only)
+        pipe = Text2ImgPipeline(from_dict(Text2ImgConfig, meta["config"], what="text2img config")).to(dev).eval()
+        src = f"{args.run} architecture, random weights"
     else:
         from dreamlab.config import apply_overrides
 

@@ -2,6 +2,8 @@
 
     python bench/worldmodel_bench.py [--steps 400] [--workers 1,2] [--skip-collect]
 
+(DREAMLAB_REF_BENCH=DIR points at a copy of the reference scripts, e.g. on a machine without ../shared.)
+
 Rows (ours | reference | ratio ours/ref):
   collector env-steps/s at W workers  (worlds.collect, episode files written)   vs carracing_bench.py (steps only)
   V training images/s                  (WorldVAE.loss on uint8 frames, paper width 32)  vs wm_core_bench.py VAE
@@ -26,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def _ref(script: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, str(REF / script), *args], capture_output=True, text=True, cwd=ROOT,
+    out = subprocess.run([sys.executable, str(Path(os.environ.get("DREAMLAB_REF_BENCH", REF)) / script), *args], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "SDL_VIDEODRIVER": "dummy"}, timeout=3600)
     if out.returncode != 0:
         raise SystemExit(f"reference {script} failed: {out.stderr[-1500:]}")
@@ -90,7 +92,7 @@ def ours_mdn(dev, bs: int, t: int, amp: bool) -> float:
     return bs * t / _timeit(step, 10 if dev.type == "cuda" else 2, dev)
 
 
-def ours_dream(dev, p: int, r: int, t: int, graph: bool) -> float:
+def ours_dream(dev, p: int, r: int, t: int, graph: bool, amp: bool = True) -> float:
     import torch
 
     from worlds.dream import DreamConfig, DreamSimulator
@@ -100,7 +102,7 @@ def ours_dream(dev, p: int, r: int, t: int, graph: bool) -> float:
     mdn = MDNRNN(MDNRNNConfig(hidden=256, mixtures=5)).to(dev).eval()
     with torch.no_grad():
         mdn.head.bias[-1] = -20.0  # never done: every dream runs the full horizon, as in the reference
-    sim = DreamSimulator(mdn, torch.randn(64, 32), torch.full((64, 32), -2.0), DreamConfig(horizon=t, cuda_graph=graph))
+    sim = DreamSimulator(mdn, torch.randn(64, 32), torch.full((64, 32), -2.0), DreamConfig(horizon=t, cuda_graph=graph, amp=amp))
     thetas = torch.randn(p, sim.n_params, device=dev) * 0.1
     sim.rollout(thetas, r, seed=0, horizon=5)  # warm-up (captures the graph on CUDA)
     if dev.type == "cuda":
@@ -135,27 +137,36 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
     rows: list[tuple[str, float, float | None]] = []
+
+    def add(k: str, ours: float, refv: float | None) -> None:  # printed as measured: a cut-off run keeps its rows
+        rows.append((k, ours, refv))
+        print(f"row: {k}: ours {ours:.4g}, reference {refv if refv is None else f'{refv:.4g}'}", flush=True)
+
     if not args.skip_collect:
         ws = [int(w) for w in args.workers.split(",")]
         ref = _ref("carracing_bench.py", str(args.steps), args.workers)
         for w in ws:
-            rows.append((f"collect CarRacing-v3 env-steps/s, {w} workers", ours_collect(w, args.steps, "CarRacing-v3"),
-                         ref[str(w)]["total_steps_per_s"]))
+            add(f"collect CarRacing-v3 env-steps/s, {w} workers", ours_collect(w, args.steps, "CarRacing-v3"),
+                ref[str(w)]["total_steps_per_s"])
         for w in ws:
-            rows.append((f"collect dreamlab/CarRacing64-v3 env-steps/s, {w} workers", ours_collect(w, args.steps, "dreamlab/CarRacing64-v3"),
-                         ref[str(w)]["total_steps_per_s"]))
+            add(f"collect dreamlab/CarRacing64-v3 env-steps/s, {w} workers", ours_collect(w, args.steps, "dreamlab/CarRacing64-v3"),
+                ref[str(w)]["total_steps_per_s"])
     ref = _ref("wm_core_bench.py")
     big = dev.type == "cuda"
     for bs, amp in ([(256, False), (256, True), (1024, True)] if big else [(64, False)]):
-        rows.append((f"V train images/s bs{bs} amp{int(amp)}", ours_vae(dev, bs, amp), ref.get(f"vae_img_per_s bs{bs} amp{int(amp)}")))
+        add(f"V train images/s bs{bs} amp{int(amp)}", ours_vae(dev, bs, amp), ref.get(f"vae_img_per_s bs{bs} amp{int(amp)}"))
     for bs, t, amp in ([(100, 999, False), (100, 999, True), (512, 999, True)] if big else [(16, 200, False)]):
-        rows.append((f"M train steps/s bs{bs} T{t} amp{int(amp)}", ours_mdn(dev, bs, t, amp), ref.get(f"mdnrnn_steps_per_s bs{bs} T{t} amp{int(amp)}")))
+        add(f"M train steps/s bs{bs} T{t} amp{int(amp)}", ours_mdn(dev, bs, t, amp), ref.get(f"mdnrnn_steps_per_s bs{bs} T{t} amp{int(amp)}"))
     t = 1000 if big else 100
-    for p, r, graph in ([(64, 16, False), (64, 16, True), (1024, 16, True)] if big else [(64, 16, False)]):
-        sec = ours_dream(dev, p, r, t, graph)
+    # on CUDA the dream runs with and without bf16 autocast (DreamConfig.amp); the reference is fp32 (TF32 on)
+    dreams = [(64, 16, False, True), (64, 16, True, True), (64, 16, True, False), (1024, 16, True, True), (1024, 16, True, False)]
+    for p, r, graph, amp in (dreams if big else [(64, 16, False, False)]):
+        sec = ours_dream(dev, p, r, t, graph, amp)
+        tag = f" amp{int(amp)}" if big else ""
         rk = f"dream P{p}xR{r} T{t} graph{int(graph)} sec"
-        rows.append((f"dream P{p}xR{r} T{t} graph{int(graph)} seconds (lower is better)", sec, ref.get(rk)))
-        rows.append((f"dream P{p}xR{r} graph{int(graph)} dream-steps/s", p * r * t / sec, ref.get(f"dream P{p}xR{r} graph{int(graph)} dream_steps_per_s")))
+        add(f"dream P{p}xR{r} T{t} graph{int(graph)}{tag} seconds (lower is better)", sec, ref.get(rk))
+        add(f"dream P{p}xR{r} graph{int(graph)}{tag} dream-steps/s", p * r * t / sec,
+            ref.get(f"dream P{p}xR{r} graph{int(graph)} dream_steps_per_s"))
     print(f"device: {name}; torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}")
     print(f"| {'measure':<62} | {'ours':>12} | {'reference':>12} | {'ours/ref':>8} |")
     print(f"|{'-' * 64}|{'-' * 14}|{'-' * 14}|{'-' * 10}|")

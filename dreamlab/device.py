@@ -33,6 +33,19 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
+def randn(shape: tuple[int, ...], *, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard normal noise on `device`, drawn on the generator's own device: a seeded CPU generator works
+    for a CUDA model (torch refuses a generator of another device) and gives the same numbers on CPU and CUDA."""
+    src = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=src).to(device)
+
+
+def rand(shape: tuple[int, ...], *, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Uniform [0, 1) noise on `device`, drawn on the generator's own device (see `randn`)."""
+    src = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=src).to(device)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)

@@ -82,12 +82,19 @@ def plot_curves(rows: Sequence[dict], keys: Sequence[str], path: str | Path, tit
 
 
 def save_video(frames: Sequence[np.ndarray] | np.ndarray, path: str | Path, fps: int = 30) -> Path:
-    """Write (T, H, W, 3) uint8 frames as MP4 (imageio-ffmpeg) or GIF, by the file's suffix, atomically."""
+    """Write (T, H, W, 3) uint8 frames as MP4 (imageio-ffmpeg) or GIF, by the file's suffix, atomically.
+
+    Without imageio-ffmpeg installed, a GIF is written beside the asked name (suffix .gif); the path
+    actually written is returned."""
+    import importlib.util
+
     import imageio.v3 as iio
 
     path = Path(path)
     frames = np.asarray(frames)
     ext = path.suffix.lower()
+    if ext != ".gif" and importlib.util.find_spec("imageio_ffmpeg") is None:
+        path, ext = path.with_suffix(".gif"), ".gif"  # GIF needs only Pillow
     if ext == ".gif":
         data = iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / fps, loop=0)
     else:

@@ -4,7 +4,7 @@ A model is an `nn.Module` with a typed config dataclass. Generators add `sample`
 it is exact or a bound). Everything is trained by the one shared trainer in `generators.trainer`:
 
     loss(batch) -> (scalar loss, {metric: float})          # likelihood / reconstruction models
-    train_step(batch, optimizers, step) -> {metric: float}  # override for adversarial models
+    train_step(batch, optimizers, step) -> {metric: float or 0-d tensor}  # override for adversarial models
     train_data(split) -> dict of tensors or a torch Dataset # what the trainer iterates over
     sample(n, *, generator=None, **condition) -> Tensor     # images: float32 (n, C, H, W) in [0, 1]
     save_pretrained(dir) / from_pretrained(dir, device=)    # config.json + model.safetensors, no pickle
@@ -28,6 +28,8 @@ from dreamlab.errors import DreamlabError
 from dreamlab.io import load_json, load_tensors, replace_dir, save_json, save_tensors
 
 Batch = Mapping[str, torch.Tensor]
+#: training metrics: floats or 0-d device tensors (kept on the device so a step needs no host sync)
+Metrics = dict[str, float | torch.Tensor]
 
 
 @dataclasses.dataclass
@@ -69,13 +71,13 @@ class Model(nn.Module):
         """Data for `split`: a dict of tensors (batched in memory by the trainer) or a torch Dataset."""
         return load_dataset(self.config.dataset, split)
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         raise NotImplementedError(f"{type(self).__name__} must implement loss(batch) or train_step(...)")
 
     def configure_optimizers(self, tc: TrainConfig) -> list[torch.optim.Optimizer]:
         return [torch.optim.AdamW(self.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)]
 
-    def train_step(self, batch: Batch, optimizers: list[torch.optim.Optimizer], step: int, tc: TrainConfig) -> dict[str, float]:
+    def train_step(self, batch: Batch, optimizers: list[torch.optim.Optimizer], step: int, tc: TrainConfig) -> Metrics:
         """One optimisation step; adversarial models override this and own their optimiser steps."""
         from dreamlab.device import autocast
 
@@ -85,9 +87,10 @@ class Model(nn.Module):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if tc.grad_clip > 0:
-            metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.parameters(), tc.grad_clip))
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.parameters(), tc.grad_clip).detach()
         opt.step()
-        return {"loss": float(loss.detach()), **metrics}
+        # values may stay 0-d device tensors: the trainer reads them once per logged window, not per step
+        return {"loss": loss.detach(), **metrics}
 
     @torch.no_grad()
     def evaluate(self, split: str = "test", max_items: int | None = None) -> dict[str, float]:
@@ -101,8 +104,8 @@ class Model(nn.Module):
         for batch in iterate_eval(self, split, max_items=max_items):
             loss, m = self.loss(batch)
             b = len(next(iter(batch.values())))
-            for k, v in {"loss": float(loss), **m}.items():
-                tot[k] = tot.get(k, 0.0) + v * b
+            for k, v in {"loss": loss, **m}.items():
+                tot[k] = tot.get(k, 0.0) + float(v) * b
             n += b
         self.train(was)
         return {f"{split}_{k}": v / max(n, 1) for k, v in tot.items()}

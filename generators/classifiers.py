@@ -18,7 +18,7 @@ from torch import nn
 from dreamlab.data import FMNIST_CLASSES
 from dreamlab.errors import DreamlabError
 from dreamlab.metrics import frechet_distance_features
-from generators.base import Batch, Model, register
+from generators.base import Batch, Metrics, Model, register
 
 FEATURE_NET_DIR = Path(__file__).parent / "assets" / "fmnist_cnn"
 
@@ -29,11 +29,11 @@ class _Classifier(Model):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         logits = self.logits(batch["x"]).float()
         loss = F.cross_entropy(logits, batch["y"])
         acc = (logits.argmax(1) == batch["y"]).float().mean()
-        return loss, {"accuracy": acc.item()}
+        return loss, {"accuracy": acc.detach()}
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:

@@ -266,30 +266,40 @@ def train(model: Model, tc: TrainConfig, run_dir: str | Path, *, resume: bool = 
         interrupted["flag"] = True
 
     prev_handler = signal.signal(signal.SIGINT, _on_sigint) if _is_main_thread() else None
-    acc: dict[str, float] = {}
+    acc: dict[str, Any] = {}  # metric sums since the last log line (device tensors: no host sync per step)
     nacc = 0
+
+    def window_mean() -> dict[str, float]:
+        """The window's mean metrics (one host sync); a NaN/inf stops training before anything is saved."""
+        avg = {k: float(v) / max(nacc, 1) for k, v in acc.items()}
+        bad = [k for k, v in avg.items() if not math.isfinite(v)]
+        if bad:
+            where = f"at step {step - 1}" if nacc == 1 else f"in steps {step - nacc}..{step - 1}"
+            raise DreamlabError(
+                f"{bad[0]} became {avg[bad[0]]} {where} of {model.name}; the last good checkpoint is in "
+                f"{run_dir / 'checkpoint'}: lower the learning rate (--set lr=...) or enable grad_clip and --resume"
+            )
+        return avg
+
     t0 = time.perf_counter()
     bar = tqdm(total=tc.steps, initial=step, desc=f"train {model.name}", unit="step", disable=not progress, dynamic_ncols=True)
     status = "finished"
     try:
         while step < tc.steps:
             if interrupted["flag"]:
+                window_mean()  # never checkpoint weights that a NaN step has reached
                 status = "interrupted"
                 break
             batch = next(batches)
             metrics = model.train_step(batch, opts, step, tc)
-            bad = [k for k, v in metrics.items() if not math.isfinite(v)]
-            if bad:
-                raise DreamlabError(
-                    f"{bad[0]} became {metrics[bad[0]]} at step {step} of {model.name}; the last good checkpoint is in "
-                    f"{run_dir / 'checkpoint'}: lower the learning rate (--set lr=...) or enable grad_clip and --resume"
-                )
             step += 1
             for k, v in metrics.items():
-                acc[k] = acc.get(k, 0.0) + v
+                acc[k] = acc.get(k, 0.0) + (v.detach().float() if isinstance(v, torch.Tensor) else float(v))
             nacc += 1
+            if step % tc.ckpt_every == 0 and step < tc.steps and step % tc.log_every:
+                window_mean()  # checked before the checkpoint below is written
             if step % tc.log_every == 0 or step == tc.steps:
-                avg = {k: v / nacc for k, v in acc.items()}
+                avg = window_mean()
                 avg["steps_per_s"] = nacc / max(time.perf_counter() - t0, 1e-9)
                 logger.log(step, avg)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in list(avg.items())[:3]})

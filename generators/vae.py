@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dreamlab.data import FMNIST_CLASSES
-from generators.base import Batch, Generator, register
+from dreamlab.device import rand, randn
+from generators.base import Batch, Generator, Metrics, register
 
 # ----------------------------------------------------------------------------- shared latent tools
 
@@ -197,7 +198,7 @@ class Autoencoder(_LatentModel):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.net.decode_logits(z).float())
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         x = batch["x"]
         z = self.net.encode(x)
         if self.training:
@@ -206,11 +207,11 @@ class Autoencoder(_LatentModel):
                 self.z_max.lerp_(z.detach().float().max(0).values, 0.05)
         logits = self.net.decode_logits(z).float()
         rec = F.binary_cross_entropy_with_logits(logits, x.float(), reduction="none").flatten(1).sum(1).mean()
-        return rec, {"recon": rec.item()}
+        return rec, {"recon": rec.detach()}
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None, **condition: Any) -> torch.Tensor:
-        u = torch.rand(n, self.config.z_dim, generator=generator, device=self.device)
+        u = rand((n, self.config.z_dim), generator=generator, device=self.device)
         return self.decode(self.z_min + u * (self.z_max - self.z_min))
 
 
@@ -255,14 +256,14 @@ class VAE(_LatentModel):
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
         return rec, kl
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         rec, kl = self._terms(batch["x"])
         loss = (rec + self.config.beta * kl).mean()
-        return loss, {"recon": rec.mean().item(), "kl": kl.mean().item(), "neg_elbo": (rec + kl).mean().item()}
+        return loss, {"recon": rec.mean().detach(), "kl": kl.mean().detach(), "neg_elbo": (rec + kl).mean().detach()}
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None, **condition: Any) -> torch.Tensor:
-        z = torch.randn(n, self.config.z_dim, generator=generator, device=self.device)
+        z = randn((n, self.config.z_dim), generator=generator, device=self.device)
         return self.decode(z)
 
     @torch.no_grad()
@@ -332,12 +333,23 @@ class ConvVAE(_LatentModel):
         )
 
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
-        """Bring any dataset's images to (B, channels, 64, 64)."""
+        """Bring any dataset's images to (B, channels, 64, 64); channels-last on CUDA."""
         if x.shape[-1] != 64 or x.shape[-2] != 64:
             x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
         if x.shape[1] != self.config.channels:
             x = x.expand(-1, self.config.channels, -1, -1) if x.shape[1] == 1 else x[:, : self.config.channels]
-        return x
+        return self._channels_last(x)
+
+    def _channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """On CUDA, activations and conv weights in channels-last layout: cuDNN's NHWC kernels (the World
+        Models reference benchmark trains this way). Saved weights are unaffected (save_tensors makes them
+        contiguous); on CPU nothing changes."""
+        if not x.is_cuda:
+            return x
+        if not getattr(self, "_nhwc", False):
+            self.to(memory_format=torch.channels_last)
+            self._nhwc = True
+        return x.contiguous(memory_format=torch.channels_last)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x)
@@ -346,7 +358,7 @@ class ConvVAE(_LatentModel):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.fc(z)[:, :, None, None]).float()
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         x = self._prep(batch["x"])
         mu, logvar = self.encode(x)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
@@ -354,11 +366,11 @@ class ConvVAE(_LatentModel):
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
         kl_floored = kl.clamp(min=self.config.kl_tolerance * self.config.z_dim)
         loss = (rec + kl_floored).mean()
-        return loss, {"recon": rec.mean().item(), "kl": kl.mean().item()}
+        return loss, {"recon": rec.mean().detach(), "kl": kl.mean().detach()}
 
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None, **condition: Any) -> torch.Tensor:
-        z = torch.randn(n, self.config.z_dim, generator=generator, device=self.device)
+        z = randn((n, self.config.z_dim), generator=generator, device=self.device)
         return self.decode(z)
 
 

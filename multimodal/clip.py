@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from dreamlab import procedural as P
 from dreamlab.errors import DreamlabError
 from dreamlab.io import save_json
-from generators.base import Model, TrainConfig, register
+from generators.base import Metrics, Model, TrainConfig, register
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 MAX_PROMPT_CHARS = 300
@@ -253,7 +253,7 @@ class ClipModel(Model):
             return F.normalize(self.text.proj(sel), dim=-1)
         return self.encode_text(sel)
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
         x, c = batch["x"], batch["c"]
         img = self.encode_image(x)
         txt = self._batch_text(c)
@@ -263,7 +263,7 @@ class ClipModel(Model):
         target = same / same.sum(1, keepdim=True)
         loss = 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean() + torch.sum(-target * logits.t().log_softmax(1), 1).mean())
         acc = (same.gather(1, logits.argmax(1, keepdim=True)).mean())
-        return loss, {"batch_acc": float(acc), "temperature": float(1 / scale.detach())}
+        return loss, {"batch_acc": acc.detach(), "temperature": (1 / scale).detach()}
 
     def configure_optimizers(self, tc: TrainConfig) -> list[torch.optim.Optimizer]:
         decay, no_decay = [], []

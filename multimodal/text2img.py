@@ -39,7 +39,7 @@ from dreamlab import procedural as P
 from dreamlab.config import to_dict
 from dreamlab.errors import DreamlabError
 from dreamlab.io import atomic_write_text, load_json, save_json, save_tensors
-from generators.base import Generator, TrainConfig, register
+from generators.base import Generator, Metrics, TrainConfig, register
 from multimodal.clip import ClipConfig, ClipModel, load_clip, validate_prompts
 
 DEFAULT_RUN = "runs/text2img"
@@ -192,7 +192,7 @@ class Text2ImgPipeline(Generator):
         out = self.unet(h, t, encoder_hidden_states=emb[:, None, :], class_labels=emb).sample
         return F.pixel_shuffle(out, p) if p > 1 else out
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
         x0 = batch["x"] * 2 - 1
         c = batch["c"]
         self._build_pool()

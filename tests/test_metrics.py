@@ -40,3 +40,19 @@ def test_missing_feature_net_names_the_fix(tmp_path: Path) -> None:
 
     with pytest.raises(DreamlabError, match="dreamlab train cnn --preset full"):
         feature_net(tmp_path / "none")
+
+
+def test_save_video_writes_gif_when_ffmpeg_is_missing(tmp_path, monkeypatch) -> None:
+    import importlib.util
+
+    import imageio.v3 as iio
+    import numpy as np
+
+    from dreamlab.images import save_video
+
+    frames = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "imageio_ffmpeg" else real(name, *a))
+    out = save_video(frames, tmp_path / "v.mp4")
+    assert out == tmp_path / "v.gif" and not (tmp_path / "v.mp4").exists()
+    assert iio.imread(out, index=None).shape[0] == 5

@@ -116,6 +116,17 @@ def test_nan_loss_stops_with_named_error_and_keeps_last_checkpoint(tmp_path: Pat
     assert json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())["step"] == 2
 
 
+def test_nan_inside_a_log_window_is_caught_before_the_next_checkpoint(tmp_path: Path) -> None:
+    # metrics stay on the device between log lines; the check runs at every log line and before every checkpoint
+    torch.manual_seed(0)
+    m = NaNMLP(MLPConfig(hidden=(8,)))
+    with pytest.raises(DreamlabError, match=r"loss became nan in steps 0\.\.3 of mlp"):
+        train(m, _tc(steps=10, log_every=4, ckpt_every=2), tmp_path / "r", progress=False)
+    ck = load_tensors(tmp_path / "r" / "checkpoint" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in ck.values())
+    assert json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())["step"] == 2
+
+
 def test_no_temp_files_left(tmp_path: Path) -> None:
     train(_vae(), _tc(steps=4), tmp_path / "r", progress=False)
     leftovers = [p for p in (tmp_path / "r").rglob("*") if p.name.endswith((".tmp", ".old"))]

@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dreamlab.device import rand, randn
 from dreamlab.errors import DreamlabError
-from generators.base import Batch, Generator, register
+from generators.base import Batch, Generator, Metrics, register
 from generators.vae import ConvVAE, ConvVAEConfig
 from worlds.rollouts import episode_files, load_episode, split_files
 
@@ -115,7 +116,7 @@ class WorldVAE(ConvVAE):
             return FrameStream(self._files(split), shuffle=True, buffer_episodes=self.config.buffer_episodes)
         return FrameStream(self._files(split), shuffle=False, max_frames=self.config.eval_frames)
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         return super().loss({"x": to_float_frames(batch["x"])})
 
     def _codes(self, split: str = "test", max_items: int = 2000) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -194,19 +195,20 @@ class MDNRNN(Generator):
 
     def step(self, z: torch.Tensor, a: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One LSTM step with the same weights as `self.rnn` (usable inside CUDA graphs): returns h, c, head(h)."""
-        x = torch.cat([z, a], -1)
-        gates = F.linear(x, self.rnn.weight_ih_l0, self.rnn.bias_ih_l0) + F.linear(h, self.rnn.weight_hh_l0, self.rnn.bias_hh_l0)
-        i, f, g, o = gates.chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+        # torch.lstm_cell is what nn.LSTMCell runs: on CUDA one fused kernel for the gates after the two
+        # matmuls (the dream step is launch-bound, so fewer kernels is faster)
+        x = torch.cat([z, a.to(z.dtype)], -1)
+        h, c = torch.lstm_cell(x, (h, c), self.rnn.weight_ih_l0, self.rnn.weight_hh_l0, self.rnn.bias_ih_l0, self.rnn.bias_hh_l0)
         return h, c, self.head(h)
 
     @staticmethod
     def mixture_log_prob(target: torch.Tensor, logpi: torch.Tensor, mu: torch.Tensor, logsig: torch.Tensor) -> torch.Tensor:
         """log p(target) under the mixture, summed over z dimensions: target (..., Z) -> (...)."""
+        # the per-component constants (-sum log sigma - Z/2 log 2pi) are summed over Z before joining the
+        # (..., K, Z) tensor: two fewer full-size elementwise passes (the loss is memory-bound on a GPU)
         t = target.unsqueeze(-2)
-        comp = (-0.5 * ((t - mu) * torch.exp(-logsig)) ** 2 - logsig - 0.5 * LOG2PI).sum(-1)
-        return torch.logsumexp(logpi + comp, -1)
+        sq = ((t - mu) * torch.exp(-logsig)).square().sum(-1)
+        return torch.logsumexp(logpi - 0.5 * sq - logsig.sum(-1) - 0.5 * LOG2PI * mu.shape[-1], -1)
 
     @staticmethod
     def sample_mixture(logpi: torch.Tensor, mu: torch.Tensor, logsig: torch.Tensor, tau: float,
@@ -217,8 +219,8 @@ class MDNRNN(Generator):
         normal (B, Z)) may be passed in (static buffers for CUDA graphs)."""
         b, k, zd = mu.shape
         if noise is None:
-            u = torch.rand(b, k, device=mu.device, generator=generator)
-            eps = torch.randn(b, zd, device=mu.device, generator=generator)
+            u = rand((b, k), device=mu.device, generator=generator)
+            eps = randn((b, zd), device=mu.device, generator=generator)
         else:
             u, eps = noise
         tau = max(float(tau), 1e-6)
@@ -260,13 +262,13 @@ class MDNRNN(Generator):
         d_bce = (F.binary_cross_entropy_with_logits(d_logit, done, reduction="none") * mask).sum() / n
         return {"nll": nll, "reward_mse": r_mse, "done_bce": d_bce}
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         t = self._terms(batch)
         cfg = self.config
         loss = t["nll"] / cfg.z_dim + cfg.reward_weight * t["reward_mse"] + cfg.done_weight * t["done_bce"]
-        nll = float(t["nll"].detach())
+        nll = t["nll"].detach()  # metrics stay on the device: no host sync per step (the trainer averages them)
         return loss, {"nll_per_step": nll, "nll_per_dim": nll / cfg.z_dim,
-                      "reward_mse": float(t["reward_mse"].detach()), "done_bce": float(t["done_bce"].detach())}
+                      "reward_mse": t["reward_mse"].detach(), "done_bce": t["done_bce"].detach()}
 
     @torch.no_grad()
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
@@ -288,12 +290,12 @@ class MDNRNN(Generator):
         cfg, dev = self.config, self.device
         tau = cfg.temperature if temperature is None else temperature
         if actions is None:
-            a = torch.rand(n, steps, cfg.action_dim, device=dev, generator=generator)
+            a = rand((n, steps, cfg.action_dim), device=dev, generator=generator)
             actions = torch.cat([a[..., :1] * 2 - 1, a[..., 1:]], -1) if cfg.action_dim >= 2 else a * 2 - 1
         actions = actions.to(dev).float()
         if actions.ndim != 3 or actions.shape[0] != n or actions.shape[2] != cfg.action_dim:
             raise DreamlabError(f"actions have shape {tuple(actions.shape)}, expected ({n}, T, {cfg.action_dim})")
-        z = z0.to(dev).float() if z0 is not None else torch.randn(n, cfg.z_dim, device=dev, generator=generator)
+        z = z0.to(dev).float() if z0 is not None else randn((n, cfg.z_dim), device=dev, generator=generator)
         h = torch.zeros(n, cfg.hidden, device=dev)
         c = torch.zeros_like(h)
         out = [z]
