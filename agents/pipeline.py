@@ -84,8 +84,11 @@ PRESETS: dict[str, dict[str, Any]] = {
               "final_episodes": 10,
               "rounds": 4, "round_episodes": 16, "round_mdn_steps": 400, "round_generations": 30, "round_collect": "both", "round_restart": True,
               "threads": 1},
-    # the paper's sizes (a GPU and many CPU cores for collection)
-    "paper": {},
+    # the paper's sizes (a GPU and many CPU cores for collection). The final C is the checkpoint with the best
+    # periodic real-env check (every 25 generations, 8 episodes), not the dream's best: on an H100 a reduced
+    # paper-size run's dream fitness kept rising (to 563) while its real score fell from 61 to -40 after
+    # generation 20 (bench/RESULTS.md)
+    "paper": {"select_by_real": True},
     # for tests: seconds
     "tiny": {"episodes": 2, "max_steps": 50, "policy": "brownian", "workers": 1, "z_dim": 8, "vae_width": 4, "vae_steps": 3,
              "vae_batch": 16, "vae_lr": 1e-3, "hidden": 16, "mixtures": 2, "seq_len": 16, "mdn_steps": 1, "mdn_batch": 4,

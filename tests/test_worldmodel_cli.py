@@ -75,3 +75,13 @@ def test_cli_bad_input_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureF
     assert "encode" in capsys.readouterr().err
     assert main(["worldmodel", "run", "--preset", "tiny", "--out", str(tmp_path / "x"), "--set", "episodes=zero"]) == 2
     assert "episodes" in capsys.readouterr().err
+
+
+def test_paper_preset_has_the_paper_sizes_and_selects_by_real_checks() -> None:
+    from agents.pipeline import make_config
+
+    c = make_config("paper")
+    assert (c.episodes, c.max_steps, c.z_dim, c.vae_width, c.hidden, c.mixtures, c.popsize, c.rollouts, c.horizon) == \
+        (10_000, 1000, 32, 32, 256, 5, 64, 16, 1000)
+    assert c.policy == "random_controller" and c.env_id == "CarRacing-v3"
+    assert c.select_by_real and c.eval_every == 25 and c.eval_episodes == 8
