@@ -46,12 +46,27 @@ def _print(d: Any) -> None:
     print(json.dumps(d, indent=2, default=str))
 
 
+def _plan(cfg: Any, out: Path) -> str:
+    """One line saying what the run will do (and a warning when the paper's sizes meet a CPU)."""
+    from dreamlab.device import resolve_device
+
+    dev = resolve_device(cfg.device)
+    line = (f"plan: {cfg.episodes} episodes x {cfg.max_steps} steps of {cfg.env_id} ({cfg.policy}); V {cfg.vae_steps} steps; "
+            f"M {cfg.mdn_steps} steps; C {cfg.generations} generations of {cfg.popsize}x{cfg.rollouts} dreams of {cfg.horizon} steps"
+            f"{f'; {cfg.rounds} rounds' if cfg.rounds > 1 else ''}; on {dev.type}; into {out} (interrupt any time, continue with --resume)")
+    if dev.type == "cpu" and cfg.vae_steps * cfg.vae_batch >= 1_000_000:
+        line += ("\nwarning: these are paper-scale sizes and no CUDA device is present: expect days on a CPU "
+                 "(--preset quick finishes in about 10 minutes on 2 cores)")
+    return line
+
+
 def _run(args: argparse.Namespace) -> int:
     from agents.pipeline import load_config, make_config, run_pipeline
     from dreamlab.config import parse_set_args
 
     out = Path(args.out or f"runs/worldmodel-{args.preset}")
     cfg = load_config(out) if args.resume and (out / "config.json").exists() else make_config(args.preset, parse_set_args(args.set))
+    print(_plan(cfg, out), flush=True)
     res = run_pipeline(out, cfg, preset=args.preset, progress=not args.no_progress, resume=args.resume)
     print(f"run folder: {out}")
     c, r = res["controller"], res["random"]

@@ -2,6 +2,7 @@
 2 CMA-ES generations, real-env evaluation, videos; then the stage commands and bad input."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["worldmodel", "run", "--preset", "tiny", "--out", str(run), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "controller:" in printed and "random policy:" in printed
+    assert "plan: 2 episodes x 50 steps of CarRacing-v3 (brownian)" in printed and "warning" not in printed
     man = json.loads((run / "rollouts" / "manifest.json").read_text())
     assert [e["steps"] for e in man["episodes"]] == [50, 50]
     assert (run / "vae" / "model" / "model.safetensors").exists() and (run / "vae" / "reconstructions.png").exists()
@@ -85,3 +87,7 @@ def test_paper_preset_has_the_paper_sizes_and_selects_by_real_checks() -> None:
         (10_000, 1000, 32, 32, 256, 5, 64, 16, 1000)
     assert c.policy == "random_controller" and c.env_id == "CarRacing-v3"
     assert c.select_by_real and c.eval_every == 25 and c.eval_episodes == 8
+    from agents.worldmodel_cli import _plan
+
+    plan = _plan(dataclasses.replace(c, device="cpu"), Path("runs/x"))
+    assert "10000 episodes x 1000 steps" in plan and "expect days on a CPU" in plan
