@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dreamlab.errors import DreamlabError
-from dreamlab.io import atomic_write_text, save_json
+from dreamlab.io import atomic_write_text, load_json, save_json
 
 _G: dict[str, Any] = {}
 
@@ -124,9 +124,68 @@ def write_scores(out: Path, name: str, summ: dict[str, Any], meta: dict[str, Any
     return out / f"{name}.json"
 
 
+# ----------------------------------------------------------------------------- random-policy baseline cache
+#
+# The random policy's return on a gymnasium env depends only on (env id, max steps, env seed) and the versions
+# of gymnasium, Box2D and numpy (its actions come from the action space seeded with the env seed), so each
+# episode is measured once and kept in $DREAMLAB_CACHE/random_baseline.json: 100 baseline episodes cost about
+# 10 minutes on 2 cores. Our own `dreamlab/` envs are never cached (their code changes with this repo).
+
+
+def _baseline_key(env_id: str, max_steps: int, seed: int) -> str | None:
+    if env_id.startswith("dreamlab/"):
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    vers = []
+    for pkg in ("gymnasium", "box2d", "numpy"):
+        try:
+            vers.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            vers.append(f"{pkg} -")
+    return f"{env_id}|{max_steps}|{seed}|" + "|".join(vers)
+
+
+def _baseline_cache_path() -> Path:
+    from dreamlab.data import cache_dir
+
+    return cache_dir() / "random_baseline.json"
+
+
+def _read_baseline_cache() -> dict[str, Any]:
+    path = _baseline_cache_path()
+    if not path.exists():
+        return {}
+    try:
+        d = load_json(path)
+        return d if isinstance(d, dict) else {}
+    except (OSError, ValueError, DreamlabError):  # a damaged cache is rebuilt, never trusted
+        return {}
+
+
+def random_baseline(ev: RealEvaluator, env_id: str, max_steps: int, seeds: list[int], *, use_cache: bool = True,
+                    progress: bool = True) -> list[dict[str, Any]]:
+    """The random policy's episodes on `seeds`: measured ones from the cache, the rest run (and cached)."""
+    keys = [_baseline_key(env_id, max_steps, s) if use_cache else None for s in seeds]
+    cache = _read_baseline_cache() if any(keys) else {}
+    todo = [s for s, k in zip(seeds, keys) if k is None or k not in cache]
+    ran = {r["seed"]: r for r in ev.run([("random", None, s, False) for s in todo], desc="evaluate random policy",
+                                        progress=progress)} if todo else {}
+    if len(todo) < len(seeds):
+        print(f"random policy: {len(seeds) - len(todo)} of {len(seeds)} episodes from {_baseline_cache_path()} "
+              "(measured earlier with the same env, seeds and package versions)", flush=True)
+    if any(keys) and ran:
+        cache = _read_baseline_cache()  # re-read: another run may have added episodes meanwhile
+        cache.update({k: {"return": float(ran[s]["return"]), "steps": int(ran[s]["steps"])}
+                      for s, k in zip(seeds, keys) if k is not None and s in ran})
+        save_json(_baseline_cache_path(), cache)
+    return [ran[s] if s in ran else {"seed": s, **cache[k]} for s, k in zip(seeds, keys)]
+
+
 def evaluate_run(run_dir: str | Path, *, episodes: int = 100, seed: int = 0, workers: int = 0, controller: str | Path | None = None,
                  env_id: str = "CarRacing-v3", max_steps: int = 1000, baseline: bool = True, video: bool = True,
-                 video_frames: int = 300, temperature: float = 1.0, progress: bool = True) -> dict[str, Any]:
+                 video_frames: int = 300, temperature: float = 1.0, progress: bool = True,
+                 baseline_cache: bool = True) -> dict[str, Any]:
     from worlds.policies import controller_mdn, load_controller
 
     run_dir = Path(run_dir)
@@ -147,7 +206,7 @@ def evaluate_run(run_dir: str | Path, *, episodes: int = 100, seed: int = 0, wor
         res["controller"] = summarize(rc)
         write_scores(out_dir, f"controller_seed{seed}_n{episodes}", res["controller"], meta)
         if baseline:
-            rr = ev.run([("random", None, s, False) for s in seeds], desc="evaluate random policy", progress=progress)
+            rr = random_baseline(ev, env_id, max_steps, seeds, use_cache=baseline_cache, progress=progress)
             res["random"] = summarize(rr)
             write_scores(out_dir, f"random_seed{seed}_n{episodes}", res["random"], {**meta, "controller": "uniform random actions"})
     if video and "obs" in rc[0]:

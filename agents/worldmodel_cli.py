@@ -134,7 +134,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     cfg = _cfg(args, write=False)
     res = evaluate_run(args.run, episodes=args.episodes, seed=args.seed, workers=args.workers if args.workers is not None else cfg.workers,
                        controller=args.controller, env_id=args.env_id or "CarRacing-v3", max_steps=args.max_steps, baseline=not args.no_baseline,
-                       video=not args.no_video, temperature=cfg.temperature, progress=not args.no_progress)
+                       video=not args.no_video, temperature=cfg.temperature, progress=not args.no_progress,
+                       baseline_cache=not args.fresh_baseline)
     for k in ("controller", "random"):
         if k in res:
             r = res[k]
@@ -219,6 +220,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--env-id", help="default CarRacing-v3 (gymnasium's)")
     p.add_argument("--max-steps", type=int, default=1000, help="steps per episode (default 1000, CarRacing-v3's limit)")
     p.add_argument("--no-baseline", action="store_true", help="skip the random-policy baseline")
+    p.add_argument("--fresh-baseline", action="store_true",
+                   help="re-run every random-policy episode instead of reading those measured earlier from $DREAMLAB_CACHE/random_baseline.json")
     p.add_argument("--no-video", action="store_true")
     p.set_defaults(func=_evaluate)
 

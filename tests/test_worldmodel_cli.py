@@ -91,3 +91,32 @@ def test_paper_preset_has_the_paper_sizes_and_selects_by_real_checks() -> None:
 
     plan = _plan(dataclasses.replace(c, device="cpu"), Path("runs/x"))
     assert "10000 episodes x 1000 steps" in plan and "expect days on a CPU" in plan
+
+
+def test_random_baseline_episodes_are_measured_once_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agents.evaluate import random_baseline
+
+    monkeypatch.setenv("DREAMLAB_CACHE", str(tmp_path))
+
+    class CountingEvaluator:  # stands in for RealEvaluator: records which env seeds really ran
+        def __init__(self) -> None:
+            self.ran: list[int] = []
+
+        def run(self, tasks, desc, progress):
+            self.ran += [t[2] for t in tasks]
+            return [{"seed": t[2], "return": -30.0 - t[2], "steps": 1000} for t in tasks]
+
+    ev = CountingEvaluator()
+    random_baseline(ev, "CarRacing-v3", 1000, [1, 2, 3], progress=False)
+    again = random_baseline(ev, "CarRacing-v3", 1000, [2, 3, 4], progress=False)
+    assert ev.ran == [1, 2, 3, 4]
+    assert [(r["seed"], r["return"], r["steps"]) for r in again] == [(2, -32.0, 1000), (3, -33.0, 1000), (4, -34.0, 1000)]
+    # another episode length, our own envs (their code changes with the repo) and --fresh-baseline always run
+    random_baseline(ev, "CarRacing-v3", 500, [1], progress=False)
+    random_baseline(ev, "dreamlab/CarRacing-v3", 1000, [1], progress=False)
+    random_baseline(ev, "CarRacing-v3", 1000, [1], use_cache=False, progress=False)
+    assert ev.ran == [1, 2, 3, 4, 1, 1, 1]
+    # a damaged cache is rebuilt, never trusted
+    (tmp_path / "random_baseline.json").write_text("{not json")
+    random_baseline(ev, "CarRacing-v3", 1000, [1], progress=False)
+    assert ev.ran[-1] == 1 and len(json.loads((tmp_path / "random_baseline.json").read_text())) == 1
