@@ -132,9 +132,7 @@ def write_scores(out: Path, name: str, summ: dict[str, Any], meta: dict[str, Any
 # 10 minutes on 2 cores. Our own `dreamlab/` envs are never cached (their code changes with this repo).
 
 
-def _baseline_key(env_id: str, max_steps: int, seed: int) -> str | None:
-    if env_id.startswith("dreamlab/"):
-        return None
+def _baseline_versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     vers = []
@@ -143,7 +141,7 @@ def _baseline_key(env_id: str, max_steps: int, seed: int) -> str | None:
             vers.append(f"{pkg} {version(pkg)}")
         except PackageNotFoundError:
             vers.append(f"{pkg} -")
-    return f"{env_id}|{max_steps}|{seed}|" + "|".join(vers)
+    return "|".join(vers)
 
 
 def _baseline_cache_path() -> Path:
@@ -166,7 +164,9 @@ def _read_baseline_cache() -> dict[str, Any]:
 def random_baseline(ev: RealEvaluator, env_id: str, max_steps: int, seeds: list[int], *, use_cache: bool = True,
                     progress: bool = True) -> list[dict[str, Any]]:
     """The random policy's episodes on `seeds`: measured ones from the cache, the rest run (and cached)."""
-    keys = [_baseline_key(env_id, max_steps, s) if use_cache else None for s in seeds]
+    cacheable = use_cache and not env_id.startswith("dreamlab/")
+    versions = _baseline_versions() if cacheable else ""
+    keys = [f"{env_id}|{max_steps}|{s}|{versions}" if cacheable else None for s in seeds]
     cache = _read_baseline_cache() if any(keys) else {}
     todo = [s for s, k in zip(seeds, keys) if k is None or k not in cache]
     ran = {r["seed"]: r for r in ev.run([("random", None, s, False) for s in todo], desc="evaluate random policy",
@@ -232,7 +232,4 @@ def side_by_side_video(run_dir: Path, obs: np.ndarray, actions: np.ndarray, path
     n = min(len(obs), len(recon), len(dream))
     frames = np.concatenate([obs[:n], recon[:n], dream[:n]], axis=2)
     frames = frames.repeat(2, 1).repeat(2, 2)
-    try:
-        return save_video(frames, path, fps=30)
-    except Exception:  # no ffmpeg available: GIF always works
-        return save_video(frames, path.with_suffix(".gif"), fps=30)
+    return save_video(frames, path, fps=30)

@@ -234,11 +234,7 @@ def stage_dream_video(run_dir: Path, cfg: WorldModelConfig, *, steps: int = 300,
     theta = load_controller(ctrl)[0] if ctrl.exists() else torch.zeros(sim.n_params)
     rec = sim.rollout(theta[None], 1, seed=seed, horizon=steps, record=True)
     frames = decode_frames(vae, rec["z"][:, 0]).numpy().repeat(4, 1).repeat(4, 2)
-    path = out or run_dir / "dream.mp4"
-    try:
-        return save_video(frames, path, fps=30)
-    except Exception:
-        return save_video(frames, Path(path).with_suffix(".gif"), fps=30)
+    return save_video(frames, out or run_dir / "dream.mp4", fps=30)
 
 
 # ----------------------------------------------------------------------------- everything

@@ -36,14 +36,16 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
 def randn(shape: tuple[int, ...], *, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """Standard normal noise on `device`, drawn on the generator's own device: a seeded CPU generator works
     for a CUDA model (torch refuses a generator of another device) and gives the same numbers on CPU and CUDA."""
-    src = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=src).to(device)
+    return _draw(torch.randn, shape, generator, device)
 
 
 def rand(shape: tuple[int, ...], *, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
     """Uniform [0, 1) noise on `device`, drawn on the generator's own device (see `randn`)."""
-    src = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=src).to(device)
+    return _draw(torch.rand, shape, generator, device)
+
+
+def _draw(fn, shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str) -> torch.Tensor:
+    return fn(shape, generator=generator, device=generator.device if generator is not None else device).to(device)
 
 
 def seed_everything(seed: int) -> None:

@@ -84,8 +84,8 @@ def plot_curves(rows: Sequence[dict], keys: Sequence[str], path: str | Path, tit
 def save_video(frames: Sequence[np.ndarray] | np.ndarray, path: str | Path, fps: int = 30) -> Path:
     """Write (T, H, W, 3) uint8 frames as MP4 (imageio-ffmpeg) or GIF, by the file's suffix, atomically.
 
-    Without imageio-ffmpeg installed, a GIF is written beside the asked name (suffix .gif); the path
-    actually written is returned."""
+    When MP4 cannot be written (imageio-ffmpeg not installed, or its encoder fails), a GIF is written beside
+    the asked name (suffix .gif) instead: GIF needs only Pillow. Returns the path actually written."""
     import importlib.util
 
     import imageio.v3 as iio
@@ -93,10 +93,11 @@ def save_video(frames: Sequence[np.ndarray] | np.ndarray, path: str | Path, fps:
     path = Path(path)
     frames = np.asarray(frames)
     ext = path.suffix.lower()
-    if ext != ".gif" and importlib.util.find_spec("imageio_ffmpeg") is None:
-        path, ext = path.with_suffix(".gif"), ".gif"  # GIF needs only Pillow
-    if ext == ".gif":
-        data = iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / fps, loop=0)
-    else:
-        data = iio.imwrite("<bytes>", frames, extension=ext or ".mp4", fps=fps, codec="libx264", macro_block_size=1)
-    return atomic_write_bytes(path, data)
+    if ext != ".gif" and importlib.util.find_spec("imageio_ffmpeg") is not None:
+        try:
+            data = iio.imwrite("<bytes>", frames, extension=ext or ".mp4", fps=fps, codec="libx264", macro_block_size=1)
+            return atomic_write_bytes(path, data)
+        except Exception:  # a broken ffmpeg install: fall back to GIF like a missing one
+            pass
+    data = iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / fps, loop=0)
+    return atomic_write_bytes(path.with_suffix(".gif"), data)
