@@ -6,7 +6,8 @@ M's training on all latents for another `round_mdn_steps` steps, and continues C
 with `round_restart`, starts a fresh search in the new dream) for another `round_generations` generations. A real-env check of each round's controller (in the collection
 env `env_id`, e.g. the fast CarRacing with the same physics) is written
 to RUN/summary.json under `round_k`; the controller it checked is kept as `controller/round_k_best.safetensors`,
-and `best.safetensors` becomes the round controller with the best of these full-length checks. Completed rounds are recorded in RUN/rounds.json and skipped on resume.
+and `best.safetensors` becomes the round controller with the best of these full-length checks. Round 1's controller
+(the one trained before the first iteration) gets the same check first and competes too. Completed rounds are recorded in RUN/rounds.json and skipped on resume.
 """
 from __future__ import annotations
 
@@ -29,9 +30,29 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
 
     run_dir = Path(run_dir)
     state_p = run_dir / "rounds.json"
-    done: list[dict[str, Any]] = load_json(state_p)["rounds"] if state_p.exists() else []
+    state = load_json(state_p) if state_p.exists() else {}
+    done: list[dict[str, Any]] = state.get("rounds", [])
+    ctrl = run_dir / "controller" / "best.safetensors"
+
+    def real_check(k: int) -> dict[str, Any]:
+        """4 x 1000 steps (eval_episodes x eval_max_steps) of the current best.safetensors on seeds disjoint from the
+        final evaluation's; the checked controller is kept as round_k_best.safetensors."""
+        theta = load_controller(ctrl)[0].numpy()
+        seeds = [cfg.eval_seed + 500 + i for i in range(cfg.eval_episodes)]
+        with RealEvaluator(run_dir, cfg.env_id, cfg.workers, cfg.eval_max_steps, controller_mdn(ctrl)) as ev:
+            real = summarize(ev.run([("controller", theta, s, False) for s in seeds], desc=f"round {k} real check", progress=progress))
+        kept = ctrl.with_name(f"round_{k}_best.safetensors")
+        atomic_write_bytes(kept, ctrl.read_bytes())
+        return {"real_mean": real["mean"], "real_std": real["std"], "real_seeds": seeds, "controller": kept.name}
+
+    # Round 1's controller (trained before any iteration) competes too: a later round's search can end worse than it
+    # (a medium-preset run's round-2 checks fell from 701 to -18 after the restart), and without this check it was lost.
+    first: dict[str, Any] | None = state.get("round_1")
+    if first is None and not done and cfg.rounds > 1 and ctrl.is_file():
+        first = {"round": 1, "episodes_total": len(read_manifest(run_dir / "rollouts")["episodes"]), **real_check(1)}
+        save_json(state_p, {"round_1": first, "rounds": done})
+        _summary(run_dir, "round_1", first)
     for k in range(len(done) + 2, cfg.rounds + 1):
-        ctrl = run_dir / "controller" / "best.safetensors"
         n_now = len(read_manifest(run_dir / "rollouts")["episodes"])
         # "both": half the episodes with the kept controller, half with the dream-best one. The dream-best controller
         # is the one exploiting M's errors (e.g. full gas and hard steering that M thinks stays on the road); driving
@@ -52,22 +73,16 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
         gens = int(load_json(run_dir / "controller" / "cma_state.json")["generation"]) + cfg.round_generations
         c_res = train_controller(run_dir, cma_config(cfg, generations=gens), resume=True, progress=progress, reset_best=True,
                                  restart=cfg.round_restart)
-        theta = load_controller(ctrl)[0].numpy()
-        seeds = [cfg.eval_seed + 500 + i for i in range(cfg.eval_episodes)]
-        with RealEvaluator(run_dir, cfg.env_id, cfg.workers, cfg.eval_max_steps, controller_mdn(ctrl)) as ev:
-            real = summarize(ev.run([("controller", theta, s, False) for s in seeds], desc=f"round {k} real check", progress=progress))
-        kept = ctrl.with_name(f"round_{k}_best.safetensors")
-        atomic_write_bytes(kept, ctrl.read_bytes())
         info = {"round": k, "episodes_total": n_now + cfg.round_episodes, "mdn_test_nll_per_step": mdn_res.get("test_nll_per_step"),
-                "dream_best": c_res["best_dream_fitness"], "real_mean": real["mean"], "real_std": real["std"], "real_seeds": seeds,
-                "controller": kept.name}
+                "dream_best": c_res["best_dream_fitness"], **real_check(k)}
         done.append(info)
-        # The 250-step checks inside CMA-ES pick a controller per round; these full-length checks pick among the
-        # rounds: a later round's pick that drives worse over 1000 steps does not replace an earlier one.
-        top = max((r for r in done if (ctrl.parent / r.get("controller", "")).is_file()), key=lambda r: r["real_mean"])
+        # The periodic checks inside CMA-ES pick a controller per round; these full-length checks pick among the
+        # rounds (round 1 included): a later round's pick that drives worse does not replace an earlier one.
+        top = max((r for r in ([first] if first else []) + done if (ctrl.parent / r.get("controller", "")).is_file()),
+                  key=lambda r: r["real_mean"])
         if top is not info:
             atomic_write_bytes(ctrl, (ctrl.parent / top["controller"]).read_bytes())
         info["kept_round"] = top["round"]
-        save_json(state_p, {"rounds": done})
+        save_json(state_p, {**({"round_1": first} if first else {}), "rounds": done})
         _summary(run_dir, f"round_{k}", info)
     return done

@@ -51,8 +51,12 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     # (round_collect=both: one new episode driven by the kept controller, one by the dream-best one)
     assert main(["worldmodel", "iterate", str(run), "--rounds", "3", "--set", "round_episodes=2", "--set", "round_restart=true",
                  "--no-progress"]) == 0
-    rounds = json.loads((run / "rounds.json").read_text())["rounds"]
+    state = json.loads((run / "rounds.json").read_text())
+    rounds, first = state["rounds"], state["round_1"]
     assert [r["episodes_total"] for r in rounds] == [4, 6]
+    # round 1's controller got the same full-length check before round 2 and competes for best.safetensors
+    assert first["round"] == 1 and first["episodes_total"] == 2 and len(first["real_seeds"]) == 1
+    assert (run / "controller" / "round_1_best.safetensors").is_file()
     man = json.loads((run / "rollouts" / "manifest.json").read_text())
     assert len(man["episodes"]) == 6 and man["config"]["policy"] == "controller"
     drivers = [Path(e.get("controller", e["policy"])).name for e in sorted(man["episodes"], key=lambda e: e["index"])]
@@ -60,7 +64,7 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     assert len((run / "controller" / "fitness.jsonl").read_text().splitlines()) == 5
     assert json.loads((run / "mdn" / "eval.json").read_text())["step"] == 3
     # best.safetensors is the round controller with the best full-length round check
-    top = max(rounds, key=lambda r: r["real_mean"])
+    top = max([first, *rounds], key=lambda r: r["real_mean"])
     assert rounds[-1]["kept_round"] == top["round"]
     assert (run / "controller" / "best.safetensors").read_bytes() == (run / "controller" / top["controller"]).read_bytes()
     from worlds.policies import controller_mdn
@@ -91,6 +95,17 @@ def test_paper_preset_has_the_paper_sizes_and_selects_by_real_checks() -> None:
 
     plan = _plan(dataclasses.replace(c, device="cpu"), Path("runs/x"))
     assert "10000 episodes x 1000 steps" in plan and "expect days on a CPU" in plan
+
+
+def test_cli_offers_every_preset_and_medium_uses_full_length_episodes() -> None:
+    from agents.pipeline import PRESETS, make_config
+    from agents.worldmodel_cli import PRESET_NAMES
+
+    assert PRESET_NAMES == list(PRESETS)
+    c = make_config("medium")
+    # medium's point: whole 1000-step episodes in the data, the dream and the real checks, the paper's LSTM
+    assert (c.max_steps, c.horizon, c.eval_max_steps, c.hidden, c.final_episodes) == (1000, 1000, 1000, 256, 100)
+    assert c.select_by_real and c.env_id == "dreamlab/CarRacing64-v3" and c.eval_env_id == "CarRacing-v3"
 
 
 def test_random_baseline_episodes_are_measured_once_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
