@@ -84,7 +84,7 @@ PRESETS: dict[str, dict[str, Any]] = {
               "final_episodes": 10,
               "rounds": 4, "round_episodes": 16, "round_mdn_steps": 400, "round_generations": 30, "round_collect": "both", "round_restart": True,
               "threads": 1},
-    # 2 CPU cores, about an hour: the paper's M (LSTM 256) and 1000-step episodes, dreams and checks, with quick's
+    # 2 CPU cores, about 40 minutes: the paper's M (LSTM 256) and 1000-step episodes, dreams and checks, with quick's
     # exploration data, small V and selection rules (measured run in docs/worldmodels.md)
     "medium": {"env_id": "dreamlab/CarRacing64-v3", "episodes": 160, "max_steps": 1000, "policy": "explore", "vae_width": 16, "vae_steps": 3000,
                "vae_batch": 64, "vae_lr": 1e-3, "hidden": 256, "seq_len": 64, "mdn_steps": 4000, "mdn_batch": 32, "generations": 100,

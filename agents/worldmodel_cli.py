@@ -174,7 +174,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     def common(p: argparse.ArgumentParser, resume: bool = True, run: bool = True) -> None:
         if run:
             p.add_argument("run", help="the world-model run folder")
-        p.add_argument("--preset", default="quick", choices=PRESET_NAMES, help="settings for a new run folder (default: quick; medium: about an hour on 2 cores)")
+        p.add_argument("--preset", default="quick", choices=PRESET_NAMES, help="settings for a new run folder (default: quick; medium: about 40 min on 2 cores)")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a pipeline setting (repeatable), e.g. --set episodes=100")
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
         if resume:
