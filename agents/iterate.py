@@ -35,8 +35,8 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
     ctrl = run_dir / "controller" / "best.safetensors"
 
     def real_check(k: int) -> dict[str, Any]:
-        """4 x 1000 steps (eval_episodes x eval_max_steps) of the current best.safetensors on seeds disjoint from the
-        final evaluation's; the checked controller is kept as round_k_best.safetensors."""
+        """eval_episodes x eval_max_steps real steps of the current best.safetensors, on seeds disjoint from the final
+        evaluation's; the checked controller is kept as round_k_best.safetensors."""
         theta = load_controller(ctrl)[0].numpy()
         seeds = [cfg.eval_seed + 500 + i for i in range(cfg.eval_episodes)]
         with RealEvaluator(run_dir, cfg.env_id, cfg.workers, cfg.eval_max_steps, controller_mdn(ctrl)) as ev:
@@ -45,12 +45,16 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
         atomic_write_bytes(kept, ctrl.read_bytes())
         return {"real_mean": real["mean"], "real_std": real["std"], "real_seeds": seeds, "controller": kept.name}
 
-    # Round 1's controller (trained before any iteration) competes too: a later round's search can end worse than it
-    # (a medium-preset run's round-2 checks fell from 701 to -18 after the restart), and without this check it was lost.
+    def save() -> None:
+        save_json(state_p, {**({"round_1": first} if first else {}), "rounds": done})
+
+    # Round 1's controller (trained before any iteration) competes too: round 2's search overwrites best.safetensors,
+    # and a restarted search can end below it (a medium-preset run's round 1 reached a 701 check, its restarted round
+    # 2 started at 355, 118, -18).
     first: dict[str, Any] | None = state.get("round_1")
     if first is None and not done and cfg.rounds > 1 and ctrl.is_file():
         first = {"round": 1, "episodes_total": len(read_manifest(run_dir / "rollouts")["episodes"]), **real_check(1)}
-        save_json(state_p, {"round_1": first, "rounds": done})
+        save()
         _summary(run_dir, "round_1", first)
     for k in range(len(done) + 2, cfg.rounds + 1):
         n_now = len(read_manifest(run_dir / "rollouts")["episodes"])
@@ -78,11 +82,10 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
         done.append(info)
         # The periodic checks inside CMA-ES pick a controller per round; these full-length checks pick among the
         # rounds (round 1 included): a later round's pick that drives worse does not replace an earlier one.
-        top = max((r for r in ([first] if first else []) + done if (ctrl.parent / r.get("controller", "")).is_file()),
-                  key=lambda r: r["real_mean"])
+        top = max((r for r in (first, *done) if r and (ctrl.parent / r.get("controller", "")).is_file()), key=lambda r: r["real_mean"])
         if top is not info:
             atomic_write_bytes(ctrl, (ctrl.parent / top["controller"]).read_bytes())
         info["kept_round"] = top["round"]
-        save_json(state_p, {**({"round_1": first} if first else {}), "rounds": done})
+        save()
         _summary(run_dir, f"round_{k}", info)
     return done

@@ -76,22 +76,21 @@ class WorldModelConfig:
                                      # OpenMP oversubscription on a busy machine (measured 7x faster there)
 
 
+# 2 CPU cores, about 8-12 min (docs/worldmodels.md has the measured times and real-env scores per seed)
+_QUICK: dict[str, Any] = {"env_id": "dreamlab/CarRacing64-v3", "episodes": 80, "max_steps": 250, "policy": "explore", "vae_width": 16, "vae_steps": 1000, "vae_batch": 64,
+    "vae_lr": 1e-3, "hidden": 128, "seq_len": 32, "mdn_steps": 1600, "mdn_batch": 32, "generations": 60,
+    "popsize": 16, "rollouts": 8, "horizon": 250, "eval_every": 5, "eval_episodes": 4, "select_by_real": True,
+    "final_episodes": 10,
+    "rounds": 4, "round_episodes": 16, "round_mdn_steps": 400, "round_generations": 30, "round_collect": "both", "round_restart": True,
+    "threads": 1}
+
 PRESETS: dict[str, dict[str, Any]] = {
-    # 2 CPU cores, about 8-12 min (docs/worldmodels.md has the measured times and real-env scores per seed)
-    "quick": {"env_id": "dreamlab/CarRacing64-v3", "episodes": 80, "max_steps": 250, "policy": "explore", "vae_width": 16, "vae_steps": 1000, "vae_batch": 64,
-              "vae_lr": 1e-3, "hidden": 128, "seq_len": 32, "mdn_steps": 1600, "mdn_batch": 32, "generations": 60,
-              "popsize": 16, "rollouts": 8, "horizon": 250, "eval_every": 5, "eval_episodes": 4, "select_by_real": True,
-              "final_episodes": 10,
-              "rounds": 4, "round_episodes": 16, "round_mdn_steps": 400, "round_generations": 30, "round_collect": "both", "round_restart": True,
-              "threads": 1},
-    # 2 CPU cores, about 40 minutes: the paper's M (LSTM 256) and 1000-step episodes, dreams and checks, with quick's
-    # exploration data, small V and selection rules (measured run in docs/worldmodels.md)
-    "medium": {"env_id": "dreamlab/CarRacing64-v3", "episodes": 160, "max_steps": 1000, "policy": "explore", "vae_width": 16, "vae_steps": 3000,
-               "vae_batch": 64, "vae_lr": 1e-3, "hidden": 256, "seq_len": 64, "mdn_steps": 4000, "mdn_batch": 32, "generations": 100,
-               "popsize": 32, "rollouts": 8, "horizon": 1000, "eval_every": 10, "eval_episodes": 4, "select_by_real": True,
-               "final_episodes": 100,
-               "rounds": 3, "round_episodes": 40, "round_mdn_steps": 1000, "round_generations": 50, "round_collect": "both", "round_restart": True,
-               "threads": 1},
+    "quick": _QUICK,
+    # 2 CPU cores, about 40 minutes: quick's exploration data, small V and selection rules, with the paper's M (LSTM 256)
+    # and whole 1000-step episodes in the data, the dreams and the real checks (measured runs in docs/worldmodels.md)
+    "medium": {**_QUICK, "episodes": 160, "max_steps": 1000, "vae_steps": 3000, "hidden": 256, "seq_len": 64, "mdn_steps": 4000,
+               "generations": 100, "popsize": 32, "horizon": 1000, "eval_every": 10, "final_episodes": 100,
+               "rounds": 3, "round_episodes": 40, "round_mdn_steps": 1000, "round_generations": 50},
     # the paper's sizes (a GPU and many CPU cores for collection). The final C is the checkpoint with the best
     # periodic real-env check (every 25 generations, 8 episodes), not the dream's best: on an H100 a reduced
     # paper-size run's dream fitness kept rising (to 563) while its real score fell from 61 to -40 after
@@ -104,6 +103,7 @@ PRESETS: dict[str, dict[str, Any]] = {
              "eval_max_steps": 50, "eval_episodes": 1, "round_episodes": 1, "round_mdn_steps": 1, "round_generations": 1,
              "threads": 1},
 }
+
 
 
 def make_config(preset: str | None, overrides: dict[str, Any] | None = None) -> WorldModelConfig:
