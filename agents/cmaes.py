@@ -12,7 +12,9 @@ Run folder (`RUN/controller/`): mdn_<hash>/ (the M the saved controllers were tr
 metadata, so a controller kept from an earlier round of iterative training still acts with its own M), best_dream.safetensors (the best controller so far by dream fitness of the
 distribution mean on `val_rollouts` fixed dream rollouts), best.safetensors (the one downstream stages use: best_dream, or with `select_by_real`
 the dream-trained checkpoint whose periodic real-env check, `eval_episodes` episodes of `horizon` steps on
-env seeds 0.., scored best; the search itself only ever sees dream fitness), fitness.jsonl (per generation: best/mean/worst candidate, mean-candidate dream fitness,
+env seeds 0.., scored best, or with `playoff_top` the best of the top-checked ones re-scored on `playoff_episodes` fresh
+episodes, env seeds 100..; the search itself only ever sees dream fitness), checks/gen_<N>.safetensors (every checked
+controller), playoff.json (the last search's playoff) and playoffs.jsonl (every search's), fitness.jsonl (per generation: best/mean/worst candidate, mean-candidate dream fitness,
 sigma, and real-env means when evaluated), fitness.png (dream vs real curves), config.json.
 """
 from __future__ import annotations
@@ -48,6 +50,8 @@ class CMAConfig:
     eval_episodes: int = 4
     check_steps: int = 0             # steps of each real check episode (0 = horizon); longer checks favour controllers that last
     select_by_real: bool = False     # keep, as best.safetensors, the checked controller with the best real check
+    playoff_top: int = 0             # with select_by_real: at the end of a search, re-score the N checked controllers with
+    playoff_episodes: int = 16       # the best checks on this many fresh real episodes and keep the best of those (0 = off)
     workers: int = 0                 # real-env worker processes (0 = all cores)
     env_id: str = "CarRacing-v3"
     seed: int = 0
@@ -185,8 +189,10 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
         meta = load_json(out_dir / "cma_state.json")
         np.random.seed(cfg.seed + 7 * int(meta["generation"]) + 1)
         es = _make_es(m, cfg)
+        search_start = int(meta["generation"])
     elif resume:
         es, meta = load_cma_state(out_dir, m, cfg)
+        search_start = int(meta.get("search_start", 0))
     if resume:
         best = {"fitness": meta.get("best_mean_fitness", -float("inf")), "generation": meta.get("best_generation", -1)}
         best_real = {"mean": meta.get("best_real_mean", -float("inf")), "generation": meta.get("best_real_generation", -1)}
@@ -194,12 +200,20 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
         if reset_best:  # the world model changed (iterative training): old dream fitness is not comparable
             best = {"fitness": -float("inf"), "generation": -1}
         _truncate_jsonl(out_dir / "fitness.jsonl", gen)
+        for f in (out_dir / "checks").glob("gen_*.safetensors"):  # checks past the resumed generation are redone
+            if int(f.stem[4:]) > gen:
+                f.unlink()
     else:
         np.random.seed(cfg.seed)
         es = _make_es(m, cfg)
         best, gen = {"fitness": -float("inf"), "generation": -1}, 0
+        search_start = 0
         best_real = {"mean": -float("inf"), "generation": -1}
         (out_dir / "fitness.jsonl").unlink(missing_ok=True)
+        for f in (out_dir / "checks").glob("gen_*.safetensors"):
+            f.unlink()
+        (out_dir / "playoff.json").unlink(missing_ok=True)
+        (out_dir / "playoffs.jsonl").unlink(missing_ok=True)
     evaluator = None
     if cfg.fitness == "real" or cfg.eval_every > 0:
         from agents.evaluate import RealEvaluator
@@ -253,6 +267,10 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
                 seeds = list(range(cfg.eval_episodes))
                 rs = evaluator.returns([theta] * len(seeds), seeds)
                 row["real_mean"], row["real_std"] = float(np.mean(rs)), float(np.std(rs))
+                # every checked controller is kept (a few KB each): later selection (`playoff`) re-scores the best of them
+                mdn_tag = mdn_tag or snapshot_mdn(out_dir, mdn)
+                save_controller(out_dir / "checks" / f"gen_{gen:05d}.safetensors", theta, z_dim, hidden, generation=str(gen),
+                                real_check=f"{row['real_mean']:.4f}", mdn=f"../{mdn_tag}")
                 if cfg.select_by_real and row["real_mean"] > best_real["mean"]:
                     best_real = {"mean": row["real_mean"], "generation": gen}
                     mdn_tag = mdn_tag or snapshot_mdn(out_dir, mdn)
@@ -261,10 +279,15 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
             with open(out_dir / "fitness.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             save_cma_state(out_dir, es, {"generation": gen, "best_mean_fitness": best["fitness"], "best_generation": best["generation"],
-                                         "best_real_mean": best_real["mean"], "best_real_generation": best_real["generation"]})
+                                         "best_real_mean": best_real["mean"], "best_real_generation": best_real["generation"],
+                                         "search_start": search_start})
             bar.update(1)
             bar.set_postfix(best=f"{row['best']:.1f}", mean=f"{row['mean']:.1f}", sigma=f"{es.sigma:.3f}",
                             **({"real": f"{row['real_mean']:.1f}"} if "real_mean" in row else {}))
+        bar.close()
+        playoff = None
+        if cfg.select_by_real and cfg.playoff_top > 0 and cfg.playoff_episodes > 0 and evaluator is not None:
+            playoff = _playoff(out_dir, evaluator, cfg, search_start, gen, progress)
     finally:
         bar.close()
         if evaluator is not None:
@@ -274,7 +297,63 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
     rows = read_fitness(out_dir)
     return {"generations": gen, "best_dream_fitness": best["fitness"], "best_generation": best["generation"],
             "best_real_check": best_real["mean"], "best_real_generation": best_real["generation"],
-            "last": rows[-1] if rows else {}, "seconds": round(time.perf_counter() - t_start, 1)}
+            "last": rows[-1] if rows else {}, **({"playoff": playoff} if playoff else {}),
+            "seconds": round(time.perf_counter() - t_start, 1)}
+
+
+_PLAYOFF_SEED = 100  # playoff episodes use env seeds 100.., disjoint from the periodic checks' 0..eval_episodes-1
+
+
+def _playoff(out_dir: Path, evaluator: Any, cfg: CMAConfig, search_start: int, gen: int, progress: bool) -> dict[str, Any] | None:
+    """Re-score the `playoff_top` checked controllers of this search (generations search_start+1..gen) with the best
+    periodic checks on `playoff_episodes` fresh real episodes; best.safetensors becomes the one with the best playoff mean.
+
+    Why: a periodic check is a mean of a few episodes (4 in the presets; one controller's episodes spread by about
+    250 points over 1000 steps), and the largest of 10-30 such noisy means is mostly the luckiest, not the best.
+    Written to controller/playoff.json; a finished playoff for the same generations is not re-run on resume."""
+    from tqdm.auto import tqdm
+
+    from worlds.policies import controller_metadata, load_controller, save_controller
+
+    done_p = out_dir / "playoff.json"
+    if done_p.exists():
+        old = load_json(done_p)
+        if old.get("search_start") == search_start and old.get("generation") == gen:
+            return old
+    cands: list[tuple[float, int, Path]] = []
+    for f in (out_dir / "checks").glob("gen_*.safetensors"):
+        g = int(f.stem[4:])
+        if search_start < g <= gen:
+            cands.append((float(controller_metadata(f)["real_check"]), g, f))
+    seen: set[bytes] = set()
+    top: list[tuple[float, int, Path, np.ndarray]] = []
+    for check, g, f in sorted(cands, key=lambda c: (-c[0], c[1])):
+        theta = load_controller(f)[0].numpy()
+        if theta.tobytes() in seen:  # best_dream did not change between two checks: the same controller, checked twice
+            continue
+        seen.add(theta.tobytes())
+        top.append((check, g, f, theta))
+        if len(top) == cfg.playoff_top:
+            break
+    if len(top) < 2:
+        return None
+    seeds = [_PLAYOFF_SEED + i for i in range(cfg.playoff_episodes)]
+    rows = []
+    for check, g, _f, theta in tqdm(top, desc="playoff of the best checks", unit="controller", disable=not progress, dynamic_ncols=True):
+        rs = evaluator.returns([theta] * len(seeds), seeds)
+        rows.append({"generation": g, "real_check": check, "playoff_mean": float(np.mean(rs)), "playoff_std": float(np.std(rs))})
+    win = max(rows, key=lambda r: r["playoff_mean"])
+    f = out_dir / "checks" / f"gen_{win['generation']:05d}.safetensors"
+    meta = controller_metadata(f)
+    save_controller(out_dir / "best.safetensors", load_controller(f)[0].numpy(), int(meta["z_dim"]), int(meta["hidden"]),
+                    generation=meta["generation"], real_check=meta["real_check"], playoff=f"{win['playoff_mean']:.4f}",
+                    mdn=Path(meta["mdn"]).name)
+    res = {"search_start": search_start, "generation": gen, "seeds": seeds, "chosen_generation": win["generation"],
+           "chosen_playoff_mean": win["playoff_mean"], "candidates": rows}
+    save_json(done_p, res)
+    with open(out_dir / "playoffs.jsonl", "a") as fh:  # every search's playoff (iterative training runs one per round)
+        fh.write(json.dumps(res) + "\n")
+    return res
 
 
 def snapshot_mdn(out_dir: Path, mdn: Any) -> str:
@@ -300,8 +379,9 @@ def prune_mdn_snapshots(out_dir: Path) -> None:
 
     from worlds.policies import controller_metadata
 
-    # best, best_dream, round_k_best (cma_state names no M)
-    used = {controller_metadata(f).get("mdn", "") for f in out_dir.glob("*.safetensors")}
+    # best, best_dream, round_k_best, checks/gen_* (cma_state names no M)
+    files = [*out_dir.glob("*.safetensors"), *out_dir.glob("checks/*.safetensors")]
+    used = {Path(controller_metadata(f).get("mdn", "")).name for f in files}
     for d in out_dir.glob("mdn_*"):
         if d.is_dir() and d.name not in used and not d.name.endswith(".tmp"):
             shutil.rmtree(d, ignore_errors=True)

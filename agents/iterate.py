@@ -35,10 +35,10 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
     ctrl = run_dir / "controller" / "best.safetensors"
 
     def real_check(k: int) -> dict[str, Any]:
-        """eval_episodes x eval_max_steps real steps of the current best.safetensors, on seeds disjoint from the final
+        """round_check_episodes (default eval_episodes) x eval_max_steps real steps of the current best.safetensors, on seeds disjoint from the final
         evaluation's; the checked controller is kept as round_k_best.safetensors."""
         theta = load_controller(ctrl)[0].numpy()
-        seeds = [cfg.eval_seed + 500 + i for i in range(cfg.eval_episodes)]
+        seeds = [cfg.eval_seed + 500 + i for i in range(cfg.round_check_episodes or cfg.eval_episodes)]
         with RealEvaluator(run_dir, cfg.env_id, cfg.workers, cfg.eval_max_steps, controller_mdn(ctrl)) as ev:
             real = summarize(ev.run([("controller", theta, s, False) for s in seeds], desc=f"round {k} real check", progress=progress))
         kept = ctrl.with_name(f"round_{k}_best.safetensors")
@@ -79,6 +79,8 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
                                  restart=cfg.round_restart)
         info = {"round": k, "episodes_total": n_now + cfg.round_episodes, "mdn_test_nll_per_step": mdn_res.get("test_nll_per_step"),
                 "dream_best": c_res["best_dream_fitness"], **real_check(k)}
+        if c_res.get("playoff"):
+            info["playoff"] = {k2: c_res["playoff"][k2] for k2 in ("chosen_generation", "chosen_playoff_mean")}
         done.append(info)
         # The periodic checks inside CMA-ES pick a controller per round; these full-length checks pick among the
         # rounds (round 1 included): a later round's pick that drives worse does not replace an earlier one.

@@ -60,6 +60,8 @@ class WorldModelConfig:
     eval_episodes: int = 8
     check_steps: int = 0             # steps per real-check episode (0 = horizon)
     select_by_real: bool = False     # final C = the dream-trained checkpoint with the best periodic real check
+    playoff_top: int = 0             # with select_by_real: the N best-checked controllers of a search are re-scored
+    playoff_episodes: int = 16       # on this many fresh real episodes, the best of those is kept (0 = off)
     # evaluation and iteration
     final_episodes: int = 100
     eval_max_steps: int = 1000       # CarRacing-v3's own limit; shorter only for tests
@@ -71,6 +73,7 @@ class WorldModelConfig:
     round_generations: int = 100     # CMA-ES generations per iterative round
     round_restart: bool = False      # a fresh CMA-ES search in each round's new dream (the kept controllers stay)
     round_collect: Literal["best", "dream", "both"] = "both"  # who drives the new episodes: the kept C, the dream-best C, or both
+    round_check_episodes: int = 0    # episodes of the full-length check that compares the rounds' controllers (0 = eval_episodes)
     device: str = "auto"
     threads: int = 0                 # torch CPU threads in this process (0 = torch's default); 1 avoids
                                      # OpenMP oversubscription on a busy machine (measured 7x faster there)
@@ -80,6 +83,7 @@ class WorldModelConfig:
 _QUICK: dict[str, Any] = {"env_id": "dreamlab/CarRacing64-v3", "episodes": 80, "max_steps": 250, "policy": "explore", "vae_width": 16, "vae_steps": 1000, "vae_batch": 64,
     "vae_lr": 1e-3, "hidden": 128, "seq_len": 32, "mdn_steps": 1600, "mdn_batch": 32, "generations": 60,
     "popsize": 16, "rollouts": 8, "horizon": 250, "eval_every": 5, "eval_episodes": 4, "select_by_real": True,
+    "playoff_top": 3, "playoff_episodes": 16, "round_check_episodes": 16,
     "final_episodes": 10,
     "rounds": 4, "round_episodes": 16, "round_mdn_steps": 400, "round_generations": 30, "round_collect": "both", "round_restart": True,
     "threads": 1}
@@ -201,7 +205,8 @@ def cma_config(cfg: WorldModelConfig, **over: Any) -> Any:
 
     base = CMAConfig(generations=cfg.generations, popsize=cfg.popsize, rollouts=cfg.rollouts, sigma0=cfg.sigma0,
                      temperature=cfg.temperature, horizon=cfg.horizon, diagonal=cfg.diagonal, features=cfg.features, val_rollouts=cfg.val_rollouts, eval_every=cfg.eval_every,
-                     eval_episodes=cfg.eval_episodes, check_steps=cfg.check_steps, select_by_real=cfg.select_by_real, workers=cfg.workers, env_id=cfg.env_id, seed=cfg.seed, device=cfg.device)
+                     eval_episodes=cfg.eval_episodes, check_steps=cfg.check_steps, select_by_real=cfg.select_by_real,
+                     playoff_top=cfg.playoff_top, playoff_episodes=cfg.playoff_episodes, workers=cfg.workers, env_id=cfg.env_id, seed=cfg.seed, device=cfg.device)
     return dataclasses.replace(base, **over)
 
 

@@ -152,3 +152,47 @@ def test_restart_starts_a_fresh_search_but_keeps_the_run(tmp_path: Path) -> None
     assert st["generation"] == 3 and st["countiter"] == 1  # the run goes on; the search is one generation old
     assert len((run / "controller" / "fitness.jsonl").read_text().splitlines()) == 3
     assert (run / "controller" / "best.safetensors").exists()
+
+
+def test_playoff_rescores_the_best_checks_and_keeps_the_winner(tmp_path: Path) -> None:
+    """Every checked controller is kept in checks/; the playoff re-scores the best-checked ones on fresh seeds and
+    best.safetensors becomes the one with the best playoff mean (asserted against a direct re-evaluation)."""
+    import dataclasses
+
+    pytest.importorskip("gymnasium")
+    from agents.evaluate import RealEvaluator
+    from worlds.policies import controller_mdn
+
+    vae, mdn, mu, lv = tiny_world_model(seed=0)
+    run = write_world_run(tmp_path / "wm", vae, mdn, mu, lv)
+    cfg = CMAConfig(generations=3, popsize=4, rollouts=2, horizon=12, sigma0=0.5, eval_every=1, eval_episodes=1, select_by_real=True,
+                    playoff_top=2, playoff_episodes=2, workers=1, env_id="dreamlab/CarRacing64-v3", device="cpu", seed=2)
+    res = train_controller(run, cfg, progress=False)
+    out = run / "controller"
+    checks = sorted(p.name for p in (out / "checks").glob("*.safetensors"))
+    assert checks == ["gen_00001.safetensors", "gen_00002.safetensors", "gen_00003.safetensors"]
+    po = json.loads((out / "playoff.json").read_text())
+    assert res["playoff"] == po and po["seeds"] == [100, 101]
+    cands = po["candidates"]
+    assert 2 <= len(cands) <= 2 and len({c["generation"] for c in cands}) == len(cands)
+    # the candidates are the best checks (distinct controllers), the winner the best playoff mean
+    rows = {json.loads(x)["generation"]: json.loads(x) for x in (out / "fitness.jsonl").read_text().splitlines()}
+    assert all(c["real_check"] == pytest.approx(rows[c["generation"]]["real_mean"], abs=1e-3) for c in cands)
+    assert po["chosen_generation"] == max(cands, key=lambda c: c["playoff_mean"])["generation"]
+    best = load_controller(out / "best.safetensors")[0]
+    chosen = out / "checks" / f"gen_{po['chosen_generation']:05d}.safetensors"
+    np.testing.assert_array_equal(best.numpy(), load_controller(chosen)[0].numpy())
+    assert controller_mdn(chosen) == controller_mdn(out / "best.safetensors")  # the checks name the same M snapshot
+    with RealEvaluator(run, cfg.env_id, 1, cfg.horizon, controller_mdn(chosen)) as ev:
+        again = ev.returns([best.numpy()] * 2, [100, 101])
+    assert float(np.mean(again)) == pytest.approx(po["chosen_playoff_mean"], abs=1e-4)
+    # resuming a finished search does not re-run the playoff; a fresh search clears the old checks
+    assert train_controller(run, cfg, resume=True, progress=False)["playoff"] == po
+    assert [json.loads(x) for x in (out / "playoffs.jsonl").read_text().splitlines()] == [po]
+    stale = tmp_path / "c2" / "checks" / "gen_00007.safetensors"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(chosen.read_bytes())
+    (tmp_path / "c2" / "playoff.json").write_text("{}")
+    train_controller(run, dataclasses.replace(cfg, generations=1, playoff_top=0), out=tmp_path / "c2", progress=False)
+    assert [p.name for p in (tmp_path / "c2" / "checks").glob("*")] == ["gen_00001.safetensors"]
+    assert not (tmp_path / "c2" / "playoff.json").exists()

@@ -50,12 +50,13 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     # iterative training: one more round collects with the controller, continues M and C
     # (round_collect=both: one new episode driven by the kept controller, one by the dream-best one)
     assert main(["worldmodel", "iterate", str(run), "--rounds", "3", "--set", "round_episodes=2", "--set", "round_restart=true",
-                 "--no-progress"]) == 0
+                 "--set", "round_check_episodes=2", "--no-progress"]) == 0
     state = json.loads((run / "rounds.json").read_text())
     rounds, first = state["rounds"], state["round_1"]
     assert [r["episodes_total"] for r in rounds] == [4, 6]
     # round 1's controller got the same full-length check before round 2 and competes for best.safetensors
-    assert first["round"] == 1 and first["episodes_total"] == 2 and len(first["real_seeds"]) == 1
+    assert first["round"] == 1 and first["episodes_total"] == 2 and first["real_seeds"] == [1500, 1501]
+    assert all(r["real_seeds"] == [1500, 1501] for r in rounds)  # round_check_episodes, not eval_episodes (1)
     assert (run / "controller" / "round_1_best.safetensors").is_file()
     man = json.loads((run / "rollouts" / "manifest.json").read_text())
     assert len(man["episodes"]) == 6 and man["config"]["policy"] == "controller"
@@ -106,6 +107,8 @@ def test_cli_offers_every_preset_and_medium_uses_full_length_episodes() -> None:
     # medium's point: whole 1000-step episodes in the data, the dream and the real checks, the paper's LSTM
     assert (c.max_steps, c.horizon, c.eval_max_steps, c.hidden, c.final_episodes) == (1000, 1000, 1000, 256, 100)
     assert c.select_by_real and c.env_id == "dreamlab/CarRacing64-v3" and c.eval_env_id == "CarRacing-v3"
+    # the best 3 checks of each search are re-scored on 16 episodes; rounds are compared on 16 episodes
+    assert (c.playoff_top, c.playoff_episodes, c.round_check_episodes) == (3, 16, 16)
 
 
 def test_random_baseline_episodes_are_measured_once_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

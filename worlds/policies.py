@@ -7,6 +7,7 @@ Actions follow the paper: steer = tanh(raw0), gas = (tanh(raw1) + 1) / 2, brake 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -88,7 +89,7 @@ def controller_mdn(path: str | Path) -> Path | None:
     rel = controller_metadata(path).get("mdn", "")
     if not rel:
         return None
-    d = path.parent / rel
+    d = Path(os.path.normpath(path.parent / rel))  # checks/gen_*.safetensors name ../mdn_<hash>
     if not (d / "model.safetensors").exists():
         raise DreamlabError(f"{path} was trained with the M in {d}, which is missing; restore it or retrain the controller")
     return d
