@@ -287,7 +287,7 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
         bar.close()
         playoff = None
         if cfg.select_by_real and cfg.playoff_top > 0 and cfg.playoff_episodes > 0 and evaluator is not None:
-            playoff = _playoff(out_dir, evaluator, cfg, search_start, gen, progress)
+            playoff = _playoff(out_dir, evaluator, cfg, search_start, gen, snapshot_mdn(out_dir, mdn), progress)
     finally:
         bar.close()
         if evaluator is not None:
@@ -304,7 +304,8 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
 _PLAYOFF_SEED = 100  # playoff episodes use env seeds 100.., disjoint from the periodic checks' 0..eval_episodes-1
 
 
-def _playoff(out_dir: Path, evaluator: Any, cfg: CMAConfig, search_start: int, gen: int, progress: bool) -> dict[str, Any] | None:
+def _playoff(out_dir: Path, evaluator: Any, cfg: CMAConfig, search_start: int, gen: int, mdn_tag: str,
+             progress: bool) -> dict[str, Any] | None:
     """Re-score the `playoff_top` checked controllers of this search (generations search_start+1..gen) with the best
     periodic checks on `playoff_episodes` fresh real episodes; best.safetensors becomes the one with the best playoff mean.
 
@@ -323,8 +324,10 @@ def _playoff(out_dir: Path, evaluator: Any, cfg: CMAConfig, search_start: int, g
     cands: list[tuple[float, int, Path]] = []
     for f in (out_dir / "checks").glob("gen_*.safetensors"):
         g = int(f.stem[4:])
-        if search_start < g <= gen:
-            cands.append((float(controller_metadata(f)["real_check"]), g, f))
+        meta = controller_metadata(f)
+        # the evaluator drives with the run's current M: only controllers trained in that M take part
+        if search_start < g <= gen and Path(meta.get("mdn", "")).name == mdn_tag:
+            cands.append((float(meta["real_check"]), g, f))
     seen: set[bytes] = set()
     top: list[tuple[float, int, Path, np.ndarray]] = []
     for check, g, f in sorted(cands, key=lambda c: (-c[0], c[1])):
