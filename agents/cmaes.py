@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,8 +211,7 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
         search_start = 0
         best_real = {"mean": -float("inf"), "generation": -1}
         (out_dir / "fitness.jsonl").unlink(missing_ok=True)
-        for f in (out_dir / "checks").glob("gen_*.safetensors"):
-            f.unlink()
+        shutil.rmtree(out_dir / "checks", ignore_errors=True)
         (out_dir / "playoff.json").unlink(missing_ok=True)
         (out_dir / "playoffs.jsonl").unlink(missing_ok=True)
     evaluator = None
@@ -287,7 +287,7 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
         bar.close()
         playoff = None
         if cfg.select_by_real and cfg.playoff_top > 0 and cfg.playoff_episodes > 0 and evaluator is not None:
-            playoff = _playoff(out_dir, evaluator, cfg, search_start, gen, snapshot_mdn(out_dir, mdn), progress)
+            playoff = _playoff(out_dir, evaluator, cfg, search_start, gen, mdn_tag or snapshot_mdn(out_dir, mdn), progress)
     finally:
         bar.close()
         if evaluator is not None:
@@ -321,36 +321,34 @@ def _playoff(out_dir: Path, evaluator: Any, cfg: CMAConfig, search_start: int, g
         old = load_json(done_p)
         if old.get("search_start") == search_start and old.get("generation") == gen:
             return old
-    cands: list[tuple[float, int, Path]] = []
+    cands: list[tuple[float, int, dict[str, str], Path]] = []
     for f in (out_dir / "checks").glob("gen_*.safetensors"):
         g = int(f.stem[4:])
         meta = controller_metadata(f)
         # the evaluator drives with the run's current M: only controllers trained in that M take part
         if search_start < g <= gen and Path(meta.get("mdn", "")).name == mdn_tag:
-            cands.append((float(meta["real_check"]), g, f))
+            cands.append((float(meta["real_check"]), g, meta, f))
     seen: set[bytes] = set()
-    top: list[tuple[float, int, Path, np.ndarray]] = []
-    for check, g, f in sorted(cands, key=lambda c: (-c[0], c[1])):
+    top: list[tuple[float, int, dict[str, str], np.ndarray]] = []
+    for check, g, meta, f in sorted(cands, key=lambda c: (-c[0], c[1])):
         theta = load_controller(f)[0].numpy()
         if theta.tobytes() in seen:  # best_dream did not change between two checks: the same controller, checked twice
             continue
         seen.add(theta.tobytes())
-        top.append((check, g, f, theta))
+        top.append((check, g, meta, theta))
         if len(top) == cfg.playoff_top:
             break
     if len(top) < 2:
         return None
     seeds = [_PLAYOFF_SEED + i for i in range(cfg.playoff_episodes)]
     rows = []
-    for check, g, _f, theta in tqdm(top, desc="playoff of the best checks", unit="controller", disable=not progress, dynamic_ncols=True):
+    for check, g, _meta, theta in tqdm(top, desc="playoff of the best checks", unit="controller", disable=not progress, dynamic_ncols=True):
         rs = evaluator.returns([theta] * len(seeds), seeds)
         rows.append({"generation": g, "real_check": check, "playoff_mean": float(np.mean(rs)), "playoff_std": float(np.std(rs))})
-    win = max(rows, key=lambda r: r["playoff_mean"])
-    f = out_dir / "checks" / f"gen_{win['generation']:05d}.safetensors"
-    meta = controller_metadata(f)
-    save_controller(out_dir / "best.safetensors", load_controller(f)[0].numpy(), int(meta["z_dim"]), int(meta["hidden"]),
-                    generation=meta["generation"], real_check=meta["real_check"], playoff=f"{win['playoff_mean']:.4f}",
-                    mdn=Path(meta["mdn"]).name)
+    i = max(range(len(rows)), key=lambda j: rows[j]["playoff_mean"])
+    win, (_, _, meta, theta) = rows[i], top[i]
+    save_controller(out_dir / "best.safetensors", theta, int(meta["z_dim"]), int(meta["hidden"]), generation=meta["generation"],
+                    real_check=meta["real_check"], playoff=f"{win['playoff_mean']:.4f}", mdn=mdn_tag)
     res = {"search_start": search_start, "generation": gen, "seeds": seeds, "chosen_generation": win["generation"],
            "chosen_playoff_mean": win["playoff_mean"], "candidates": rows}
     save_json(done_p, res)
@@ -378,7 +376,6 @@ def snapshot_mdn(out_dir: Path, mdn: Any) -> str:
 
 def prune_mdn_snapshots(out_dir: Path) -> None:
     """Remove M snapshots no saved controller refers to."""
-    import shutil
 
     from worlds.policies import controller_metadata
 

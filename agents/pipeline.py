@@ -109,7 +109,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-
 def make_config(preset: str | None, overrides: dict[str, Any] | None = None) -> WorldModelConfig:
     if preset is not None and preset not in PRESETS:
         raise DreamlabError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")

@@ -174,7 +174,7 @@ def test_playoff_rescores_the_best_checks_and_keeps_the_winner(tmp_path: Path) -
     po = json.loads((out / "playoff.json").read_text())
     assert res["playoff"] == po and po["seeds"] == [100, 101]
     cands = po["candidates"]
-    assert 2 <= len(cands) <= 2 and len({c["generation"] for c in cands}) == len(cands)
+    assert len(cands) == 2 and len({c["generation"] for c in cands}) == len(cands)
     # the candidates are the best checks (distinct controllers), the winner the best playoff mean
     rows = {json.loads(x)["generation"]: json.loads(x) for x in (out / "fitness.jsonl").read_text().splitlines()}
     assert all(c["real_check"] == pytest.approx(rows[c["generation"]]["real_mean"], abs=1e-3) for c in cands)
