@@ -41,6 +41,7 @@ class CMAConfig:
     rollouts: int = 16               # per candidate
     sigma0: float = 0.1
     temperature: float = 1.15        # tau of the dream (the paper's dream training used tau > 1)
+    ensemble: int = 1                # Ms in the dream: M plus RUN/mdn_1 .. mdn_{K-1} (worlds.dream.DreamSimulator)
     horizon: int = 1000              # dream steps (or real steps per episode)
     fitness: Literal["dream", "real"] = "dream"
     diagonal: bool = False           # CMA_diagonal: much cheaper updates at 867 dimensions
@@ -168,7 +169,7 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
     if resume and not has_state:
         raise DreamlabError(f"--resume given but {out_dir / 'cma_state.json'} does not exist; start without --resume")
     dev = resolve_device(cfg.device)
-    vae, mdn, sim = load_dream(run_dir, dev, DreamConfig(horizon=cfg.horizon, temperature=cfg.temperature))
+    vae, mdn, sim = load_dream(run_dir, dev, DreamConfig(horizon=cfg.horizon, temperature=cfg.temperature), ensemble=cfg.ensemble)
     z_dim, hidden = mdn.config.z_dim, mdn.config.hidden
     n = num_params(z_dim, hidden)
     if cfg.features not in ("zh", "z"):

@@ -21,9 +21,10 @@ from dreamlab.io import atomic_write_bytes, load_json, save_json
 def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[dict[str, Any]]:
     from agents.cmaes import train_controller
     from agents.evaluate import RealEvaluator, summarize
-    from agents.pipeline import _summary, cma_config, stage_collect, stage_encode
+    from agents.pipeline import _summary, cma_config, stage_collect, stage_encode, stage_train_mdn
     from generators.base import TrainConfig
     from generators.trainer import train
+    from worlds.dream import member_dir
     from worlds.models import MDNRNN, MDNRNNConfig
     from worlds.policies import controller_mdn, load_controller
     from worlds.rollouts import read_manifest
@@ -51,6 +52,9 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
     # Round 1's controller (trained before any iteration) competes too: round 2's search overwrites best.safetensors,
     # and a restarted search can end below it (a medium-preset run's round 1 reached a 701 check, its restarted round
     # 2 started at 355, 118, -18).
+    # members of a dream ensemble asked for after M was trained are trained now, on the data so far
+    if any(not (member_dir(run_dir, i) / "model").is_dir() for i in range(1, cfg.mdn_ensemble)):
+        stage_train_mdn(run_dir, cfg, progress=progress, skip_finished=True)
     first: dict[str, Any] | None = state.get("round_1")
     if first is None and not done and cfg.rounds > 1 and ctrl.is_file():
         first = {"round": 1, "episodes_total": len(read_manifest(run_dir / "rollouts")["episodes"]), **real_check(1)}
@@ -67,12 +71,16 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
             stage_collect(run_dir, cfg, resume=True, progress=progress, episodes=n_now + cfg.round_episodes * (j + 1) // len(sources),
                           policy="controller", controller=str(src), seed=cfg.seed + 7919 * k + 104_729 * j)
         stage_encode(run_dir, cfg, progress=progress)
-        # continue M on all data: same model config, more steps
-        old = load_json(run_dir / "mdn" / "config.json")
-        steps = int(old["train"]["steps"]) + cfg.round_mdn_steps
-        model = MDNRNN(MDNRNNConfig(**{f.name: old["config"][f.name] for f in dataclasses.fields(MDNRNNConfig) if f.name in old["config"]}))
-        tc = TrainConfig(**{**old["train"], "steps": steps, "betas": tuple(old["train"]["betas"])})
-        mdn_res = train(model, tc, run_dir / "mdn", resume=True, progress=progress)
+        # continue M (and every other member of the dream ensemble) on all data: same model config, more steps
+        mdn_res: dict[str, Any] = {}
+        for j, folder in enumerate([run_dir / "mdn", *(member_dir(run_dir, i) for i in range(1, cfg.mdn_ensemble))]):
+            old = load_json(folder / "config.json")
+            steps = int(old["train"]["steps"]) + cfg.round_mdn_steps
+            model = MDNRNN(MDNRNNConfig(**{f.name: old["config"][f.name] for f in dataclasses.fields(MDNRNNConfig) if f.name in old["config"]}))
+            tc = TrainConfig(**{**old["train"], "steps": steps, "betas": tuple(old["train"]["betas"])})
+            res_j = train(model, tc, folder, resume=True, progress=progress)
+            if j == 0:
+                mdn_res = res_j
         # continue CMA-ES in the new dream
         gens = int(load_json(run_dir / "controller" / "cma_state.json")["generation"]) + cfg.round_generations
         c_res = train_controller(run_dir, cma_config(cfg, generations=gens), resume=True, progress=progress, reset_best=True,

@@ -6,6 +6,7 @@
     RUN/vae/               V's trainer run folder                 (stage: train-vae)
     RUN/latents/           (mu, logvar) series per episode        (stage: encode)
     RUN/mdn/               M's trainer run folder                 (stage: train-mdn)
+    RUN/mdn_1/ ...         more Ms of the dream ensemble (mdn_ensemble > 1; stage: train-mdn)
     RUN/controller/        CMA-ES state, best.safetensors, fitness.jsonl/png   (stage: train-controller)
     RUN/eval/              per-episode real-env scores, side-by-side video      (stage: evaluate)
     RUN/dream.mp4          the controller driving in the dream, decoded         (stage: dream-video)
@@ -46,6 +47,8 @@ class WorldModelConfig:
     mdn_steps: int = 20_000
     mdn_batch: int = 100
     mdn_lr: float = 1e-3
+    mdn_ensemble: int = 1            # Ms the controller is trained in: M and K-1 more from other seeds (RUN/mdn_1 ..); C reads
+                                     # M's h, each dream rollout runs in one member: one M's errors pay only in its share
     # C
     generations: int = 300
     popsize: int = 64
@@ -182,18 +185,39 @@ def stage_encode(run_dir: Path, cfg: WorldModelConfig, *, progress: bool = True,
     return res
 
 
-def stage_train_mdn(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = False, progress: bool = True, out: Path | None = None) -> dict[str, Any]:
+def stage_train_mdn(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = False, progress: bool = True, out: Path | None = None,
+                    skip_finished: bool = False) -> dict[str, Any]:
+    """Train M in RUN/mdn (or `out`); with `mdn_ensemble` K > 1, then the other members in RUN/mdn_1 .. mdn_{K-1}
+    (seeds seed+1 ..: other initial weights and batch order). Finished members are skipped (M too with
+    `skip_finished`), interrupted ones continue."""
     from generators.base import TrainConfig
     from generators.trainer import train
+    from worlds.dream import member_dir
     from worlds.models import MDNRNN, MDNRNNConfig
 
     _threads(cfg)
-    model = MDNRNN(MDNRNNConfig(latents=str(run_dir / "latents"), z_dim=cfg.z_dim, hidden=cfg.hidden, mixtures=cfg.mixtures,
-                                seq_len=cfg.seq_len, temperature=cfg.temperature))
-    tc = TrainConfig(steps=cfg.mdn_steps, batch_size=cfg.mdn_batch, lr=cfg.mdn_lr, device=cfg.device, seed=cfg.seed, grad_clip=1.0, threads=cfg.threads,
-                     log_every=max(1, min(50, cfg.mdn_steps // 10)), ckpt_every=max(100, cfg.mdn_steps // 10))
+    if cfg.mdn_ensemble < 1:
+        raise DreamlabError(f"mdn_ensemble={cfg.mdn_ensemble}: need at least 1 (M alone)")
+    # members added to a run whose M is trained (`--set mdn_ensemble=3` later): train only the new members
+    skip_finished = skip_finished or any(not (member_dir(run_dir, k) / "model").is_dir() for k in range(1, cfg.mdn_ensemble))
     t0 = time.perf_counter()
-    res = train(model, tc, out or run_dir / "mdn", resume=resume, progress=progress)
+    res: dict[str, Any] = {}
+    for k in range(cfg.mdn_ensemble):
+        folder = (out or run_dir / "mdn") if k == 0 else member_dir(run_dir, k)
+        if (k > 0 or skip_finished) and (folder / "model").is_dir():
+            if k == 0:
+                prev = load_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else {}
+                res = {kk: v for kk, v in prev.get("train_mdn", {}).items() if kk not in ("members", "seconds")}
+            continue
+        model = MDNRNN(MDNRNNConfig(latents=str(run_dir / "latents"), z_dim=cfg.z_dim, hidden=cfg.hidden, mixtures=cfg.mixtures,
+                                    seq_len=cfg.seq_len, temperature=cfg.temperature))
+        tc = TrainConfig(steps=cfg.mdn_steps, batch_size=cfg.mdn_batch, lr=cfg.mdn_lr, device=cfg.device, seed=cfg.seed + k, grad_clip=1.0,
+                         threads=cfg.threads, log_every=max(1, min(50, cfg.mdn_steps // 10)), ckpt_every=max(100, cfg.mdn_steps // 10))
+        r = train(model, tc, folder, resume=(resume or k > 0) and (folder / "checkpoint").exists(), progress=progress)
+        if k == 0:
+            res = r
+        else:
+            res.setdefault("members", {})[folder.name] = {kk: r.get(kk) for kk in ("status", "step", "test_nll_per_step", "test_reward_mse")}
     res["seconds"] = round(time.perf_counter() - t0, 1)
     _summary(run_dir, "train_mdn", res)
     return res
@@ -203,7 +227,7 @@ def cma_config(cfg: WorldModelConfig, **over: Any) -> Any:
     from agents.cmaes import CMAConfig
 
     base = CMAConfig(generations=cfg.generations, popsize=cfg.popsize, rollouts=cfg.rollouts, sigma0=cfg.sigma0,
-                     temperature=cfg.temperature, horizon=cfg.horizon, diagonal=cfg.diagonal, features=cfg.features, val_rollouts=cfg.val_rollouts, eval_every=cfg.eval_every,
+                     temperature=cfg.temperature, ensemble=cfg.mdn_ensemble, horizon=cfg.horizon, diagonal=cfg.diagonal, features=cfg.features, val_rollouts=cfg.val_rollouts, eval_every=cfg.eval_every,
                      eval_episodes=cfg.eval_episodes, check_steps=cfg.check_steps, select_by_real=cfg.select_by_real,
                      playoff_top=cfg.playoff_top, playoff_episodes=cfg.playoff_episodes, workers=cfg.workers, env_id=cfg.env_id, seed=cfg.seed, device=cfg.device)
     return dataclasses.replace(base, **over)
@@ -277,8 +301,11 @@ def run_pipeline(run_dir: Path, cfg: WorldModelConfig, *, preset: str | None, pr
     if not (run_dir / "vae" / "model").exists():
         timed("train_vae", stage_train_vae, run_dir, cfg, resume=(run_dir / "vae" / "checkpoint").exists(), progress=progress)
     timed("encode", stage_encode, run_dir, cfg, progress=progress)
-    if not (run_dir / "mdn" / "model").exists():
-        timed("train_mdn", stage_train_mdn, run_dir, cfg, resume=(run_dir / "mdn" / "checkpoint").exists(), progress=progress)
+    from worlds.dream import member_dir
+
+    if not all((d / "model").exists() for d in [run_dir / "mdn", *(member_dir(run_dir, k) for k in range(1, cfg.mdn_ensemble))]):
+        timed("train_mdn", stage_train_mdn, run_dir, cfg, resume=(run_dir / "mdn" / "checkpoint").exists(), progress=progress,
+              skip_finished=True)
     ctrl_done = (run_dir / "controller" / "fitness.jsonl").exists() and \
         len((run_dir / "controller" / "fitness.jsonl").read_text().splitlines()) >= cfg.generations
     if not ctrl_done:

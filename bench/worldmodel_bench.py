@@ -9,6 +9,7 @@ Rows (ours | reference | ratio ours/ref):
   V training images/s                  (WorldVAE.loss on uint8 frames, paper width 32)  vs wm_core_bench.py VAE
   M training steps/s                   (MDNRNN.loss, LSTM 256, 5 mixtures)               vs wm_core_bench.py MDN-RNN
   dream steps/s, P64 x R16             (DreamSimulator: controller + LSTM + mixture draw + reward/done)  vs wm_core_bench.py dream
+  dream steps/s with a 3-M ensemble    vs M alone in the same run (each rollout runs in one member, C reads M's h)
 On CUDA the same sizes as the reference's GPU rows are used (bf16 autocast, CUDA-graph dream, T=1000).
 """
 from __future__ import annotations
@@ -92,7 +93,7 @@ def ours_mdn(dev, bs: int, t: int, amp: bool) -> float:
     return bs * t / _timeit(step, 10 if dev.type == "cuda" else 2, dev)
 
 
-def ours_dream(dev, p: int, r: int, t: int, graph: bool, amp: bool = True) -> float:
+def ours_dream(dev, p: int, r: int, t: int, graph: bool, amp: bool = True, ensemble: int = 1) -> float:
     import torch
 
     from worlds.dream import DreamConfig, DreamSimulator
@@ -102,7 +103,13 @@ def ours_dream(dev, p: int, r: int, t: int, graph: bool, amp: bool = True) -> fl
     mdn = MDNRNN(MDNRNNConfig(hidden=256, mixtures=5)).to(dev).eval()
     with torch.no_grad():
         mdn.head.bias[-1] = -20.0  # never done: every dream runs the full horizon, as in the reference
-    sim = DreamSimulator(mdn, torch.randn(64, 32), torch.full((64, 32), -2.0), DreamConfig(horizon=t, cuda_graph=graph, amp=amp))
+    members = []
+    for _ in range(1, ensemble):  # the other Ms of a dream ensemble (DreamSimulator members)
+        m = MDNRNN(MDNRNNConfig(hidden=256, mixtures=5)).to(dev).eval()
+        with torch.no_grad():
+            m.head.bias[-1] = -20.0
+        members.append(m)
+    sim = DreamSimulator(mdn, torch.randn(64, 32), torch.full((64, 32), -2.0), DreamConfig(horizon=t, cuda_graph=graph, amp=amp), members)
     thetas = torch.randn(p, sim.n_params, device=dev) * 0.1
     sim.rollout(thetas, r, seed=0, horizon=5)  # warm-up (captures the graph on CUDA)
     if dev.type == "cuda":
@@ -167,6 +174,10 @@ def main() -> None:
         add(f"dream P{p}xR{r} T{t} graph{int(graph)}{tag} seconds (lower is better)", sec, ref.get(rk))
         add(f"dream P{p}xR{r} graph{int(graph)}{tag} dream-steps/s", p * r * t / sec,
             ref.get(f"dream P{p}xR{r} graph{int(graph)} dream_steps_per_s"))
+    # a 3-M ensemble (mdn_ensemble=3) against M alone, same sizes, in this run: "reference" = M alone
+    p, r, graph, amp = (64, 16, True, True) if big else (64, 16, False, False)
+    one = p * r * t / ours_dream(dev, p, r, t, graph, amp)
+    add(f"dream P{p}xR{r} ensemble of 3 dream-steps/s (ref: M alone)", p * r * t / ours_dream(dev, p, r, t, graph, amp, ensemble=3), one)
     print(f"device: {name}; torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}")
     print(f"| {'measure':<62} | {'ours':>12} | {'reference':>12} | {'ours/ref':>8} |")
     print(f"|{'-' * 64}|{'-' * 14}|{'-' * 14}|{'-' * 10}|")

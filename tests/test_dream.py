@@ -59,6 +59,25 @@ def test_dream_rejects_bad_parameters() -> None:
         sim.rollout(bad, 2)
 
 
+def test_ensemble_rollouts_run_in_their_member_and_c_reads_m() -> None:
+    import copy
+
+    _, mdn, mu, lv = tiny_world_model(seed=0)
+    _, other, _, _ = tiny_world_model(seed=5)
+    thetas = torch.randn(3, num_params(8, 16), generator=torch.Generator().manual_seed(1)) * 0.3
+    alone = DreamSimulator(mdn, mu, lv, DreamConfig(horizon=30)).rollout(thetas, 6, seed=1)["returns"]
+    # members that are copies of M dream exactly M's dream (same draws, same heads)
+    copies = DreamSimulator(mdn, mu, lv, DreamConfig(horizon=30), [copy.deepcopy(mdn), copy.deepcopy(mdn)])
+    assert copies.ensemble == 3 and torch.equal(copies.rollout(thetas, 6, seed=1)["returns"], alone)
+    # another M as member 1 changes rollouts 1, 3, 5 of every candidate and leaves M's rollouts 0, 2, 4 as they were
+    mixed = DreamSimulator(mdn, mu, lv, DreamConfig(horizon=30), [other]).rollout(thetas, 6, seed=1)["returns"]
+    assert torch.equal(mixed[:, 0::2], alone[:, 0::2])
+    assert not torch.allclose(mixed[:, 1::2], alone[:, 1::2])
+    _, wrong, _, _ = tiny_world_model(seed=0, z_dim=4)
+    with pytest.raises(DreamlabError, match="member 1 has z_dim=4"):
+        DreamSimulator(mdn, mu, lv, DreamConfig(), [wrong])
+
+
 def test_load_dream_from_run_folder(tmp_path: Path) -> None:
     vae, mdn, mu, lv = tiny_world_model(seed=3)
     write_world_run(tmp_path / "wm", vae, mdn, mu, lv)
@@ -67,6 +86,10 @@ def test_load_dream_from_run_folder(tmp_path: Path) -> None:
     assert torch.equal(m2.head.weight, mdn.head.weight)
     with pytest.raises(DreamlabError, match="no vae/"):
         load_dream(tmp_path / "missing", "cpu")
+    with pytest.raises(DreamlabError, match=r"mdn_1/model; train the members with: .*--set mdn_ensemble=2"):
+        load_dream(tmp_path / "wm", "cpu", ensemble=2)
+    m2.save_pretrained(tmp_path / "wm" / "mdn_1" / "model")
+    assert load_dream(tmp_path / "wm", "cpu", ensemble=2)[2].ensemble == 2
 
 
 @pytest.mark.gpu
@@ -81,11 +104,13 @@ def test_cuda_graph_dream_matches_shapes_and_is_finite() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_dream_is_reproducible_and_agrees_with_the_eager_path() -> None:
+@pytest.mark.parametrize("ensemble", [1, 3])
+def test_cuda_graph_dream_is_reproducible_and_agrees_with_the_eager_path(ensemble: int) -> None:
     _, mdn, mu, lv = tiny_world_model(seed=0)
     mdn = mdn.cuda()
-    graph = DreamSimulator(mdn, mu, lv, DreamConfig(horizon=25))
-    eager = DreamSimulator(mdn, mu, lv, DreamConfig(horizon=25, cuda_graph=False))
+    members = [tiny_world_model(seed=10 + k)[1].cuda() for k in range(1, ensemble)]
+    graph = DreamSimulator(mdn, mu, lv, DreamConfig(horizon=25), members)
+    eager = DreamSimulator(mdn, mu, lv, DreamConfig(horizon=25, cuda_graph=False), members)
     thetas = torch.randn(2, graph.n_params, generator=torch.Generator().manual_seed(0)) * 0.3
     a, b, c = (graph.rollout(thetas, 512, seed=s)["returns"] for s in (5, 5, 6))
     assert torch.equal(a, b) and not torch.equal(a, c)

@@ -5,12 +5,18 @@ h = c = 0). Each step: a = C([z, h]); (h, c) = LSTM([z, a]); the head gives r_t,
 over z_{t+1}, sampled at temperature tau. Rewards accumulate until M's done probability crosses
 `done_threshold` or the horizon ends. Frames are decoded only on request (`decode_frames`).
 
+An ensemble (`members`: more Ms trained on the same data from other seeds) makes the dream harder to exploit:
+rollout j of every candidate runs in member j mod K (member 0 is M), which draws z_{t+1}, the reward and done.
+C always reads M's hidden state, stepped on the same z and actions, exactly as when it drives the real env with
+M; an error of one M that C learns to exploit pays only in that member's share of the rollouts.
+
 On CPU, a seeded `rollout` is exactly reproducible (one torch.Generator drives every draw). On CUDA the
 step is captured once into a CUDA graph (static buffers, Gumbel-max component choice, no host syncs) and
 replayed T times; the graph is cached per (P, R) and re-used across CMA-ES generations.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,17 +58,29 @@ class DreamConfig:
 class DreamSimulator:
     """Batched dreams in M. `init_mu`/`init_logvar` (N, Z): the real initial states to draw from."""
 
-    def __init__(self, mdn: MDNRNN, init_mu: torch.Tensor, init_logvar: torch.Tensor, cfg: DreamConfig | None = None) -> None:
+    def __init__(self, mdn: MDNRNN, init_mu: torch.Tensor, init_logvar: torch.Tensor, cfg: DreamConfig | None = None,
+                 members: Sequence[MDNRNN] = ()) -> None:
         self.mdn = mdn.eval()
         self.cfg = cfg or DreamConfig()
         self.device = mdn.device
         if init_mu.ndim != 2 or init_mu.shape[1] != mdn.config.z_dim or init_logvar.shape != init_mu.shape:
             raise DreamlabError(f"initial states have shape {tuple(init_mu.shape)}, expected (N, {mdn.config.z_dim})")
+        for i, m in enumerate(members, 1):
+            if m.config.z_dim != mdn.config.z_dim or m.config.mixtures != mdn.config.mixtures:
+                raise DreamlabError(f"ensemble member {i} has z_dim={m.config.z_dim}, mixtures={m.config.mixtures}; "
+                                    f"M has {mdn.config.z_dim}, {mdn.config.mixtures}: train every member on the same latents and sizes")
+        self.members = [m.eval().to(self.device) for m in members]
         self.init_mu = init_mu.float().to(self.device)
         self.init_std = (0.5 * init_logvar.float()).exp().to(self.device)
         self.z_dim, self.hidden = mdn.config.z_dim, mdn.config.hidden
         self.n_params = num_params(self.z_dim, self.hidden)
         self._graphs: dict[tuple[int, int], _GraphDream] = {}
+        self._member_idx: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    @property
+    def ensemble(self) -> int:
+        """Ms in the dream (1 = M alone)."""
+        return 1 + len(self.members)
 
     # ---- shared pieces ---------------------------------------------------------------------
     def _initial(self, p: int, r: int, g: torch.Generator | None) -> torch.Tensor:
@@ -80,6 +98,16 @@ class DreamSimulator:
             raise DreamlabError("controller parameters contain NaN/inf; lower sigma0 or restart CMA-ES")
         w, b = unflatten(thetas, self.z_dim, self.hidden)
         return w, b[:, None, :]
+
+    def _members_init(self, p: int, r: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Batch rows of each extra member (rollout j of every candidate runs in member j mod K) and their zero (h, c)."""
+        key = (p, r)
+        if key not in self._member_idx:
+            j = torch.arange(p * r, device=self.device) % r
+            self._member_idx[key] = [torch.nonzero(j % self.ensemble == k).squeeze(1) for k in range(1, self.ensemble)]
+        idx = self._member_idx[key]
+        hs = [torch.zeros(len(i), m.config.hidden, device=self.device) for i, m in zip(idx, self.members)]
+        return idx, hs, [torch.zeros_like(h) for h in hs]
 
     # ---- rollouts ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -106,9 +134,10 @@ class DreamSimulator:
         alive = torch.ones(bsz, device=self.device)
         ret = torch.zeros(bsz, device=self.device)
         steps = torch.zeros(bsz, device=self.device)
+        ens = self._members_init(p, r) if self.members else None
         zs, acts = ([z], []) if record else (None, None)
         for _ in range(t_max):
-            z, h, c, a, rew, done = self._step(z, h, c, w, b, p, r, g)
+            z, h, c, a, rew, done = self._step(z, h, c, w, b, p, r, g, ens=ens)
             ret += rew * alive
             steps += alive
             alive = alive * (1.0 - done)
@@ -124,7 +153,9 @@ class DreamSimulator:
         return out
 
     def _step(self, z: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w: torch.Tensor, b: torch.Tensor, p: int, r: int,
-              g: torch.Generator | None, noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, ...]:
+              g: torch.Generator | None, noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+              ens: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None) -> tuple[torch.Tensor, ...]:
+        """One dream step. `ens` = (rows, h, c) of the extra members, updated in place."""
         bsz = p * r
         # bf16 on CUDA; the autocast weight cache is off so the step can be captured in a CUDA graph
         ctx = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if self.device.type == "cuda" and self.cfg.amp
@@ -134,6 +165,13 @@ class DreamSimulator:
             raw = torch.baddbmm(b, zh, w).view(bsz, ACTION_DIM).float()
             a = map_action(raw)
             h, c, out = self.mdn.step(z, a, h, c)
+            if ens is not None:  # the member's head replaces M's on its rows; C keeps reading M's h
+                out = out.clone()
+                for k, (m, rows) in enumerate(zip(self.members, ens[0])):
+                    hk, ck, ok = m.step(z[rows], a[rows], ens[1][k], ens[2][k])
+                    ens[1][k].copy_(hk)
+                    ens[2][k].copy_(ck)
+                    out[rows] = ok.to(out.dtype)
         h, c = h.float(), c.float()
         logpi, mu, ls, rew, dlogit = self.mdn.split_head(out)
         done = (torch.sigmoid(dlogit) > self.cfg.done_threshold).float()
@@ -162,11 +200,12 @@ class _GraphDream:
         self.steps = torch.zeros(bsz, device=dev)
         self.u = torch.rand(bsz, k, device=dev)
         self.eps = torch.randn(bsz, zd, device=dev)
+        self.ens = sim._members_init(p, r) if sim.members else None  # static member rows and (h, c) buffers
 
         def one() -> None:
             self.u.uniform_()  # in-place draws from the default CUDA generator: graph-safe (philox offsets)
             self.eps.normal_()
-            z, h, c, _, rew, done = sim._step(self.z, self.h, self.c, self.w, self.b, p, r, None, (self.u, self.eps))
+            z, h, c, _, rew, done = sim._step(self.z, self.h, self.c, self.w, self.b, p, r, None, (self.u, self.eps), self.ens)
             self.ret.add_(rew * self.alive)
             self.steps.add_(self.alive)
             self.alive.mul_(1.0 - done)
@@ -195,6 +234,8 @@ class _GraphDream:
         self.z.copy_(self.sim._initial(self.p, self.r, g))
         self.h.zero_()
         self.c.zero_()
+        for t in (*self.ens[1], *self.ens[2]) if self.ens else ():
+            t.zero_()
         self.alive.fill_(1.0)
         self.ret.zero_()
         self.steps.zero_()
@@ -213,16 +254,42 @@ def decode_frames(vae: WorldVAE, z: torch.Tensor, batch_size: int = 256) -> torc
     return torch.cat(outs)
 
 
+def member_dir(run_dir: str | Path, k: int) -> Path:
+    """Trainer run folder of ensemble member k (k >= 1; member 0 is RUN/mdn)."""
+    return Path(run_dir) / f"mdn_{k}"
+
+
+def load_members(run_dir: str | Path, ensemble: int, device: str | torch.device = "cpu") -> list[MDNRNN]:
+    """The extra Ms of a K-member ensemble: RUN/mdn_1 .. RUN/mdn_{K-1}."""
+    from generators.trainer import load_run
+
+    if ensemble < 1:
+        raise DreamlabError(f"ensemble={ensemble}: the dream needs at least M itself (ensemble=1)")
+    out = []
+    for k in range(1, ensemble):
+        d = member_dir(run_dir, k)
+        if not (d / "model").is_dir():
+            raise DreamlabError(f"ensemble={ensemble} needs {d}/model; train the members with: "
+                                f"dreamlab worldmodel train-mdn {run_dir} --set mdn_ensemble={ensemble}")
+        m = load_run(d, device=device)
+        if not isinstance(m, MDNRNN):
+            raise DreamlabError(f"{d} holds a {m.name}, not an mdn_rnn")
+        out.append(m)
+    return out
+
+
 def load_dream(run_dir: str | Path, device: str | torch.device = "auto", cfg: DreamConfig | None = None,
-               mdn_dir: str | Path | None = None) -> tuple[WorldVAE, MDNRNN, DreamSimulator]:
-    """V, M (or the M in `mdn_dir`) and a DreamSimulator with the run's real initial states (`latents/`)."""
+               mdn_dir: str | Path | None = None, ensemble: int = 1) -> tuple[WorldVAE, MDNRNN, DreamSimulator]:
+    """V, M (or the M in `mdn_dir`) and a DreamSimulator with the run's real initial states (`latents/`); with
+    `ensemble` K > 1 the dream also runs in the K - 1 members RUN/mdn_1 .. (see DreamSimulator)."""
     from worlds.encode import initial_latents
 
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     vae, mdn = load_world_model(run_dir, dev, mdn_dir)
+    members = load_members(run_dir, ensemble, dev)
     mu, lv = initial_latents(run_dir / "latents")
-    return vae, mdn, DreamSimulator(mdn, mu, lv, cfg)
+    return vae, mdn, DreamSimulator(mdn, mu, lv, cfg, members)
 
 
 def dream_summary(sim: DreamSimulator, theta: torch.Tensor, rollouts: int = 16, seed: int = 0) -> dict[str, Any]:
