@@ -24,7 +24,7 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
     from agents.pipeline import _summary, cma_config, stage_collect, stage_encode, stage_train_mdn
     from generators.base import TrainConfig
     from generators.trainer import train
-    from worlds.dream import member_dir
+    from worlds.dream import mdn_dirs
     from worlds.models import MDNRNN, MDNRNNConfig
     from worlds.policies import controller_mdn, load_controller
     from worlds.rollouts import read_manifest
@@ -53,8 +53,8 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
     # and a restarted search can end below it (a medium-preset run's round 1 reached a 701 check, its restarted round
     # 2 started at 355, 118, -18).
     # members of a dream ensemble asked for after M was trained are trained now, on the data so far
-    if any(not (member_dir(run_dir, i) / "model").is_dir() for i in range(1, cfg.mdn_ensemble)):
-        stage_train_mdn(run_dir, cfg, progress=progress, skip_finished=True)
+    if any(not (d / "model").is_dir() for d in mdn_dirs(run_dir, cfg.mdn_ensemble)[1:]):
+        stage_train_mdn(run_dir, cfg, progress=progress)
     first: dict[str, Any] | None = state.get("round_1")
     if first is None and not done and cfg.rounds > 1 and ctrl.is_file():
         first = {"round": 1, "episodes_total": len(read_manifest(run_dir / "rollouts")["episodes"]), **real_check(1)}
@@ -72,15 +72,14 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
                           policy="controller", controller=str(src), seed=cfg.seed + 7919 * k + 104_729 * j)
         stage_encode(run_dir, cfg, progress=progress)
         # continue M (and every other member of the dream ensemble) on all data: same model config, more steps
-        mdn_res: dict[str, Any] = {}
-        for j, folder in enumerate([run_dir / "mdn", *(member_dir(run_dir, i) for i in range(1, cfg.mdn_ensemble))]):
+        mdn_results = []
+        for folder in mdn_dirs(run_dir, cfg.mdn_ensemble):
             old = load_json(folder / "config.json")
             steps = int(old["train"]["steps"]) + cfg.round_mdn_steps
             model = MDNRNN(MDNRNNConfig(**{f.name: old["config"][f.name] for f in dataclasses.fields(MDNRNNConfig) if f.name in old["config"]}))
             tc = TrainConfig(**{**old["train"], "steps": steps, "betas": tuple(old["train"]["betas"])})
-            res_j = train(model, tc, folder, resume=True, progress=progress)
-            if j == 0:
-                mdn_res = res_j
+            mdn_results.append(train(model, tc, folder, resume=True, progress=progress))
+        mdn_res = mdn_results[0]  # M's: the one C reads
         # continue CMA-ES in the new dream
         gens = int(load_json(run_dir / "controller" / "cma_state.json")["generation"]) + cfg.round_generations
         c_res = train_controller(run_dir, cma_config(cfg, generations=gens), resume=True, progress=progress, reset_best=True,

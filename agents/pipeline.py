@@ -185,26 +185,26 @@ def stage_encode(run_dir: Path, cfg: WorldModelConfig, *, progress: bool = True,
     return res
 
 
-def stage_train_mdn(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = False, progress: bool = True, out: Path | None = None,
-                    skip_finished: bool = False) -> dict[str, Any]:
+def stage_train_mdn(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = False, progress: bool = True, out: Path | None = None) -> dict[str, Any]:
     """Train M in RUN/mdn (or `out`); with `mdn_ensemble` K > 1, then the other members in RUN/mdn_1 .. mdn_{K-1}
-    (seeds seed+1 ..: other initial weights and batch order). Finished members are skipped (M too with
-    `skip_finished`), interrupted ones continue."""
+    (seeds seed+1 ..: other initial weights and batch order). Finished members are skipped, interrupted ones
+    continue; while members are missing, a trained M is skipped too (members added to a finished run)."""
     from generators.base import TrainConfig
     from generators.trainer import train
-    from worlds.dream import member_dir
+    from worlds.dream import mdn_dirs
     from worlds.models import MDNRNN, MDNRNNConfig
 
     _threads(cfg)
     if cfg.mdn_ensemble < 1:
         raise DreamlabError(f"mdn_ensemble={cfg.mdn_ensemble}: need at least 1 (M alone)")
+    folders = mdn_dirs(run_dir, cfg.mdn_ensemble)
+    folders[0] = out or folders[0]
     # members added to a run whose M is trained (`--set mdn_ensemble=3` later): train only the new members
-    skip_finished = skip_finished or any(not (member_dir(run_dir, k) / "model").is_dir() for k in range(1, cfg.mdn_ensemble))
+    skip_m = any(not (d / "model").is_dir() for d in folders[1:])
     t0 = time.perf_counter()
     res: dict[str, Any] = {}
-    for k in range(cfg.mdn_ensemble):
-        folder = (out or run_dir / "mdn") if k == 0 else member_dir(run_dir, k)
-        if (k > 0 or skip_finished) and (folder / "model").is_dir():
+    for k, folder in enumerate(folders):
+        if (k > 0 or skip_m) and (folder / "model").is_dir():
             if k == 0:
                 prev = load_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else {}
                 res = {kk: v for kk, v in prev.get("train_mdn", {}).items() if kk not in ("members", "seconds")}
@@ -301,11 +301,10 @@ def run_pipeline(run_dir: Path, cfg: WorldModelConfig, *, preset: str | None, pr
     if not (run_dir / "vae" / "model").exists():
         timed("train_vae", stage_train_vae, run_dir, cfg, resume=(run_dir / "vae" / "checkpoint").exists(), progress=progress)
     timed("encode", stage_encode, run_dir, cfg, progress=progress)
-    from worlds.dream import member_dir
+    from worlds.dream import mdn_dirs
 
-    if not all((d / "model").exists() for d in [run_dir / "mdn", *(member_dir(run_dir, k) for k in range(1, cfg.mdn_ensemble))]):
-        timed("train_mdn", stage_train_mdn, run_dir, cfg, resume=(run_dir / "mdn" / "checkpoint").exists(), progress=progress,
-              skip_finished=True)
+    if not all((d / "model").exists() for d in mdn_dirs(run_dir, cfg.mdn_ensemble)):
+        timed("train_mdn", stage_train_mdn, run_dir, cfg, resume=(run_dir / "mdn" / "checkpoint").exists(), progress=progress)
     ctrl_done = (run_dir / "controller" / "fitness.jsonl").exists() and \
         len((run_dir / "controller" / "fitness.jsonl").read_text().splitlines()) >= cfg.generations
     if not ctrl_done:

@@ -254,9 +254,9 @@ def decode_frames(vae: WorldVAE, z: torch.Tensor, batch_size: int = 256) -> torc
     return torch.cat(outs)
 
 
-def member_dir(run_dir: str | Path, k: int) -> Path:
-    """Trainer run folder of ensemble member k (k >= 1; member 0 is RUN/mdn)."""
-    return Path(run_dir) / f"mdn_{k}"
+def mdn_dirs(run_dir: str | Path, ensemble: int = 1) -> list[Path]:
+    """Trainer run folders of the K Ms of a dream ensemble: RUN/mdn (M itself), then RUN/mdn_1 .. RUN/mdn_{K-1}."""
+    return [Path(run_dir) / ("mdn" if k == 0 else f"mdn_{k}") for k in range(ensemble)]
 
 
 def load_members(run_dir: str | Path, ensemble: int, device: str | torch.device = "cpu") -> list[MDNRNN]:
@@ -266,8 +266,7 @@ def load_members(run_dir: str | Path, ensemble: int, device: str | torch.device 
     if ensemble < 1:
         raise DreamlabError(f"ensemble={ensemble}: the dream needs at least M itself (ensemble=1)")
     out = []
-    for k in range(1, ensemble):
-        d = member_dir(run_dir, k)
+    for d in mdn_dirs(run_dir, ensemble)[1:]:
         if not (d / "model").is_dir():
             raise DreamlabError(f"ensemble={ensemble} needs {d}/model; train the members with: "
                                 f"dreamlab worldmodel train-mdn {run_dir} --set mdn_ensemble={ensemble}")
