@@ -9,8 +9,8 @@ cma's own logger files and its stop-criterion history (`es.fit.hist`), which onl
 tests such as tolfun, not the search.
 
 Run folder (`RUN/controller/`): mdn_<hash>/ (the M the saved controllers were trained in, named in their
-metadata, so a controller kept from an earlier round of iterative training still acts with its own M), best_dream.safetensors (the best controller so far by dream fitness of the
-distribution mean on `val_rollouts` fixed dream rollouts), best.safetensors (the one downstream stages use: best_dream, or with `select_by_real`
+metadata, so a controller kept from an earlier round of iterative training still acts with its own M), best_dream.safetensors (the search's best controller so far by dream fitness of the
+distribution mean on `val_rollouts` fixed dream rollouts; with `restart_every`, of the current search), best.safetensors (the one downstream stages use: best_dream, or with `select_by_real`
 the dream-trained checkpoint whose periodic real-env check, `eval_episodes` episodes of `horizon` steps on
 env seeds 0.., scored best, or with `playoff_top` the best of the top-checked ones re-scored on `playoff_episodes` fresh
 episodes, env seeds 100..; the search itself only ever sees dream fitness), checks/gen_<N>.safetensors (every checked
@@ -54,6 +54,8 @@ class CMAConfig:
     select_by_real: bool = False     # keep, as best.safetensors, the checked controller with the best real check
     playoff_top: int = 0             # with select_by_real: at the end of a search, re-score the N checked controllers with
     playoff_episodes: int = 16       # the best checks on this many fresh real episodes and keep the best of those (0 = off)
+    restart_every: int = 0           # a fresh search (mean 0, sigma0, its own seed) every N generations; with select_by_real
+                                     # the checks and the playoff compare the controllers of every search (0 = one search)
     workers: int = 0                 # real-env worker processes (0 = all cores)
     env_id: str = "CarRacing-v3"
     seed: int = 0
@@ -66,12 +68,14 @@ class CMAConfig:
 _VAL_SEED = 987_654_321  # dream validation rollouts: disjoint from the per-generation seeds (seed * 1_000_003 + gen)
 
 
-def _make_es(n: int, cfg: CMAConfig, x0: np.ndarray | None = None) -> Any:
+def _make_es(n: int, cfg: CMAConfig, x0: np.ndarray | None = None, start: int = 0) -> Any:
+    """A CMA-ES starting at generation `start`; cma re-seeds numpy's global RNG from its `seed` option, so every
+    fresh search gets its own (cfg.seed + 1 + start) instead of replaying the first search's samples."""
     try:
         import cma
     except ImportError as e:
         raise DreamlabError("training the controller needs the cma package: pip install cma") from e
-    opts = {"popsize": cfg.popsize, "seed": cfg.seed + 1, "verbose": -9, "CMA_diagonal": cfg.diagonal,
+    opts = {"popsize": cfg.popsize, "seed": cfg.seed + 1 + start, "verbose": -9, "CMA_diagonal": cfg.diagonal,
             "tolfun": 0, "tolx": 0, "tolfunhist": 0, "tolstagnation": int(1e9), "maxiter": int(1e9)}
     return cma.CMAEvolutionStrategy(np.zeros(n) if x0 is None else x0, cfg.sigma0, opts)
 
@@ -160,9 +164,9 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
 
     run_dir = Path(run_dir)
     out_dir = Path(out) if out else run_dir / "controller"
-    if cfg.popsize < 2 or cfg.rollouts < 1 or cfg.generations < 1 or cfg.sigma0 <= 0:
-        raise DreamlabError(f"need popsize >= 2, rollouts >= 1, generations >= 1, sigma0 > 0 (got {cfg.popsize}, {cfg.rollouts}, "
-                            f"{cfg.generations}, {cfg.sigma0})")
+    if cfg.popsize < 2 or cfg.rollouts < 1 or cfg.generations < 1 or cfg.sigma0 <= 0 or cfg.restart_every < 0:
+        raise DreamlabError(f"need popsize >= 2, rollouts >= 1, generations >= 1, sigma0 > 0, restart_every >= 0 (got {cfg.popsize}, "
+                            f"{cfg.rollouts}, {cfg.generations}, {cfg.sigma0}, {cfg.restart_every})")
     has_state = (out_dir / "cma_state.json").exists()
     if has_state and not resume:
         raise DreamlabError(f"{out_dir} already holds a CMA-ES state; pass --resume to continue it, or choose another --out")
@@ -189,18 +193,18 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
     save_json(out_dir / "config.json", {"cma": dataclasses.asdict(cfg), "world_model": str(run_dir), "num_params": n, "searched_params": m})
     if resume and restart:  # a fresh search: only the bookkeeping of the saved state is needed
         meta = load_json(out_dir / "cma_state.json")
-        np.random.seed(cfg.seed + 7 * int(meta["generation"]) + 1)
-        es = _make_es(m, cfg)
         search_start = int(meta["generation"])
+        es = _make_es(m, cfg, start=search_start)
     elif resume:
         es, meta = load_cma_state(out_dir, m, cfg)
         search_start = int(meta.get("search_start", 0))
     if resume:
         best = {"fitness": meta.get("best_mean_fitness", -float("inf")), "generation": meta.get("best_generation", -1)}
+        overall = {"fitness": meta.get("overall_best_fitness", best["fitness"]), "generation": meta.get("overall_best_generation", best["generation"])}
         best_real = {"mean": meta.get("best_real_mean", -float("inf")), "generation": meta.get("best_real_generation", -1)}
         gen = int(meta["generation"])
         if reset_best:  # the world model changed (iterative training): old dream fitness is not comparable
-            best = {"fitness": -float("inf"), "generation": -1}
+            best = overall = {"fitness": -float("inf"), "generation": -1}
         _truncate_jsonl(out_dir / "fitness.jsonl", gen)
         for f in (out_dir / "checks").glob("gen_*.safetensors"):  # checks past the resumed generation are redone
             if int(f.stem[4:]) > gen:
@@ -209,6 +213,7 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
         np.random.seed(cfg.seed)
         es = _make_es(m, cfg)
         best, gen = {"fitness": -float("inf"), "generation": -1}, 0
+        overall = dict(best)
         search_start = 0
         best_real = {"mean": -float("inf"), "generation": -1}
         (out_dir / "fitness.jsonl").unlink(missing_ok=True)
@@ -227,8 +232,16 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
     try:
         if evaluator is not None:
             evaluator.__enter__()
+        every = cfg.restart_every
+        last_check: tuple[int, float, float] = (-1, 0.0, 0.0)  # (best_dream's generation, mean, std) of the last real check
         while gen < cfg.generations:
             t0 = time.perf_counter()
+            if every and gen > search_start and (gen - search_start) % every == 0:
+                # the next of this call's searches (also right after a resume at the boundary, where the saved state
+                # is the finished search's): fresh mean and sigma, its own seed; its own best_dream and checks
+                es = _make_es(m, cfg, start=gen)
+                best = {"fitness": -float("inf"), "generation": -1}
+            sub_start = search_start + ((gen - search_start) // every) * every if every else 0
             xs = np.asarray(es.ask())
             cand = embed(np.concatenate([xs, es.mean[None]], 0))  # the distribution mean rides along, same rollouts
             if cfg.fitness == "dream":
@@ -247,6 +260,8 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
             row: dict[str, Any] = {"generation": gen, "best": float(f[:-1].max()), "mean": float(f[:-1].mean()),
                                    "worst": float(f[:-1].min()), "mean_candidate": float(f[-1]), "sigma": float(es.sigma),
                                    "seconds": round(time.perf_counter() - t0, 3)}
+            if every:
+                row["search"] = (sub_start - search_start) // every
             if dream_steps:
                 row["dream_steps_per_s"] = round(dream_steps / max(time.perf_counter() - t0, 1e-9), 1)
             # best_dream: picked on a fixed dream validation set (the same initial states and M noise every
@@ -255,19 +270,31 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
             if cfg.fitness == "dream" and cfg.val_rollouts > 0:
                 score = float(sim.fitness(torch.from_numpy(cand[-1:]).float(), cfg.val_rollouts, seed=_VAL_SEED + cfg.seed)[0])
                 row["mean_candidate_val"] = score
-            if score > best["fitness"]:
+            if score > best["fitness"]:  # best_dream: the best of this search (what its real checks look at)
                 best = {"fitness": score, "generation": gen}
                 mdn_tag = mdn_tag or snapshot_mdn(out_dir, mdn)
                 save_controller(out_dir / "best_dream.safetensors", cand[-1], z_dim, hidden, generation=str(gen), fitness=f"{score:.4f}", mdn=mdn_tag)
-                if not cfg.select_by_real or best_real["generation"] < 0:
-                    save_controller(out_dir / "best.safetensors", cand[-1], z_dim, hidden, generation=str(gen), fitness=f"{score:.4f}", mdn=mdn_tag)
-            if cfg.eval_every > 0 and (gen % cfg.eval_every == 0 or gen == cfg.generations) and evaluator is not None:
+                if score > overall["fitness"]:  # the best of all searches
+                    overall = dict(best)
+                    if not cfg.select_by_real or best_real["generation"] < 0:
+                        save_controller(out_dir / "best.safetensors", cand[-1], z_dim, hidden, generation=str(gen), fitness=f"{score:.4f}", mdn=mdn_tag)
+            # checks every eval_every generations (counted from each search's start when searches restart) and at the
+            # end of every search
+            if cfg.eval_every <= 0:
+                due = False
+            elif every:
+                due = (gen - sub_start) % cfg.eval_every == 0 or gen - sub_start == every
+            else:
+                due = gen % cfg.eval_every == 0
+            if cfg.eval_every > 0 and (due or gen == cfg.generations) and evaluator is not None:
                 from worlds.policies import load_controller
 
                 theta = load_controller(out_dir / "best_dream.safetensors")[0].numpy()
-                seeds = list(range(cfg.eval_episodes))
-                rs = evaluator.returns([theta] * len(seeds), seeds)
-                row["real_mean"], row["real_std"] = float(np.mean(rs)), float(np.std(rs))
+                if last_check[0] != best["generation"]:  # the same controller on the same seeds scores the same: not re-run
+                    seeds = list(range(cfg.eval_episodes))
+                    rs = evaluator.returns([theta] * len(seeds), seeds)
+                    last_check = (best["generation"], float(np.mean(rs)), float(np.std(rs)))
+                row["real_mean"], row["real_std"] = last_check[1], last_check[2]
                 # every checked controller is kept (a few KB each): later selection (`playoff`) re-scores the best of them
                 mdn_tag = mdn_tag or snapshot_mdn(out_dir, mdn)
                 save_controller(out_dir / "checks" / f"gen_{gen:05d}.safetensors", theta, z_dim, hidden, generation=str(gen),
@@ -281,9 +308,10 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
                 fh.write(json.dumps(row) + "\n")
             save_cma_state(out_dir, es, {"generation": gen, "best_mean_fitness": best["fitness"], "best_generation": best["generation"],
                                          "best_real_mean": best_real["mean"], "best_real_generation": best_real["generation"],
-                                         "search_start": search_start})
+                                         "search_start": search_start,
+                                         "overall_best_fitness": overall["fitness"], "overall_best_generation": overall["generation"]})
             bar.update(1)
-            bar.set_postfix(best=f"{row['best']:.1f}", mean=f"{row['mean']:.1f}", sigma=f"{es.sigma:.3f}",
+            bar.set_postfix(**({"search": row["search"]} if every else {}), best=f"{row['best']:.1f}", mean=f"{row['mean']:.1f}", sigma=f"{es.sigma:.3f}",
                             **({"real": f"{row['real_mean']:.1f}"} if "real_mean" in row else {}))
         bar.close()
         playoff = None
@@ -296,7 +324,7 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
     prune_mdn_snapshots(out_dir)  # M copies that no kept controller needs any more
     plot_fitness(out_dir)
     rows = read_fitness(out_dir)
-    return {"generations": gen, "best_dream_fitness": best["fitness"], "best_generation": best["generation"],
+    return {"generations": gen, "best_dream_fitness": overall["fitness"], "best_generation": overall["generation"],
             "best_real_check": best_real["mean"], "best_real_generation": best_real["generation"],
             "last": rows[-1] if rows else {}, **({"playoff": playoff} if playoff else {}),
             "seconds": round(time.perf_counter() - t_start, 1)}

@@ -65,6 +65,8 @@ class WorldModelConfig:
     select_by_real: bool = False     # final C = the dream-trained checkpoint with the best periodic real check
     playoff_top: int = 0             # with select_by_real: the N best-checked controllers of a search are re-scored
     playoff_episodes: int = 16       # on this many fresh real episodes, the best of those is kept (0 = off)
+    restart_every: int = 0           # a fresh CMA-ES search every N generations (in every round too); the checks and the
+                                     # playoff choose among all of them (0 = one search per round)
     # evaluation and iteration
     final_episodes: int = 100
     eval_max_steps: int = 1000       # CarRacing-v3's own limit; shorter only for tests
@@ -96,8 +98,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # 2 CPU cores, about 40 minutes: quick's exploration data, small V and selection rules, with the paper's M (LSTM 256)
     # and whole 1000-step episodes in the data, the dreams and the real checks (measured runs in docs/worldmodels.md)
     "medium": {**_QUICK, "episodes": 160, "max_steps": 1000, "vae_steps": 3000, "hidden": 256, "seq_len": 64, "mdn_steps": 4000,
-               "generations": 100, "popsize": 32, "horizon": 1000, "eval_every": 10, "final_episodes": 100,
-               "rounds": 3, "round_episodes": 40, "round_mdn_steps": 1000, "round_generations": 50},
+               "generations": 100, "popsize": 32, "horizon": 1000, "eval_every": 5, "restart_every": 20, "final_episodes": 100,
+               "rounds": 3, "round_episodes": 40, "round_mdn_steps": 1000, "round_generations": 60},
     # the paper's sizes (a GPU and many CPU cores for collection). The final C is the checkpoint with the best
     # periodic real-env check (every 25 generations, 8 episodes), not the dream's best: on an H100 a reduced
     # paper-size run's dream fitness kept rising (to 563) while its real score fell from 61 to -40 after
@@ -229,7 +231,7 @@ def cma_config(cfg: WorldModelConfig, **over: Any) -> Any:
     base = CMAConfig(generations=cfg.generations, popsize=cfg.popsize, rollouts=cfg.rollouts, sigma0=cfg.sigma0,
                      temperature=cfg.temperature, ensemble=cfg.mdn_ensemble, horizon=cfg.horizon, diagonal=cfg.diagonal, features=cfg.features, val_rollouts=cfg.val_rollouts, eval_every=cfg.eval_every,
                      eval_episodes=cfg.eval_episodes, check_steps=cfg.check_steps, select_by_real=cfg.select_by_real,
-                     playoff_top=cfg.playoff_top, playoff_episodes=cfg.playoff_episodes, workers=cfg.workers, env_id=cfg.env_id, seed=cfg.seed, device=cfg.device)
+                     playoff_top=cfg.playoff_top, playoff_episodes=cfg.playoff_episodes, restart_every=cfg.restart_every, workers=cfg.workers, env_id=cfg.env_id, seed=cfg.seed, device=cfg.device)
     return dataclasses.replace(base, **over)
 
 

@@ -126,7 +126,7 @@ def _train_controller(args: argparse.Namespace) -> int:
 
     over = {k: v for k, v in {"fitness": args.fitness, "generations": args.generations, "popsize": args.popsize,
                               "rollouts": args.rollouts, "sigma0": args.sigma0, "temperature": args.temperature,
-                              "eval_every": args.eval_every}.items() if v is not None}
+                              "eval_every": args.eval_every, "restart_every": args.restart_every}.items() if v is not None}
     _print(stage_train_controller(Path(args.run), _cfg(args), resume=args.resume, progress=not args.no_progress, **over))
     return 0
 
@@ -211,7 +211,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rollouts", type=int)
     p.add_argument("--sigma0", type=float)
     p.add_argument("--temperature", type=float)
-    p.add_argument("--eval-every", type=int)
+    p.add_argument("--eval-every", type=int, help="real-env check of the search's best every N generations")
+    p.add_argument("--restart-every", type=int, help="a fresh search every N generations; the checks and the playoff choose among them")
     p.set_defaults(func=_train_controller)
 
     p = ws.add_parser("evaluate", help="score the controller in the real CarRacing-v3 (per-episode file, mean ± std, video)")

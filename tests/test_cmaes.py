@@ -196,3 +196,47 @@ def test_playoff_rescores_the_best_checks_and_keeps_the_winner(tmp_path: Path) -
     train_controller(run, dataclasses.replace(cfg, generations=1, playoff_top=0), out=tmp_path / "c2", progress=False)
     assert [p.name for p in (tmp_path / "c2" / "checks").glob("*")] == ["gen_00001.safetensors"]
     assert not (tmp_path / "c2" / "playoff.json").exists()
+
+
+def test_restart_every_runs_several_searches_and_resumes_across_them(tmp_path: Path) -> None:
+    """restart_every=3 over 7 generations: searches of 3, 3 and 1 generations, each from mean 0 with sigma0 and its
+    own seed (cma's countiter starts again; the searches' first candidates differ); a run stopped at the first
+    boundary and resumed writes the same curves as an uninterrupted one."""
+    import dataclasses
+
+    vae, mdn, mu, lv = tiny_world_model(seed=0)
+    run = write_world_run(tmp_path / "wm", vae, mdn, mu, lv)
+    cfg = CMAConfig(generations=7, popsize=4, rollouts=2, horizon=10, sigma0=0.2, eval_every=0, restart_every=3, device="cpu", seed=1)
+    train_controller(run, cfg, progress=False, out=tmp_path / "a")
+    rows = [json.loads(x) for x in (tmp_path / "a" / "fitness.jsonl").read_text().splitlines()]
+    assert [r["search"] for r in rows] == [0, 0, 0, 1, 1, 1, 2]
+    st = json.loads((tmp_path / "a" / "cma_state.json").read_text())
+    assert st["generation"] == 7 and st["countiter"] == 1  # the last search is one generation old
+    assert len({r["best"] for r in (rows[0], rows[3], rows[6])}) == 3  # own seeds: not the same first generation
+    train_controller(run, dataclasses.replace(cfg, generations=3), progress=False, out=tmp_path / "b")
+    train_controller(run, cfg, progress=False, out=tmp_path / "b", resume=True)
+    rows_b = [json.loads(x) for x in (tmp_path / "b" / "fitness.jsonl").read_text().splitlines()]
+    for ra, rb in zip(rows, rows_b, strict=True):
+        for k in ("best", "mean", "worst", "mean_candidate", "sigma", "search"):
+            assert ra[k] == rb[k], (k, ra, rb)
+    with pytest.raises(DreamlabError, match="restart_every"):
+        train_controller(run, dataclasses.replace(cfg, restart_every=-1), progress=False, out=tmp_path / "c")
+
+
+def test_restart_every_checks_each_search_and_playoff_spans_them(tmp_path: Path) -> None:
+    """With real checks, each search is checked every eval_every of its own generations and at its end; the playoff
+    chooses among the checks of all searches."""
+    pytest.importorskip("gymnasium")
+    import dataclasses
+
+    vae, mdn, mu, lv = tiny_world_model(seed=0)
+    run = write_world_run(tmp_path / "wm", vae, mdn, mu, lv)
+    cfg = CMAConfig(generations=6, popsize=4, rollouts=2, horizon=10, sigma0=0.2, eval_every=2, eval_episodes=1, restart_every=3,
+                    select_by_real=True, playoff_top=3, playoff_episodes=2, workers=1, env_id="dreamlab/CarRacing64-v3", device="cpu", seed=1)
+    train_controller(run, dataclasses.replace(cfg), progress=False)
+    rows = [json.loads(x) for x in (run / "controller" / "fitness.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in rows if "real_mean" in r] == [2, 3, 5, 6]
+    checks = sorted(int(f.stem[4:]) for f in (run / "controller" / "checks").glob("gen_*.safetensors"))
+    assert checks == [2, 3, 5, 6]
+    po = json.loads((run / "controller" / "playoff.json").read_text())
+    assert po["search_start"] == 0 and {c["generation"] for c in po["candidates"]} <= {2, 3, 5, 6}

@@ -51,7 +51,7 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     # (round_collect=both: one new episode driven by the kept controller, one by the dream-best one); a second M
     # joins the dream (mdn_ensemble=2): trained first, then continued in every round like M
     assert main(["worldmodel", "iterate", str(run), "--rounds", "3", "--set", "round_episodes=2", "--set", "round_restart=true",
-                 "--set", "round_check_episodes=2", "--set", "mdn_ensemble=2", "--no-progress"]) == 0
+                 "--set", "round_check_episodes=2", "--set", "mdn_ensemble=2", "--set", "restart_every=1", "--no-progress"]) == 0
     state = json.loads((run / "rounds.json").read_text())
     rounds, first = state["rounds"], state["round_1"]
     assert [r["episodes_total"] for r in rounds] == [4, 6]
@@ -67,7 +67,8 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     assert json.loads((run / "mdn" / "eval.json").read_text())["step"] == 3
     assert json.loads((run / "mdn_1" / "eval.json").read_text())["step"] == 3
     assert json.loads((run / "mdn_1" / "config.json").read_text())["train"]["seed"] == 1  # another seed than M's
-    assert json.loads((run / "controller" / "config.json").read_text())["cma"]["ensemble"] == 2
+    cma_cfg = json.loads((run / "controller" / "config.json").read_text())["cma"]
+    assert cma_cfg["ensemble"] == 2 and cma_cfg["restart_every"] == 1
     # best.safetensors is the round controller with the best full-length round check
     top = max([first, *rounds], key=lambda r: r["real_mean"])
     assert rounds[-1]["kept_round"] == top["round"]
