@@ -449,6 +449,9 @@ def plot_fitness(folder: Path) -> Path | None:
     real = [(r["generation"], r["real_mean"], r.get("real_std", 0.0)) for r in rows if "real_mean" in r]
     if real:
         ax.errorbar([x[0] for x in real], [x[1] for x in real], yerr=[x[2] for x in real], fmt="o-", color="k", label="real env: best controller")
+    starts = [b["generation"] - 1 for a, b in zip(rows, rows[1:]) if "search" in b and b["search"] != a.get("search")]
+    for i, x in enumerate(starts):  # restart_every: where each fresh search began
+        ax.axvline(x + 0.5, color="grey", ls=":", lw=1, label="fresh search" if i == 0 else None)
     ax.set_xlabel("generation")
     ax.set_ylabel("return")
     ax.set_title("C trained by CMA-ES: dream vs real fitness")
