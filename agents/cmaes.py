@@ -210,7 +210,6 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
             if int(f.stem[4:]) > gen:
                 f.unlink()
     else:
-        np.random.seed(cfg.seed)
         es = _make_es(m, cfg)
         best, gen = {"fitness": -float("inf"), "generation": -1}, 0
         overall = dict(best)
@@ -278,15 +277,10 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
                     overall = dict(best)
                     if not cfg.select_by_real or best_real["generation"] < 0:
                         save_controller(out_dir / "best.safetensors", cand[-1], z_dim, hidden, generation=str(gen), fitness=f"{score:.4f}", mdn=mdn_tag)
-            # checks every eval_every generations (counted from each search's start when searches restart) and at the
-            # end of every search
-            if cfg.eval_every <= 0:
-                due = False
-            elif every:
-                due = (gen - sub_start) % cfg.eval_every == 0 or gen - sub_start == every
-            else:
-                due = gen % cfg.eval_every == 0
-            if cfg.eval_every > 0 and (due or gen == cfg.generations) and evaluator is not None:
+            # checks every eval_every generations of the search (sub_start is 0 without restarts), at the end of each
+            # search and at the end
+            k = gen - sub_start
+            if cfg.eval_every > 0 and (k % cfg.eval_every == 0 or k == every or gen == cfg.generations) and evaluator is not None:
                 from worlds.policies import load_controller
 
                 theta = load_controller(out_dir / "best_dream.safetensors")[0].numpy()
