@@ -67,10 +67,12 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
         # it for real shows M exactly the states it got wrong, so the next M closes the loophole C found.
         dream_best = ctrl.with_name("best_dream.safetensors")
         sources = {"best": [ctrl], "dream": [dream_best], "both": [ctrl, dream_best]}[cfg.round_collect]
+        collected = []  # recorded in this round's entry, so summary.json keeps the first collection's numbers
         for j, src in enumerate(sources):  # source j brings the total to its share of the round's episodes
-            stage_collect(run_dir, cfg, resume=True, progress=progress, episodes=n_now + cfg.round_episodes * (j + 1) // len(sources),
-                          policy="controller", controller=str(src), seed=cfg.seed + 7919 * k + 104_729 * j)
-        stage_encode(run_dir, cfg, progress=progress)
+            res = stage_collect(run_dir, cfg, resume=True, progress=progress, episodes=n_now + cfg.round_episodes * (j + 1) // len(sources),
+                                policy="controller", controller=str(src), seed=cfg.seed + 7919 * k + 104_729 * j, summary=None)
+            collected.append({"controller": src.name, **{kk: res.get(kk) for kk in ("new_episodes", "steps", "seconds", "env_steps_per_s")}})
+        encoded = stage_encode(run_dir, cfg, progress=progress, summary=None)
         # continue M (and every other member of the dream ensemble) on all data: same model config, more steps
         mdn_results = []
         for folder in mdn_dirs(run_dir, cfg.mdn_ensemble):
@@ -84,7 +86,8 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
         gens = int(load_json(run_dir / "controller" / "cma_state.json")["generation"]) + cfg.round_generations
         c_res = train_controller(run_dir, cma_config(cfg, generations=gens), resume=True, progress=progress, reset_best=True,
                                  restart=cfg.round_restart)
-        info = {"round": k, "episodes_total": n_now + cfg.round_episodes, "mdn_test_nll_per_step": mdn_res.get("test_nll_per_step"),
+        info = {"round": k, "episodes_total": n_now + cfg.round_episodes, "collect": collected,
+                "encode_seconds": encoded.get("seconds"), "mdn_test_nll_per_step": mdn_res.get("test_nll_per_step"),
                 "dream_best": c_res["best_dream_fitness"], **real_check(k)}
         if c_res.get("playoff"):
             info["playoff"] = {k2: c_res["playoff"][k2] for k2 in ("chosen_generation", "chosen_playoff_mean")}

@@ -64,6 +64,11 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     drivers = [Path(e.get("controller", e["policy"])).name for e in sorted(man["episodes"], key=lambda e: e["index"])]
     assert drivers == ["brownian", "brownian"] + ["best.safetensors", "best_dream.safetensors"] * 2
     assert len((run / "controller" / "fitness.jsonl").read_text().splitlines()) == 5
+    # summary.json keeps the first collection and encoding; each round records its own under round_k
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["collect"]["episodes"] == 2 and summary["encode"]["episodes"] == 2
+    assert [c["controller"] for c in summary["round_3"]["collect"]] == ["best.safetensors", "best_dream.safetensors"]
+    assert all(c["new_episodes"] == 1 and c["steps"] > 0 for c in summary["round_3"]["collect"])
     assert json.loads((run / "mdn" / "eval.json").read_text())["step"] == 3
     assert json.loads((run / "mdn_1" / "eval.json").read_text())["step"] == 3
     assert json.loads((run / "mdn_1" / "config.json").read_text())["train"]["seed"] == 1  # another seed than M's
