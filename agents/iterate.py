@@ -70,9 +70,9 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
         collected = []  # recorded in this round's entry, so summary.json keeps the first collection's numbers
         for j, src in enumerate(sources):  # source j brings the total to its share of the round's episodes
             res = stage_collect(run_dir, cfg, resume=True, progress=progress, episodes=n_now + cfg.round_episodes * (j + 1) // len(sources),
-                                policy="controller", controller=str(src), seed=cfg.seed + 7919 * k + 104_729 * j, summary=None)
+                                policy="controller", controller=str(src), seed=cfg.seed + 7919 * k + 104_729 * j, record=False)
             collected.append({"controller": src.name, **{kk: res.get(kk) for kk in ("new_episodes", "steps", "seconds", "env_steps_per_s")}})
-        encoded = stage_encode(run_dir, cfg, progress=progress, summary=None)
+        encoded = stage_encode(run_dir, cfg, progress=progress, record=False)
         # continue M (and every other member of the dream ensemble) on all data: same model config, more steps
         mdn_results = []
         for folder in mdn_dirs(run_dir, cfg.mdn_ensemble):

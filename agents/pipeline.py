@@ -149,17 +149,17 @@ def _summary(run_dir: Path, stage: str, info: dict[str, Any]) -> None:
 
 def stage_collect(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = True, progress: bool = True, out: Path | None = None,
                   episodes: int | None = None, policy: str | None = None, controller: str = "", seed: int | None = None,
-                  summary: str | None = "collect") -> dict[str, Any]:
-    """Collect into RUN/rollouts (or `out`); the result goes into RUN/summary.json under `summary` (None: not at all,
-    as for the iterative rounds, which record their collections in their own entry)."""
+                  record: bool = True) -> dict[str, Any]:
+    """Collect into RUN/rollouts (or `out`); `record=False` keeps the result out of RUN/summary.json (the iterative
+    rounds record their collections in their own entry)."""
     from worlds.collect import CollectConfig, collect
 
     cc = CollectConfig(out=str(out or run_dir / "rollouts"), episodes=episodes or cfg.episodes, max_steps=cfg.max_steps,
                        workers=cfg.workers, policy=policy or cfg.policy, env_id=cfg.env_id, seed=cfg.seed if seed is None else seed,
                        world_model=str(run_dir) if controller else "", controller=controller)
     res = collect(cc, resume=resume, progress=progress)
-    if summary:
-        _summary(run_dir, summary if out is None else f"collect_{Path(out).name}", res)
+    if record:
+        _summary(run_dir, "collect" if out is None else f"collect_{Path(out).name}", res)
     return res
 
 
@@ -181,7 +181,7 @@ def stage_train_vae(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = Fals
 
 
 def stage_encode(run_dir: Path, cfg: WorldModelConfig, *, progress: bool = True, rollouts: Path | None = None,
-                 summary: str | None = "encode") -> dict[str, Any]:
+                 record: bool = True) -> dict[str, Any]:
     from generators.trainer import load_run
     from worlds.encode import encode_rollouts
 
@@ -190,8 +190,8 @@ def stage_encode(run_dir: Path, cfg: WorldModelConfig, *, progress: bool = True,
     st = (run_dir / "vae" / "model" / "model.safetensors").stat()
     res = encode_rollouts(vae, rollouts or run_dir / "rollouts", run_dir / "latents", progress=progress,
                           vae_id=f"{st.st_size}:{st.st_mtime_ns}")
-    if summary:
-        _summary(run_dir, summary, res)
+    if record:
+        _summary(run_dir, "encode", res)
     return res
 
 
