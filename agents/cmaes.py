@@ -42,6 +42,10 @@ class CMAConfig:
     sigma0: float = 0.1
     temperature: float = 1.15        # tau of the dream (the paper's dream training used tau > 1)
     ensemble: int = 1                # Ms in the dream: M plus RUN/mdn_1 .. mdn_{K-1} (worlds.dream.DreamSimulator)
+    ensemble_mode: Literal["mix", "rotate"] = "mix"  # with ensemble K > 1: "mix" = each dream rollout runs in one
+                                     # member, C reads M's h; "rotate" = search k (restart_every) dreams in member k mod K
+                                     # alone and C reads that member's h; the real checks and the playoff then choose among
+                                     # the members' controllers (Ms trained from other seeds on the same data differ a lot)
     horizon: int = 1000              # dream steps (or real steps per episode)
     fitness: Literal["dream", "real"] = "dream"
     diagonal: bool = False           # CMA_diagonal: much cheaper updates at 867 dimensions
@@ -172,8 +176,23 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
         raise DreamlabError(f"{out_dir} already holds a CMA-ES state; pass --resume to continue it, or choose another --out")
     if resume and not has_state:
         raise DreamlabError(f"--resume given but {out_dir / 'cma_state.json'} does not exist; start without --resume")
+    if cfg.ensemble_mode not in ("mix", "rotate"):
+        raise DreamlabError(f"ensemble_mode={cfg.ensemble_mode!r}: choose 'mix' (each dream rollout in one member) or 'rotate' (each search in one member)")
+    rotate = cfg.ensemble > 1 and cfg.ensemble_mode == "rotate"
+    if rotate and (cfg.restart_every < 1 or cfg.fitness != "dream"):
+        raise DreamlabError(f"ensemble_mode='rotate' runs one dream search per member: it needs fitness='dream' and restart_every > 0 "
+                            f"(got fitness={cfg.fitness!r}, restart_every={cfg.restart_every}); e.g. --set restart_every=20")
     dev = resolve_device(cfg.device)
-    vae, mdn, sim = load_dream(run_dir, dev, DreamConfig(horizon=cfg.horizon, temperature=cfg.temperature), ensemble=cfg.ensemble)
+    dcfg = DreamConfig(horizon=cfg.horizon, temperature=cfg.temperature)
+    vae, mdn, sim = load_dream(run_dir, dev, dcfg, ensemble=1 if rotate else cfg.ensemble)
+    # one (M, dream) per member when rotating; member k's controllers read member k's h
+    members: list[tuple[Any, Any]] = [(mdn, sim)]
+    if rotate:
+        from worlds.dream import DreamSimulator, load_members
+        from worlds.encode import initial_latents
+
+        mu, lv = initial_latents(run_dir / "latents")
+        members += [(m, DreamSimulator(m, mu, lv, dcfg)) for m in load_members(run_dir, cfg.ensemble, dev)]
     z_dim, hidden = mdn.config.z_dim, mdn.config.hidden
     n = num_params(z_dim, hidden)
     if cfg.features not in ("zh", "z"):
@@ -220,12 +239,21 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
         (out_dir / "playoff.json").unlink(missing_ok=True)
         (out_dir / "playoffs.jsonl").unlink(missing_ok=True)
     evaluator = None
+    evaluators: dict[int, Any] = {}  # member -> its real-env evaluator (rotate: started when the member's first check comes)
     if cfg.fitness == "real" or cfg.eval_every > 0:
         from agents.evaluate import RealEvaluator
+        from worlds.dream import mdn_dirs
 
         steps = cfg.horizon if cfg.fitness == "real" else (cfg.check_steps or cfg.horizon)
-        evaluator = RealEvaluator(run_dir, cfg.env_id, cfg.workers, steps)
+        member_dirs = mdn_dirs(run_dir, len(members))
+        evaluator = evaluators[0] = RealEvaluator(run_dir, cfg.env_id, cfg.workers, steps)
+
+        def member_evaluator(k: int) -> Any:
+            if k not in evaluators:
+                evaluators[k] = RealEvaluator(run_dir, cfg.env_id, cfg.workers, steps, mdn_dir=member_dirs[k]).__enter__()
+            return evaluators[k]
     mdn_tag = ""  # M's snapshot in out_dir, written the first time a controller trained in this M is saved
+    member = 0
     bar = tqdm(total=cfg.generations, initial=gen, desc=f"CMA-ES ({cfg.fitness})", unit="gen", disable=not progress, dynamic_ncols=True)
     t_start = time.perf_counter()
     try:
@@ -241,6 +269,12 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
                 es = _make_es(m, cfg, start=gen)
                 best = {"fitness": -float("inf"), "generation": -1}
             sub_start = search_start + ((gen - search_start) // every) * every if every else 0
+            if rotate and (sub_start - search_start) // every % len(members) != member:
+                member = (sub_start - search_start) // every % len(members)
+                mdn, sim = members[member]
+                mdn_tag = ""
+                if evaluator is not None:
+                    evaluator = member_evaluator(member)
             xs = np.asarray(es.ask())
             cand = embed(np.concatenate([xs, es.mean[None]], 0))  # the distribution mean rides along, same rollouts
             if cfg.fitness == "dream":
@@ -261,6 +295,8 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
                                    "seconds": round(time.perf_counter() - t0, 3)}
             if every:
                 row["search"] = (sub_start - search_start) // every
+            if rotate:
+                row["member"] = member
             if dream_steps:
                 row["dream_steps_per_s"] = round(dream_steps / max(time.perf_counter() - t0, 1e-9), 1)
             # best_dream: picked on a fixed dream validation set (the same initial states and M noise every
@@ -310,11 +346,13 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
         bar.close()
         playoff = None
         if cfg.select_by_real and cfg.playoff_top > 0 and cfg.playoff_episodes > 0 and evaluator is not None:
-            playoff = _playoff(out_dir, evaluator, cfg, search_start, gen, mdn_tag or snapshot_mdn(out_dir, mdn), progress)
+            # each candidate is re-scored with the M it was trained in: the members' snapshots, when rotating
+            tags = {snapshot_mdn(out_dir, m): k for k, (m, _) in enumerate(members)} if rotate else {mdn_tag or snapshot_mdn(out_dir, mdn): 0}
+            playoff = _playoff(out_dir, {t: member_evaluator(k) if rotate else evaluator for t, k in tags.items()}, cfg, search_start, gen, progress)
     finally:
         bar.close()
-        if evaluator is not None:
-            evaluator.__exit__(None, None, None)
+        for ev in evaluators.values():
+            ev.__exit__(None, None, None)
     prune_mdn_snapshots(out_dir)  # M copies that no kept controller needs any more
     plot_fitness(out_dir)
     rows = read_fitness(out_dir)
@@ -327,10 +365,12 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
 _PLAYOFF_SEED = 100  # playoff episodes use env seeds 100.., disjoint from the periodic checks' 0..eval_episodes-1
 
 
-def _playoff(out_dir: Path, evaluator: Any, cfg: CMAConfig, search_start: int, gen: int, mdn_tag: str,
+def _playoff(out_dir: Path, evaluators: dict[str, Any], cfg: CMAConfig, search_start: int, gen: int,
              progress: bool) -> dict[str, Any] | None:
     """Re-score the `playoff_top` checked controllers of this search (generations search_start+1..gen) with the best
     periodic checks on `playoff_episodes` fresh real episodes; best.safetensors becomes the one with the best playoff mean.
+    `evaluators`: M snapshot name -> the evaluator that drives with that M; only controllers trained in one of them
+    take part (the run's current M, or every member of a rotating ensemble).
 
     Why: a periodic check is a mean of a few episodes (4 in the presets; one controller's episodes spread by about
     250 points over 1000 steps), and the largest of 10-30 such noisy means is mostly the luckiest, not the best.
@@ -348,16 +388,16 @@ def _playoff(out_dir: Path, evaluator: Any, cfg: CMAConfig, search_start: int, g
     for f in (out_dir / "checks").glob("gen_*.safetensors"):
         g = int(f.stem[4:])
         meta = controller_metadata(f)
-        # the evaluator drives with the run's current M: only controllers trained in that M take part
-        if search_start < g <= gen and Path(meta.get("mdn", "")).name == mdn_tag:
+        if search_start < g <= gen and Path(meta.get("mdn", "")).name in evaluators:
             cands.append((float(meta["real_check"]), g, meta, f))
-    seen: set[bytes] = set()
+    seen: set[tuple[bytes, str]] = set()
     top: list[tuple[float, int, dict[str, str], np.ndarray]] = []
     for check, g, meta, f in sorted(cands, key=lambda c: (-c[0], c[1])):
         theta = load_controller(f)[0].numpy()
-        if theta.tobytes() in seen:  # best_dream did not change between two checks: the same controller, checked twice
+        key = (theta.tobytes(), Path(meta["mdn"]).name)  # the same weights read another M's h differently
+        if key in seen:  # best_dream did not change between two checks: the same controller, checked twice
             continue
-        seen.add(theta.tobytes())
+        seen.add(key)
         top.append((check, g, meta, theta))
         if len(top) == cfg.playoff_top:
             break
@@ -365,13 +405,14 @@ def _playoff(out_dir: Path, evaluator: Any, cfg: CMAConfig, search_start: int, g
         return None
     seeds = [_PLAYOFF_SEED + i for i in range(cfg.playoff_episodes)]
     rows = []
-    for check, g, _meta, theta in tqdm(top, desc="playoff of the best checks", unit="controller", disable=not progress, dynamic_ncols=True):
-        rs = evaluator.returns([theta] * len(seeds), seeds)
-        rows.append({"generation": g, "real_check": check, "playoff_mean": float(np.mean(rs)), "playoff_std": float(np.std(rs))})
+    for check, g, meta, theta in tqdm(top, desc="playoff of the best checks", unit="controller", disable=not progress, dynamic_ncols=True):
+        tag = Path(meta["mdn"]).name
+        rs = evaluators[tag].returns([theta] * len(seeds), seeds)
+        rows.append({"generation": g, "real_check": check, "playoff_mean": float(np.mean(rs)), "playoff_std": float(np.std(rs)), "mdn": tag})
     i = max(range(len(rows)), key=lambda j: rows[j]["playoff_mean"])
     win, (_, _, meta, theta) = rows[i], top[i]
     save_controller(out_dir / "best.safetensors", theta, int(meta["z_dim"]), int(meta["hidden"]), generation=meta["generation"],
-                    real_check=meta["real_check"], playoff=f"{win['playoff_mean']:.4f}", mdn=mdn_tag)
+                    real_check=meta["real_check"], playoff=f"{win['playoff_mean']:.4f}", mdn=win["mdn"])
     res = {"search_start": search_start, "generation": gen, "seeds": seeds, "chosen_generation": win["generation"],
            "chosen_playoff_mean": win["playoff_mean"], "candidates": rows}
     save_json(done_p, res)

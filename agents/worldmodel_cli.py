@@ -20,6 +20,8 @@ from typing import Any
 # agents.pipeline.PRESETS' keys, spelled out so that --help needs no torch import (a test keeps them equal)
 PRESET_NAMES = ["quick", "medium", "paper", "tiny"]
 
+_ENSEMBLE_WORDS = {"mix": "dream ensemble", "rotate": "rotating ensemble: each CMA-ES search in one M"}
+
 
 def _cfg(args: argparse.Namespace, write: bool = True) -> Any:
     from agents.pipeline import load_config, make_config
@@ -55,7 +57,7 @@ def _plan(cfg: Any, out: Path) -> str:
 
     dev = resolve_device(cfg.device)
     line = (f"plan: {cfg.episodes} episodes x {cfg.max_steps} steps of {cfg.env_id} ({cfg.policy}); V {cfg.vae_steps} steps; "
-            f"M {cfg.mdn_steps} steps{f' x {cfg.mdn_ensemble} (dream ensemble)' if cfg.mdn_ensemble > 1 else ''}; C {cfg.generations} generations of {cfg.popsize}x{cfg.rollouts} dreams of {cfg.horizon} steps"
+            f"M {cfg.mdn_steps} steps{f' x {cfg.mdn_ensemble} ({_ENSEMBLE_WORDS[cfg.mdn_ensemble_mode]})' if cfg.mdn_ensemble > 1 else ''}; C {cfg.generations} generations of {cfg.popsize}x{cfg.rollouts} dreams of {cfg.horizon} steps"
             f"{f'; {cfg.rounds} rounds' if cfg.rounds > 1 else ''}; on {dev.type}; into {out} (interrupt any time, continue with --resume)")
     if dev.type == "cpu" and cfg.vae_steps * cfg.vae_batch >= 1_000_000:
         line += ("\nwarning: these are paper-scale sizes and no CUDA device is present: expect days on a CPU "

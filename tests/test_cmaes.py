@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("cma")
 
-from agents.cmaes import CMAConfig, _make_es, load_cma_state, save_cma_state, train_controller  # noqa: E402
+from agents.cmaes import _VAL_SEED, CMAConfig, _make_es, load_cma_state, save_cma_state, train_controller  # noqa: E402
 from dreamlab.errors import DreamlabError  # noqa: E402
 from worlds.dream import tiny_world_model, write_world_run  # noqa: E402
 from worlds.policies import load_controller, num_params  # noqa: E402
@@ -240,3 +240,57 @@ def test_restart_every_checks_each_search_and_playoff_spans_them(tmp_path: Path)
     assert checks == [2, 3, 5, 6]
     po = json.loads((run / "controller" / "playoff.json").read_text())
     assert po["search_start"] == 0 and {c["generation"] for c in po["candidates"]} <= {2, 3, 5, 6}
+
+
+def test_rotating_ensemble_runs_each_search_in_one_member_and_the_playoff_compares_members(tmp_path: Path) -> None:
+    """ensemble_mode='rotate': search k dreams in member k mod K alone, its controllers name that member's M, and the
+    playoff re-scores controllers of both members, each with its own M."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import load_file
+
+    pytest.importorskip("gymnasium")
+    from agents.evaluate import RealEvaluator
+    from worlds.dream import DreamConfig, DreamSimulator
+    from worlds.encode import initial_latents
+    from worlds.policies import controller_mdn
+
+    vae, mdn, mu, lv = tiny_world_model(seed=0)
+    run = write_world_run(tmp_path / "wm", vae, mdn, mu, lv)
+    other = tiny_world_model(seed=5)[1]
+    other.save_pretrained(run / "mdn_1" / "model")
+    cfg = CMAConfig(generations=4, popsize=4, rollouts=2, horizon=12, sigma0=0.5, ensemble=2, ensemble_mode="rotate", restart_every=2,
+                    eval_every=1, eval_episodes=1, select_by_real=True, playoff_top=4, playoff_episodes=2, workers=1,
+                    env_id="dreamlab/CarRacing64-v3", device="cpu", seed=3)
+    res = train_controller(run, cfg, progress=False)
+    out = run / "controller"
+    rows = [json.loads(x) for x in (out / "fitness.jsonl").read_text().splitlines()]
+    assert [r["member"] for r in rows] == [0, 0, 1, 1] and [r["search"] for r in rows] == [0, 0, 1, 1]
+    # each search starts at the zero controller; its dream validation score is that of member 0, then member 1, alone
+    zero = torch.zeros(1, num_params(8, 16))
+    for g, m in ((0, mdn), (2, other)):
+        sim = DreamSimulator(m, *initial_latents(run / "latents"), DreamConfig(horizon=12, temperature=cfg.temperature))
+        want = float(sim.fitness(zero, cfg.val_rollouts, seed=_VAL_SEED + cfg.seed)[0])
+        assert rows[g]["mean_candidate_val"] == pytest.approx(want, abs=1e-4)
+    assert rows[0]["mean_candidate_val"] != pytest.approx(rows[2]["mean_candidate_val"], abs=1e-3)
+    # each check names the M it was trained in
+    for g in range(1, 5):
+        snap = controller_mdn(out / "checks" / f"gen_{g:05d}.safetensors")
+        want = (mdn if g <= 2 else other).state_dict()
+        weights = load_file(str(snap / "model.safetensors"))
+        assert all(torch.equal(weights[k].cpu(), v.cpu()) for k, v in want.items())
+    po = res["playoff"]
+    assert len({c["mdn"] for c in po["candidates"]}) == 2  # controllers of both members compete
+    assert {Path(str(controller_mdn(out / "checks" / f"gen_{c['generation']:05d}.safetensors"))).name for c in po["candidates"]} == \
+        {c["mdn"] for c in po["candidates"]}
+    # the winner, re-run with its own M, scores its playoff mean; best.safetensors names that M
+    best = out / "best.safetensors"
+    assert controller_mdn(best).name == next(c["mdn"] for c in po["candidates"] if c["generation"] == po["chosen_generation"])
+    with RealEvaluator(run, cfg.env_id, 1, cfg.horizon, controller_mdn(best)) as ev:
+        again = ev.returns([load_controller(best)[0].numpy()] * 2, [100, 101])
+    assert float(np.mean(again)) == pytest.approx(po["chosen_playoff_mean"], abs=1e-4)
+    with pytest.raises(DreamlabError, match="restart_every > 0"):
+        train_controller(run, dataclasses.replace(cfg, restart_every=0), out=tmp_path / "c2", progress=False)
+    with pytest.raises(DreamlabError, match="ensemble_mode='blend'"):
+        train_controller(run, dataclasses.replace(cfg, ensemble_mode="blend"), out=tmp_path / "c3", progress=False)  # type: ignore[arg-type]

@@ -82,6 +82,12 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
 
     for f in (run / "controller").glob("*best*.safetensors"):
         assert controller_mdn(f) is not None  # every kept controller still has its own M
+    # one more round with the rotating ensemble: its two searches dream in M, then in mdn_1
+    assert main(["worldmodel", "iterate", str(run), "--rounds", "4", "--set", "mdn_ensemble_mode=rotate",
+                 "--set", "round_generations=2", "--no-progress"]) == 0
+    rows = [json.loads(x) for x in (run / "controller" / "fitness.jsonl").read_text().splitlines()]
+    assert [r.get("member") for r in rows[-2:]] == [0, 1] and len(rows) == 7
+    assert json.loads((run / "controller" / "config.json").read_text())["cma"]["ensemble_mode"] == "rotate"
 
 
 def test_cli_bad_input_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
