@@ -189,10 +189,8 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
     members: list[tuple[Any, Any]] = [(mdn, sim)]
     if rotate:
         from worlds.dream import DreamSimulator, load_members
-        from worlds.encode import initial_latents
 
-        mu, lv = initial_latents(run_dir / "latents")
-        members += [(m, DreamSimulator(m, mu, lv, dcfg)) for m in load_members(run_dir, cfg.ensemble, dev)]
+        members += [(m, DreamSimulator(m, sim.init_mu, sim.init_logvar, dcfg)) for m in load_members(run_dir, cfg.ensemble, dev)]
     z_dim, hidden = mdn.config.z_dim, mdn.config.hidden
     n = num_params(z_dim, hidden)
     if cfg.features not in ("zh", "z"):
@@ -268,9 +266,10 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
                 # is the finished search's): fresh mean and sigma, its own seed; its own best_dream and checks
                 es = _make_es(m, cfg, start=gen)
                 best = {"fitness": -float("inf"), "generation": -1}
-            sub_start = search_start + ((gen - search_start) // every) * every if every else 0
-            if rotate and (sub_start - search_start) // every % len(members) != member:
-                member = (sub_start - search_start) // every % len(members)
+            search = (gen - search_start) // every if every else 0  # this call's searches, 0, 1, ...
+            sub_start = search_start + search * every if every else 0
+            if rotate and search % len(members) != member:
+                member = search % len(members)
                 mdn, sim = members[member]
                 mdn_tag = ""
                 if evaluator is not None:
@@ -294,7 +293,7 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
                                    "worst": float(f[:-1].min()), "mean_candidate": float(f[-1]), "sigma": float(es.sigma),
                                    "seconds": round(time.perf_counter() - t0, 3)}
             if every:
-                row["search"] = (sub_start - search_start) // every
+                row["search"] = search
             if rotate:
                 row["member"] = member
             if dream_steps:
@@ -346,9 +345,10 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
         bar.close()
         playoff = None
         if cfg.select_by_real and cfg.playoff_top > 0 and cfg.playoff_episodes > 0 and evaluator is not None:
-            # each candidate is re-scored with the M it was trained in: the members' snapshots, when rotating
-            tags = {snapshot_mdn(out_dir, m): k for k, (m, _) in enumerate(members)} if rotate else {mdn_tag or snapshot_mdn(out_dir, mdn): 0}
-            playoff = _playoff(out_dir, {t: member_evaluator(k) if rotate else evaluator for t, k in tags.items()}, cfg, search_start, gen, progress)
+            # each candidate is re-scored with the M it was trained in: every member's, when rotating
+            by_tag = ({snapshot_mdn(out_dir, m): member_evaluator(k) for k, (m, _) in enumerate(members)} if rotate
+                      else {mdn_tag or snapshot_mdn(out_dir, mdn): evaluator})
+            playoff = _playoff(out_dir, by_tag, cfg, search_start, gen, progress)
     finally:
         bar.close()
         for ev in evaluators.values():

@@ -71,7 +71,8 @@ class DreamSimulator:
                                     f"M has {mdn.config.z_dim}, {mdn.config.mixtures}: train every member on the same latents and sizes")
         self.members = [m.eval().to(self.device) for m in members]
         self.init_mu = init_mu.float().to(self.device)
-        self.init_std = (0.5 * init_logvar.float()).exp().to(self.device)
+        self.init_logvar = init_logvar.float().to(self.device)  # kept so another M can dream from the same states
+        self.init_std = (0.5 * self.init_logvar).exp()
         self.z_dim, self.hidden = mdn.config.z_dim, mdn.config.hidden
         self.n_params = num_params(self.z_dim, self.hidden)
         self._graphs: dict[tuple[int, int], _GraphDream] = {}
