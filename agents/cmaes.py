@@ -1,12 +1,16 @@
 """Train C with CMA-ES (the `cma` package), with fitness in the dream (batched) or in the real env (parallel).
 
-Every generation the complete CMA-ES state is checkpointed without pickle: `controller/cma_state.safetensors`
-(mean, C, B, D, the evolution paths pc and ps, sigma_vec, best x) + `controller/cma_state.json` (sigma,
-counters, lazy-eigendecomposition bookkeeping, best f, numpy's global RNG state, which `cma` samples from).
-`resume` rebuilds a `cma.CMAEvolutionStrategy` from the same options and writes that state back, so a
-resumed run asks exactly the candidates an uninterrupted run would have asked (tested). Not restored:
-cma's own logger files and its stop-criterion history (`es.fit.hist`), which only affect termination
-tests such as tolfun, not the search.
+Every generation the complete CMA-ES state is checkpointed without pickle in one atomically written file,
+`controller/cma_state.safetensors`: every numeric attribute of cma's strategy object and its parts (mean,
+covariance and its eigendecomposition, evolution paths, the step-size adaptation's state, TPA's mean-shift
+direction, fitness records, ...) as tensors and JSON metadata, with numpy's global RNG state (which `cma` samples
+from); `controller/cma_state.json` repeats the bookkeeping (generation, sigma, best so far) for people. `resume`
+rebuilds a `cma.CMAEvolutionStrategy` from the same options and writes that state back, so a resumed run asks
+exactly the candidates an uninterrupted run would have asked (tested at 12 and 320 dimensions: from 300 cma adapts
+sigma by two-point adaptation, whose state a hand-picked list once missed). Not restored: cma's logger and options.
+
+With `fitness="real"` the periodic checks score the generation's distribution mean (not the candidate with the
+best few-episode real mean so far, which is mostly the luckiest).
 
 Run folder (`RUN/controller/`): mdn_<hash>/ (the M the saved controllers were trained in, named in their
 metadata, so a controller kept from an earlier round of iterative training still acts with its own M), best_dream.safetensors (the search's best controller so far by dream fitness of the
@@ -84,67 +88,148 @@ def _make_es(n: int, cfg: CMAConfig, x0: np.ndarray | None = None, start: int = 
     return cma.CMAEvolutionStrategy(np.zeros(n) if x0 is None else x0, cfg.sigma0, opts)
 
 
-def save_cma_state(folder: Path, es: Any, extra: dict[str, Any]) -> None:
-    sm, ad = es.sm, es.adapt_sigma
-    arrays: dict[str, np.ndarray] = {"mean": es.mean, "pc": es.pc}
-    if isinstance(getattr(es, "mean_old", None), np.ndarray):
-        arrays["mean_old"] = es.mean_old
-    for k in ("C", "B", "D"):
-        v = getattr(sm, k, None)
+# cma keeps its state in plain attributes of the strategy object and its parts (sampler, step-size adaptation,
+# fitness and best-solution records, ...). Which of them matter changes with the dimension (two-point step-size
+# adaptation, TPA, from 300 dimensions: every real controller) and the cma version, so the state is every numeric
+# leaf reachable from the strategy object through cma's own classes, not a hand-picked list: a hand-picked list
+# missed TPA's state and resumed a paper-size search on different samples.
+_CMA_SKIP = {"logger", "timer", "opts", "inopts", "_stopdict", "callbackstop", "gp", "boundary_handler", "noise_handler",
+             "sp", "sp0"}  # sp/sp0: parameters derived from the options, rebuilt by the constructor
+
+
+def _cma_leaves(obj: Any, prefix: str = "", seen: set[int] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Numeric state of a cma object: arrays (for safetensors) and JSON scalars/lists, keyed by attribute path."""
+    seen = set() if seen is None else seen
+    seen.add(id(obj))
+    arrays: dict[str, np.ndarray] = {}
+    plain: dict[str, Any] = {}
+    for k, v in vars(obj).items():
+        if k in _CMA_SKIP or k.startswith("__"):
+            continue
+        key = prefix + k
         if isinstance(v, np.ndarray):
-            arrays[f"sm.{k}"] = v
-    if isinstance(getattr(ad, "ps", None), np.ndarray):
-        arrays["ps"] = ad.ps
-    scaling = getattr(es.sigma_vec, "scaling", None)
-    if isinstance(scaling, np.ndarray):
-        arrays["sigma_vec"] = scaling
-    if es.best.x is not None:
-        arrays["best_x"] = np.asarray(es.best.x)
-    rng = np.random.get_state()
-    meta = {
-        "sigma": float(es.sigma), "countiter": int(es.countiter), "countevals": int(es.countevals),
-        "sm": {k: int(getattr(sm, k)) for k in ("last_update", "count_tell", "count_eigen") if hasattr(sm, k)},
-        "adapt_sigma": {k: (v if isinstance(v, (int, float, bool)) else None) for k, v in vars(ad).items()
-                        if k in ("is_initialized", "_ps_updated_iteration", "delta")},
-        "best_f": None if es.best.f is None else float(es.best.f), "best_evals": int(es.best.evals or 0),
-        "numpy_rng": [rng[0], rng[1].tolist(), int(rng[2]), int(rng[3]), float(rng[4])],
-        **extra,
-    }
-    save_tensors(folder / "cma_state.safetensors", {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)) for k, v in arrays.items()})
-    save_json(folder / "cma_state.json", meta)
+            if v.dtype.kind in "fiub" and v.dtype != object:
+                arrays[key] = v
+        elif isinstance(v, (bool, int, float, str)) or v is None or isinstance(v, np.generic):
+            plain[key] = v.item() if isinstance(v, np.generic) else v
+        elif type(v) in (list, tuple) and all(isinstance(x, (bool, int, float, np.generic)) for x in v):
+            plain[key] = {"list": [x.item() if isinstance(x, np.generic) else x for x in v]}
+        elif type(v) in (list, tuple) and all(isinstance(x, np.ndarray) and x.dtype.kind in "fiub" for x in v):
+            plain[key] = {"arrays": len(v)}  # e.g. TPA's injected mean-shift direction
+            arrays.update({f"{key}[{i}]": x for i, x in enumerate(v)})
+        elif type(v).__module__.startswith("cma") and id(v) not in seen and hasattr(v, "__dict__") and not callable(v):
+            a, p = _cma_leaves(v, key + ".", seen)
+            arrays.update(a)
+            plain.update(p)
+    return arrays, plain
+
+
+def _set_path(obj: Any, path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    for name in parents:
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return  # a part this fresh strategy does not have (another cma version): skipped
+    setattr(obj, last, value)
+
+
+def save_cma_state(folder: Path, es: Any, extra: dict[str, Any]) -> None:
+    """The whole search state in one atomically written file (cma_state.safetensors: arrays, plus the scalars and
+    `extra` as JSON metadata), no pickle; cma_state.json repeats the bookkeeping for people and tools."""
+    arrays, plain = _cma_leaves(es)
+    rng = np.random.get_state()  # cma samples from numpy's global RNG
+    meta = {"format": 2, "cma_version": _cma_version(), "plain": plain,
+            "numpy_rng": [rng[0], rng[1].tolist(), int(rng[2]), int(rng[3]), float(rng[4])], **extra}
+    tensors = {k: torch.from_numpy(np.array(v, dtype=np.float64 if v.dtype.kind == "f" else np.int64, order="C")) for k, v in arrays.items()}
+    save_tensors(folder / "cma_state.safetensors", tensors, metadata={"cma_state": json.dumps(meta, default=_json_float)})
+    readable = {k: plain[k] for k in ("sigma", "countiter", "countevals") if k in plain}
+    save_json(folder / "cma_state.json", {**readable, **{k: v for k, v in meta.items() if k not in ("plain", "numpy_rng")}})
+
+
+def _json_float(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _cma_version() -> str:
+    import cma
+
+    return str(getattr(cma, "__version__", "?"))
 
 
 def load_cma_state(folder: Path, n: int, cfg: CMAConfig) -> tuple[Any, dict[str, Any]]:
+    from safetensors import safe_open
+
+    path = folder / "cma_state.safetensors"
+    if not path.exists():
+        raise DreamlabError(f"{path} does not exist: nothing to resume (start without --resume)")
+    try:
+        with safe_open(str(path), "pt") as fh:
+            header = (fh.metadata() or {}).get("cma_state")
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+        raise DreamlabError(f"{path} is not a readable CMA-ES state ({e}); start a new run (another --out) or delete it") from e
+    if header is None:
+        return _load_legacy_cma_state(folder, n, cfg)
+    meta = json.loads(header)
+    t = {k: v.numpy() for k, v in load_tensors(path).items()}
+    if t["mean"].shape != (n,):
+        raise DreamlabError(f"{path} is for {t['mean'].shape[0]} parameters, this controller has {n}; "
+                            "start a new run (another --out) or match the world model")
+    if meta.get("cma_version") != _cma_version():
+        import warnings
+
+        warnings.warn(f"{path} was written with cma {meta.get('cma_version')}, this is cma {_cma_version()}: the resumed "
+                      "search may not replay the uninterrupted one exactly", stacklevel=2)
+    es = _make_es(n, cfg, x0=t["mean"])
+    # one throw-away iteration creates the attributes cma builds lazily (mean_old, fit, ...); then every saved leaf
+    # is written back, and numpy's RNG is restored last
+    xs = es.ask()
+    es.tell(xs, [0.0] * len(xs))
+    def value(v: np.ndarray) -> np.ndarray:
+        return v.astype(np.float64) if v.dtype.kind == "f" else v.copy()
+
+    for k, v in t.items():
+        if not k.endswith("]"):
+            _set_path(es, k, value(v))
+    for k, v in meta["plain"].items():
+        if isinstance(v, dict) and "arrays" in v:
+            _set_path(es, k, [value(t[f"{k}[{i}]"]) for i in range(int(v["arrays"]))])
+        else:
+            _set_path(es, k, list(v["list"]) if isinstance(v, dict) else v)
+    r = meta["numpy_rng"]
+    np.random.set_state((r[0], np.array(r[1], dtype=np.uint32), r[2], r[3], r[4]))
+    return es, {k: v for k, v in meta.items() if k not in ("plain", "numpy_rng")}
+
+
+def _load_legacy_cma_state(folder: Path, n: int, cfg: CMAConfig) -> tuple[Any, dict[str, Any]]:
+    """A state written before 2026-12-01 (a hand-picked subset: mean, covariance, paths, sigma, RNG). It resumes,
+    but a search of 300+ dimensions (TPA step-size adaptation) does not replay the uninterrupted one exactly."""
+    import warnings
+
     meta = load_json(folder / "cma_state.json")
     t = {k: v.numpy().astype(np.float64) for k, v in load_tensors(folder / "cma_state.safetensors").items()}
     if t["mean"].shape != (n,):
         raise DreamlabError(f"{folder / 'cma_state.safetensors'} is for {t['mean'].shape[0]} parameters, this controller has {n}; "
                             "start a new run (another --out) or match the world model")
+    warnings.warn(f"{folder / 'cma_state.safetensors'} is an older, partial CMA-ES state: the search resumes, but not "
+                  "exactly as it would have continued", stacklevel=3)
     es = _make_es(n, cfg, x0=t["mean"])
-    # one throw-away iteration creates the attributes cma builds lazily (timer, mean_old, ...); everything
-    # that shapes the search is overwritten below, and numpy's RNG is restored last
     xs = es.ask()
     es.tell(xs, [0.0] * len(xs))
-    es.mean = t["mean"].copy()
-    if "mean_old" in t:
-        es.mean_old = t["mean_old"].copy()
-    es.pc = t["pc"].copy()
+    paths = {"ps": "adapt_sigma.ps", "sigma_vec": "sigma_vec.scaling", "best_x": "best.x"}
+    for k, v in t.items():
+        if k != "best_x" or meta.get("best_f") is not None:
+            _set_path(es, paths.get(k, k), v.copy())
     es.sigma = float(meta["sigma"])
     es.countiter, es.countevals = int(meta["countiter"]), int(meta["countevals"])
-    for k in ("C", "B", "D"):
-        if f"sm.{k}" in t:
-            setattr(es.sm, k, t[f"sm.{k}"].copy())
-    for k, v in meta["sm"].items():
+    for k, v in meta.get("sm", {}).items():
         setattr(es.sm, k, v)
-    if "ps" in t:
-        es.adapt_sigma.ps = t["ps"].copy()
     for k, v in meta.get("adapt_sigma", {}).items():
         if v is not None:
             setattr(es.adapt_sigma, k, v)
-    if "sigma_vec" in t and hasattr(es.sigma_vec, "scaling"):
-        es.sigma_vec.scaling = t["sigma_vec"].copy()
-    if "best_x" in t and meta.get("best_f") is not None:
-        es.best.x, es.best.f, es.best.evals = t["best_x"].copy(), float(meta["best_f"]), int(meta["best_evals"])
+    if meta.get("best_f") is not None:
+        es.best.f, es.best.evals = float(meta["best_f"]), int(meta["best_evals"])
     r = meta["numpy_rng"]
     np.random.set_state((r[0], np.array(r[1], dtype=np.uint32), r[2], r[3], r[4]))
     return es, meta
@@ -209,7 +294,7 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
     out_dir.mkdir(parents=True, exist_ok=True)
     save_json(out_dir / "config.json", {"cma": dataclasses.asdict(cfg), "world_model": str(run_dir), "num_params": n, "searched_params": m})
     if resume and restart:  # a fresh search: only the bookkeeping of the saved state is needed
-        meta = load_json(out_dir / "cma_state.json")
+        meta = load_json(out_dir / "cma_state.json")  # the bookkeeping copy of the state's metadata
         search_start = int(meta["generation"])
         es = _make_es(m, cfg, start=search_start)
     elif resume:
@@ -318,11 +403,18 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
             if cfg.eval_every > 0 and (k % cfg.eval_every == 0 or k == every or gen == cfg.generations) and evaluator is not None:
                 from worlds.policies import load_controller
 
-                theta = load_controller(out_dir / "best_dream.safetensors")[0].numpy()
-                if last_check[0] != best["generation"]:  # the same controller on the same seeds scores the same: not re-run
+                if cfg.fitness == "real":
+                    # the search's own fitness is then a `rollouts`-episode real mean, and the largest of those over
+                    # many generations is mostly luck (one run kept a 2-episode 916 from generation 15 that scored
+                    # 809.5 over 100 episodes, while the distribution mean at generation 40 scored 853.1), so the
+                    # checks score this generation's distribution mean on the fixed check episodes instead
+                    theta, checked = cand[-1], gen
+                else:
+                    theta, checked = load_controller(out_dir / "best_dream.safetensors")[0].numpy(), best["generation"]
+                if last_check[0] != checked:  # the same controller on the same seeds scores the same: not re-run
                     seeds = list(range(cfg.eval_episodes))
                     rs = evaluator.returns([theta] * len(seeds), seeds)
-                    last_check = (best["generation"], float(np.mean(rs)), float(np.std(rs)))
+                    last_check = (checked, float(np.mean(rs)), float(np.std(rs)))
                 row["real_mean"], row["real_std"] = last_check[1], last_check[2]
                 # every checked controller is kept (a few KB each): later selection (`playoff`) re-scores the best of them
                 mdn_tag = mdn_tag or snapshot_mdn(out_dir, mdn)

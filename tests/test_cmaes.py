@@ -16,9 +16,9 @@ from worlds.policies import load_controller, num_params  # noqa: E402
 
 
 @pytest.mark.parametrize("diagonal", [False, True])
-def test_cma_state_round_trip_is_exact(tmp_path: Path, diagonal: bool) -> None:
+@pytest.mark.parametrize("n", [12, 320])  # from 300 dimensions (every real controller) cma adapts sigma by TPA
+def test_cma_state_round_trip_is_exact(tmp_path: Path, diagonal: bool, n: int) -> None:
     cfg = CMAConfig(popsize=8, sigma0=0.3, seed=3, diagonal=diagonal)
-    n = 12
 
     def f(x: np.ndarray) -> float:
         return float(np.sum((np.asarray(x) - 1.0) ** 2) + 3 * np.asarray(x)[0] ** 2)
@@ -43,8 +43,36 @@ def test_cma_state_round_trip_is_exact(tmp_path: Path, diagonal: bool) -> None:
         np.testing.assert_array_equal(np.array(xs), r)
         es2.tell(xs, [f(x) for x in xs])
     assert es2.sigma == es.sigma
+    assert type(es2.adapt_sigma).__name__ == ("CMAAdaptSigmaTPA" if n >= 300 else "CMAAdaptSigmaCSA")
     with pytest.raises(DreamlabError, match="parameters"):
         load_cma_state(tmp_path, n + 1, cfg)
+
+
+def test_cma_state_bad_or_legacy_file(tmp_path: Path) -> None:
+    """A truncated state names the file; a state from before the whole-state format still resumes, with a warning."""
+    import torch
+
+    from dreamlab.io import save_json, save_tensors
+
+    cfg = CMAConfig(popsize=6, sigma0=0.2, seed=1)
+    np.random.seed(0)
+    es = _make_es(10, cfg)
+    xs = es.ask()
+    es.tell(xs, [float(np.sum(np.square(x))) for x in xs])
+    save_cma_state(tmp_path, es, {"generation": 1})
+    raw = (tmp_path / "cma_state.safetensors").read_bytes()
+    (tmp_path / "cma_state.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(DreamlabError, match="cma_state.safetensors"):
+        load_cma_state(tmp_path, 10, cfg)
+    legacy = tmp_path / "legacy"
+    save_tensors(legacy / "cma_state.safetensors", {"mean": torch.from_numpy(es.mean.copy()), "pc": torch.from_numpy(es.pc.copy())})
+    rng = np.random.get_state()
+    save_json(legacy / "cma_state.json", {"sigma": 0.15, "countiter": 1, "countevals": 6, "sm": {}, "adapt_sigma": {}, "best_f": None,
+                                          "best_evals": 0, "numpy_rng": [rng[0], rng[1].tolist(), int(rng[2]), int(rng[3]), float(rng[4])],
+                                          "generation": 1})
+    with pytest.warns(UserWarning, match="older, partial"):
+        es3, meta = load_cma_state(legacy, 10, cfg)
+    assert meta["generation"] == 1 and es3.sigma == 0.15 and np.array_equal(es3.mean, es.mean)
 
 
 def test_train_controller_resume_equals_uninterrupted(tmp_path: Path) -> None:
@@ -86,6 +114,9 @@ def test_real_env_fitness_and_periodic_real_evaluation(tmp_path: Path) -> None:
     # with select_by_real the kept controller is the checked one with the best real check
     best_gen = max(rows, key=lambda r: r["real_mean"])["generation"]
     assert res["best_real_generation"] == best_gen and res["best_real_check"] == max(r["real_mean"] for r in rows)
+    # with real fitness each check scores that generation's distribution mean: 0 in generation 1, moved in 2
+    c1, c2 = (load_controller(tmp_path / "c" / "checks" / f"gen_{g:05d}.safetensors")[0] for g in (1, 2))
+    assert not c1.any() and c2.any()
 
 
 def test_saved_controller_keeps_the_m_it_was_trained_in(tmp_path: Path) -> None:
