@@ -158,10 +158,11 @@ def _cma_version() -> str:
     return str(getattr(cma, "__version__", "?"))
 
 
-def load_cma_state(folder: Path, n: int, cfg: CMAConfig) -> tuple[Any, dict[str, Any]]:
+def _cma_header(folder: Path) -> dict[str, Any] | None:
+    """The metadata saved inside cma_state.safetensors (None for a state written before the whole-state format)."""
     from safetensors import safe_open
 
-    path = folder / "cma_state.safetensors"
+    path = Path(folder) / "cma_state.safetensors"
     if not path.exists():
         raise DreamlabError(f"{path} does not exist: nothing to resume (start without --resume)")
     try:
@@ -169,9 +170,23 @@ def load_cma_state(folder: Path, n: int, cfg: CMAConfig) -> tuple[Any, dict[str,
             header = (fh.metadata() or {}).get("cma_state")
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
         raise DreamlabError(f"{path} is not a readable CMA-ES state ({e}); start a new run (another --out) or delete it") from e
-    if header is None:
+    return None if header is None else json.loads(header)
+
+
+def cma_state_info(folder: str | Path) -> dict[str, Any]:
+    """The bookkeeping of a saved search (generation, best so far, ...), read from the state file itself, which is
+    written atomically, so it always matches the state a resume continues."""
+    meta = _cma_header(Path(folder))
+    if meta is None:
+        return load_json(Path(folder) / "cma_state.json")
+    return {k: v for k, v in meta.items() if k not in ("plain", "numpy_rng")}
+
+
+def load_cma_state(folder: Path, n: int, cfg: CMAConfig) -> tuple[Any, dict[str, Any]]:
+    path = folder / "cma_state.safetensors"
+    meta = _cma_header(folder)
+    if meta is None:
         return _load_legacy_cma_state(folder, n, cfg)
-    meta = json.loads(header)
     t = {k: v.numpy() for k, v in load_tensors(path).items()}
     if t["mean"].shape != (n,):
         raise DreamlabError(f"{path} is for {t['mean'].shape[0]} parameters, this controller has {n}; "
@@ -294,7 +309,7 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
     out_dir.mkdir(parents=True, exist_ok=True)
     save_json(out_dir / "config.json", {"cma": dataclasses.asdict(cfg), "world_model": str(run_dir), "num_params": n, "searched_params": m})
     if resume and restart:  # a fresh search: only the bookkeeping of the saved state is needed
-        meta = load_json(out_dir / "cma_state.json")  # the bookkeeping copy of the state's metadata
+        meta = cma_state_info(out_dir)
         search_start = int(meta["generation"])
         es = _make_es(m, cfg, start=search_start)
     elif resume:

@@ -19,7 +19,7 @@ from dreamlab.io import atomic_write_bytes, load_json, save_json
 
 
 def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[dict[str, Any]]:
-    from agents.cmaes import train_controller
+    from agents.cmaes import cma_state_info, train_controller
     from agents.evaluate import RealEvaluator, summarize
     from agents.pipeline import _summary, cma_config, stage_collect, stage_encode, stage_train_mdn
     from generators.base import TrainConfig
@@ -83,7 +83,7 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
             mdn_results.append(train(model, tc, folder, resume=True, progress=progress))
         mdn_res = mdn_results[0]  # M's: the one C reads
         # continue CMA-ES in the new dream
-        gens = int(load_json(run_dir / "controller" / "cma_state.json")["generation"]) + cfg.round_generations
+        gens = int(cma_state_info(run_dir / "controller")["generation"]) + cfg.round_generations
         c_res = train_controller(run_dir, cma_config(cfg, generations=gens), resume=True, progress=progress, reset_best=True,
                                  restart=cfg.round_restart)
         info = {"round": k, "episodes_total": n_now + cfg.round_episodes, "collect": collected,

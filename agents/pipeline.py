@@ -320,7 +320,7 @@ def run_pipeline(run_dir: Path, cfg: WorldModelConfig, *, preset: str | None, pr
     ctrl_done = (run_dir / "controller" / "fitness.jsonl").exists() and \
         len((run_dir / "controller" / "fitness.jsonl").read_text().splitlines()) >= cfg.generations
     if not ctrl_done:
-        timed("train_controller", stage_train_controller, run_dir, cfg, resume=(run_dir / "controller" / "cma_state.json").exists(),
+        timed("train_controller", stage_train_controller, run_dir, cfg, resume=(run_dir / "controller" / "cma_state.safetensors").exists(),
               progress=progress)
     if cfg.rounds > 1:
         timed("iterate", iterate_rounds, run_dir, cfg, progress=progress)

@@ -9,7 +9,15 @@ import pytest
 
 pytest.importorskip("cma")
 
-from agents.cmaes import _VAL_SEED, CMAConfig, _make_es, load_cma_state, save_cma_state, train_controller  # noqa: E402
+from agents.cmaes import (  # noqa: E402
+    _VAL_SEED,
+    CMAConfig,
+    _make_es,
+    cma_state_info,
+    load_cma_state,
+    save_cma_state,
+    train_controller,
+)
 from dreamlab.errors import DreamlabError  # noqa: E402
 from worlds.dream import tiny_world_model, write_world_run  # noqa: E402
 from worlds.policies import load_controller, num_params  # noqa: E402
@@ -37,7 +45,8 @@ def test_cma_state_round_trip_is_exact(tmp_path: Path, diagonal: bool, n: int) -
         es.tell(xs, [f(x) for x in xs])
     np.random.seed(999)  # the saved RNG state must win over whatever happened since
     es2, meta = load_cma_state(tmp_path, n, cfg)
-    assert meta["generation"] == 5
+    assert meta["generation"] == 5 and cma_state_info(tmp_path)["generation"] == 5
+    assert json.loads((tmp_path / "cma_state.json").read_text())["generation"] == 5  # the readable copy
     for r in ref:
         xs = es2.ask()
         np.testing.assert_array_equal(np.array(xs), r)
@@ -146,9 +155,18 @@ def test_saved_controller_keeps_the_m_it_was_trained_in(tmp_path: Path) -> None:
     for k, v in trained_in.items():
         torch.testing.assert_close(acting[k].cpu(), v.cpu())
     assert any(not torch.equal(acting[k].cpu(), v.cpu()) for k, v in mdn.state_dict().items())
+    shutil.rmtree(run / "mdn")  # the controller's snapshot is all it needs of M
+    load_model_policy(str(run), str(best))
     shutil.rmtree(snap)
     with pytest.raises(DreamlabError, match=snap.name):
         controller_mdn(best)
+    from worlds.collect import CollectConfig, collect
+
+    # the collector checks a controller policy once, before any worker starts (not a crash per worker)
+    with pytest.raises(DreamlabError, match=snap.name):
+        collect(CollectConfig(out=str(tmp_path / "roll"), episodes=2, max_steps=5, workers=1, policy="controller",
+                              env_id="dreamlab/CarRacing64-v3", world_model=str(run), controller=str(best)), progress=False)
+    assert not (tmp_path / "roll").exists()
 
 
 def test_z_only_controller_searches_3z_plus_3_parameters(tmp_path: Path) -> None:

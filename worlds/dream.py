@@ -36,7 +36,7 @@ def load_world_model(run_dir: str | Path, device: str | torch.device = "auto", m
 
     run_dir = Path(run_dir)
     for part, cmd in (("vae", "train-vae"), ("mdn", "train-mdn")):
-        if not (run_dir / part).is_dir():
+        if not (run_dir / part).is_dir() and not (part == "mdn" and mdn_dir):
             raise DreamlabError(f"{run_dir} has no {part}/ folder; it is not a world-model run: train it with dreamlab worldmodel {cmd} {run_dir}")
     vae, mdn = load_run(run_dir / "vae", device=device), load_run(Path(mdn_dir) if mdn_dir else run_dir / "mdn", device=device)
     if not isinstance(vae, WorldVAE) or not isinstance(mdn, MDNRNN):
