@@ -108,7 +108,7 @@ def _cma_leaves(obj: Any, prefix: str = "", seen: set[int] | None = None) -> tup
             continue
         key = prefix + k
         if isinstance(v, np.ndarray):
-            if v.dtype.kind in "fiub" and v.dtype != object:
+            if v.dtype.kind in "fiub":
                 arrays[key] = v
         elif isinstance(v, (bool, int, float, str)) or v is None or isinstance(v, np.generic):
             plain[key] = v.item() if isinstance(v, np.generic) else v
@@ -188,33 +188,38 @@ def load_cma_state(folder: Path, n: int, cfg: CMAConfig) -> tuple[Any, dict[str,
     if meta is None:
         return _load_legacy_cma_state(folder, n, cfg)
     t = {k: v.numpy() for k, v in load_tensors(path).items()}
-    if t["mean"].shape != (n,):
-        raise DreamlabError(f"{path} is for {t['mean'].shape[0]} parameters, this controller has {n}; "
-                            "start a new run (another --out) or match the world model")
     if meta.get("cma_version") != _cma_version():
         import warnings
 
         warnings.warn(f"{path} was written with cma {meta.get('cma_version')}, this is cma {_cma_version()}: the resumed "
                       "search may not replay the uninterrupted one exactly", stacklevel=2)
-    es = _make_es(n, cfg, x0=t["mean"])
-    # one throw-away iteration creates the attributes cma builds lazily (mean_old, fit, ...); then every saved leaf
-    # is written back, and numpy's RNG is restored last
-    xs = es.ask()
-    es.tell(xs, [0.0] * len(xs))
-    def value(v: np.ndarray) -> np.ndarray:
-        return v.astype(np.float64) if v.dtype.kind == "f" else v.copy()
-
+    es = _fresh_es(path, t["mean"], n, cfg)
     for k, v in t.items():
-        if not k.endswith("]"):
-            _set_path(es, k, value(v))
+        if not k.endswith("]"):  # "key[i]": an element of a list of arrays, restored with its list below
+            _set_path(es, k, v.copy())
     for k, v in meta["plain"].items():
         if isinstance(v, dict) and "arrays" in v:
-            _set_path(es, k, [value(t[f"{k}[{i}]"]) for i in range(int(v["arrays"]))])
+            _set_path(es, k, [t[f"{k}[{i}]"].copy() for i in range(int(v["arrays"]))])
         else:
             _set_path(es, k, list(v["list"]) if isinstance(v, dict) else v)
-    r = meta["numpy_rng"]
-    np.random.set_state((r[0], np.array(r[1], dtype=np.uint32), r[2], r[3], r[4]))
+    _set_numpy_rng(meta["numpy_rng"])
     return es, {k: v for k, v in meta.items() if k not in ("plain", "numpy_rng")}
+
+
+def _fresh_es(path: Path, mean: np.ndarray, n: int, cfg: CMAConfig) -> Any:
+    """A strategy of the saved one's size after one throw-away iteration, which creates the attributes cma builds
+    lazily (mean_old, fit, ...); the caller then writes the saved state over it and restores numpy's RNG last."""
+    if mean.shape != (n,):
+        raise DreamlabError(f"{path} is for {mean.shape[0]} parameters, this controller has {n}; "
+                            "start a new run (another --out) or match the world model")
+    es = _make_es(n, cfg, x0=mean.astype(np.float64))
+    xs = es.ask()
+    es.tell(xs, [0.0] * len(xs))
+    return es
+
+
+def _set_numpy_rng(r: list[Any]) -> None:
+    np.random.set_state((r[0], np.array(r[1], dtype=np.uint32), r[2], r[3], r[4]))
 
 
 def _load_legacy_cma_state(folder: Path, n: int, cfg: CMAConfig) -> tuple[Any, dict[str, Any]]:
@@ -222,16 +227,12 @@ def _load_legacy_cma_state(folder: Path, n: int, cfg: CMAConfig) -> tuple[Any, d
     but a search of 300+ dimensions (TPA step-size adaptation) does not replay the uninterrupted one exactly."""
     import warnings
 
+    path = folder / "cma_state.safetensors"
     meta = load_json(folder / "cma_state.json")
-    t = {k: v.numpy().astype(np.float64) for k, v in load_tensors(folder / "cma_state.safetensors").items()}
-    if t["mean"].shape != (n,):
-        raise DreamlabError(f"{folder / 'cma_state.safetensors'} is for {t['mean'].shape[0]} parameters, this controller has {n}; "
-                            "start a new run (another --out) or match the world model")
-    warnings.warn(f"{folder / 'cma_state.safetensors'} is an older, partial CMA-ES state: the search resumes, but not "
-                  "exactly as it would have continued", stacklevel=3)
-    es = _make_es(n, cfg, x0=t["mean"])
-    xs = es.ask()
-    es.tell(xs, [0.0] * len(xs))
+    t = {k: v.numpy().astype(np.float64) for k, v in load_tensors(path).items()}
+    es = _fresh_es(path, t["mean"], n, cfg)
+    warnings.warn(f"{path} is an older, partial CMA-ES state: the search resumes, but not exactly as it would have "
+                  "continued", stacklevel=3)
     paths = {"ps": "adapt_sigma.ps", "sigma_vec": "sigma_vec.scaling", "best_x": "best.x"}
     for k, v in t.items():
         if k != "best_x" or meta.get("best_f") is not None:
@@ -245,8 +246,7 @@ def _load_legacy_cma_state(folder: Path, n: int, cfg: CMAConfig) -> tuple[Any, d
             setattr(es.adapt_sigma, k, v)
     if meta.get("best_f") is not None:
         es.best.f, es.best.evals = float(meta["best_f"]), int(meta["best_evals"])
-    r = meta["numpy_rng"]
-    np.random.set_state((r[0], np.array(r[1], dtype=np.uint32), r[2], r[3], r[4]))
+    _set_numpy_rng(meta["numpy_rng"])
     return es, meta
 
 

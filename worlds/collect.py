@@ -319,9 +319,9 @@ def collect(cfg: CollectConfig, *, resume: bool = False, progress: bool = True, 
 
     if cfg.episodes < 1:
         raise DreamlabError(f"episodes={cfg.episodes} must be at least 1")
-    if cfg.policy == "controller" and not (cfg.world_model and cfg.controller):
-        raise DreamlabError("policy=controller needs --world-model RUN (with vae/ and mdn/) and --controller FILE.safetensors")
     if cfg.policy == "controller":
+        if not (cfg.world_model and cfg.controller):
+            raise DreamlabError("policy=controller needs --world-model RUN (with vae/ and mdn/) and --controller FILE.safetensors")
         load_model_policy(cfg.world_model, cfg.controller)  # a missing or mismatched V, M or C fails here, once, not in every worker
     out = Path(cfg.out)
     manifest = read_manifest(out, must_exist=False)
