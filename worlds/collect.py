@@ -270,6 +270,8 @@ def _crash_hook(out: Path, index: int) -> None:
 
 
 def _worker(wid: int, cfg_d: dict[str, Any], tasks: Any, results: Any, parent: int) -> None:
+    """Run the episodes the parent hands over `tasks`; report on `results`, this worker's own pipe (send is
+    synchronous and shares no lock with other workers, so a worker that dies mid-message breaks only its pipe)."""
     try:
         import torch
 
@@ -296,17 +298,17 @@ def _worker(wid: int, cfg_d: dict[str, Any], tasks: Any, results: Any, parent: i
         def on_steps(n: int) -> None:
             if os.getppid() != parent:
                 os._exit(0)
-            results.put(("steps", wid, n))
+            results.send(("steps", wid, n))
 
         try:
             ep = run_episode(env, policy, seed, cfg.frame_size, on_steps)
             _crash_hook(out, idx)
             save_episode(out / episode_name(idx), ep)
         except Exception as e:  # reported to the main process, which decides whether to retry
-            results.put(("error", wid, idx, f"{type(e).__name__}: {e}"))
+            results.send(("error", wid, idx, f"{type(e).__name__}: {e}"))
             env = make_env(cfg.env_id, cfg.max_steps)
             continue
-        results.put(("done", wid, idx, {"steps": ep.steps, "return": ep.ret, "terminated": bool(ep.terminated[-1]),
+        results.send(("done", wid, idx, {"steps": ep.steps, "return": ep.ret, "terminated": bool(ep.terminated[-1]),
                                        "seed": seed, "seconds": round(time.perf_counter() - t0, 3)}))
 
 
@@ -375,13 +377,16 @@ def collect(cfg: CollectConfig, *, resume: bool = False, progress: bool = True, 
 def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summary: dict[str, Any]) -> None:
     """Run episodes on worker processes. The parent hands each worker one episode at a time through the
     worker's own queue, so it always knows what a worker was doing: when a worker dies (even before any of
-    its messages got out), its episode is handed to the restarted worker."""
+    its messages got out), its episode is handed to the restarted worker. Each worker reports on its own pipe:
+    with one queue shared by all workers, a worker killed while writing to it left the queue's lock held and
+    the other workers blocked forever on their next message (the run hung instead of restarting it)."""
     import multiprocessing as mp
+    from multiprocessing.connection import wait
 
     ctx = mp.get_context("spawn")
     n = cfg.workers or os.cpu_count() or 1
     n = max(1, min(n, len(todo)))
-    results = ctx.Queue()
+    conns: dict[int, Any] = {}  # wid -> the read end of the worker's pipe (None once it hit EOF)
     cfg_d = dataclasses.asdict(cfg)
     parent = os.getpid()
     pending = list(reversed(todo))  # popped from the end: episodes in order
@@ -392,9 +397,23 @@ def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summar
 
     def spawn(wid: int) -> Any:
         queues[wid] = ctx.Queue()
-        p = ctx.Process(target=_worker, args=(wid, cfg_d, queues[wid], results, parent), daemon=True, name=f"collect-{wid}")
+        recv, send = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_worker, args=(wid, cfg_d, queues[wid], send, parent), daemon=True, name=f"collect-{wid}")
         p.start()
+        send.close()  # the worker holds the only write end: its death reads as EOF here
+        conns[wid] = recv
         return p
+
+    def receive(wid: int) -> bool:
+        """Handle one message of worker wid; False (and the pipe closed) at EOF or a message cut off mid-way."""
+        try:
+            msg = conns[wid].recv()
+        except (EOFError, OSError):
+            conns[wid].close()
+            conns[wid] = None
+            return False
+        handle(msg)
+        return True
 
     def assign(wid: int) -> None:
         while pending and pending[-1] not in remaining:
@@ -428,21 +447,20 @@ def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summar
     last_check = time.perf_counter()
     try:
         while remaining:
-            try:
-                handle(results.get(timeout=0.5))
-            except queue.Empty:
-                pass
+            live = {c: w for w, c in conns.items() if c is not None}
+            if live:
+                for c in wait(list(live), timeout=0.5):
+                    receive(live[c])
+            else:
+                time.sleep(0.1)
             if time.perf_counter() - last_check < 0.5:
                 continue
             last_check = time.perf_counter()
             for wid, p in list(procs.items()):
                 if p.is_alive():
                     continue
-                while True:  # messages it sent before dying (it may have finished its episode)
-                    try:
-                        handle(results.get_nowait())
-                    except queue.Empty:
-                        break
+                while conns[wid] is not None and receive(wid):  # messages it sent before dying (it may have finished its episode)
+                    pass
                 summary["restarts"] += 1
                 if summary["restarts"] > cfg.max_restarts:
                     raise DreamlabError(f"collector workers crashed {summary['restarts']} times (last exit code {p.exitcode}); "
@@ -464,6 +482,9 @@ def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summar
             if p.is_alive():
                 p.terminate()
                 p.join(1)
+        for c in conns.values():
+            if c is not None:
+                c.close()
 
 
 def demo_rollouts() -> Path:
