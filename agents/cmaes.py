@@ -51,6 +51,7 @@ class CMAConfig:
                                      # alone and C reads that member's h; the real checks and the playoff then choose among
                                      # the members' controllers (Ms trained from other seeds on the same data differ a lot)
     horizon: int = 1000              # dream steps (or real steps per episode)
+    steer_penalty: float = 0.0       # dream reward minus this x |steer| per step (worlds.dream.DreamConfig)
     fitness: Literal["dream", "real"] = "dream"
     diagonal: bool = False           # CMA_diagonal: much cheaper updates at 867 dimensions
     val_rollouts: int = 32           # dream validation of the distribution mean: the same rollouts every generation
@@ -271,6 +272,8 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
     if cfg.popsize < 2 or cfg.rollouts < 1 or cfg.generations < 1 or cfg.sigma0 <= 0 or cfg.restart_every < 0:
         raise DreamlabError(f"need popsize >= 2, rollouts >= 1, generations >= 1, sigma0 > 0, restart_every >= 0 (got {cfg.popsize}, "
                             f"{cfg.rollouts}, {cfg.generations}, {cfg.sigma0}, {cfg.restart_every})")
+    if not cfg.steer_penalty >= 0:
+        raise DreamlabError(f"steer_penalty={cfg.steer_penalty}: it must be >= 0 (0 = the plain dream reward)")
     has_state = (out_dir / "cma_state.json").exists()
     if has_state and not resume:
         raise DreamlabError(f"{out_dir} already holds a CMA-ES state; pass --resume to continue it, or choose another --out")
@@ -283,7 +286,7 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
         raise DreamlabError(f"ensemble_mode='rotate' runs one dream search per member: it needs fitness='dream' and restart_every > 0 "
                             f"(got fitness={cfg.fitness!r}, restart_every={cfg.restart_every}); e.g. --set restart_every=20")
     dev = resolve_device(cfg.device)
-    dcfg = DreamConfig(horizon=cfg.horizon, temperature=cfg.temperature)
+    dcfg = DreamConfig(horizon=cfg.horizon, temperature=cfg.temperature, steer_penalty=cfg.steer_penalty)
     vae, mdn, sim = load_dream(run_dir, dev, dcfg, ensemble=1 if rotate else cfg.ensemble)
     # one (M, dream) per member when rotating; member k's controllers read member k's h
     members: list[tuple[Any, Any]] = [(mdn, sim)]

@@ -57,6 +57,7 @@ class WorldModelConfig:
     rollouts: int = 16
     sigma0: float = 0.1
     temperature: float = 1.15
+    steer_penalty: float = 0.0       # dream reward minus this x |steer| per step: discourages bang-bang steering M rewards
     horizon: int = 1000
     diagonal: bool = False
     val_rollouts: int = 32           # fixed dream rollouts that pick the best mean (best_dream)
@@ -239,7 +240,7 @@ def cma_config(cfg: WorldModelConfig, **over: Any) -> Any:
     from agents.cmaes import CMAConfig
 
     base = CMAConfig(generations=cfg.generations, popsize=cfg.popsize, rollouts=cfg.rollouts, sigma0=cfg.sigma0,
-                     temperature=cfg.temperature, ensemble=cfg.mdn_ensemble, ensemble_mode=cfg.mdn_ensemble_mode, horizon=cfg.horizon, diagonal=cfg.diagonal, features=cfg.features, val_rollouts=cfg.val_rollouts, eval_every=cfg.eval_every,
+                     temperature=cfg.temperature, steer_penalty=cfg.steer_penalty, ensemble=cfg.mdn_ensemble, ensemble_mode=cfg.mdn_ensemble_mode, horizon=cfg.horizon, diagonal=cfg.diagonal, features=cfg.features, val_rollouts=cfg.val_rollouts, eval_every=cfg.eval_every,
                      eval_episodes=cfg.eval_episodes, check_steps=cfg.check_steps, select_by_real=cfg.select_by_real,
                      playoff_top=cfg.playoff_top, playoff_episodes=cfg.playoff_episodes, restart_every=cfg.restart_every, workers=cfg.workers, env_id=cfg.env_id, seed=cfg.seed, device=cfg.device)
     return dataclasses.replace(base, **over)

@@ -187,6 +187,8 @@ def test_z_only_controller_searches_3z_plus_3_parameters(tmp_path: Path) -> None
     assert torch.count_nonzero(w[z_dim:]) == 0 and torch.count_nonzero(w[:z_dim]) > 0
     with pytest.raises(DreamlabError, match="features"):
         train_controller(run, CMAConfig(features="hz", device="cpu"), progress=False, out=tmp_path / "bad")  # type: ignore[arg-type]
+    with pytest.raises(DreamlabError, match="steer_penalty=-0.1"):
+        train_controller(run, CMAConfig(steer_penalty=-0.1, device="cpu"), progress=False, out=tmp_path / "bad")
 
 
 def test_restart_starts_a_fresh_search_but_keeps_the_run(tmp_path: Path) -> None:

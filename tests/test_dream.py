@@ -49,6 +49,20 @@ def test_done_head_ends_dreams_and_stops_reward() -> None:
     assert torch.equal(out["steps"], torch.full((2, 3), 20.0))
 
 
+def test_steer_penalty_subtracts_k_times_abs_steer_per_step() -> None:
+    thetas = torch.randn(2, _sim().n_params, generator=torch.Generator().manual_seed(3)) * 0.5
+    plain, pen = _sim(horizon=15), _sim(horizon=15, steer_penalty=0.25)
+    for s in (plain, pen):
+        with torch.no_grad():
+            s.mdn.head.bias[-1] = -30.0  # never done: every step counts
+    a = plain.rollout(thetas, 3, seed=4, record=True)
+    b = pen.rollout(thetas, 3, seed=4, record=True)
+    assert torch.equal(a["z"], b["z"])  # the penalty changes the fitness, not the dream
+    steer = a["actions"][..., 0].abs().sum(0).view(2, 3)
+    assert steer.min() > 0
+    torch.testing.assert_close(a["returns"] - b["returns"], 0.25 * steer)
+
+
 def test_dream_rejects_bad_parameters() -> None:
     sim = _sim()
     with pytest.raises(DreamlabError, match="expected"):

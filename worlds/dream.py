@@ -53,6 +53,7 @@ class DreamConfig:
     done_threshold: float = 0.5
     cuda_graph: bool = True
     amp: bool = True
+    steer_penalty: float = 0.0  # subtracted from M's reward per step per unit |steer| (0 = the plain dream)
 
 
 class DreamSimulator:
@@ -176,6 +177,8 @@ class DreamSimulator:
         h, c = h.float(), c.float()
         logpi, mu, ls, rew, dlogit = self.mdn.split_head(out)
         done = (torch.sigmoid(dlogit) > self.cfg.done_threshold).float()
+        if self.cfg.steer_penalty:
+            rew = rew - self.cfg.steer_penalty * a[:, 0].abs()
         z = self.mdn.sample_mixture(logpi, mu, ls, self.cfg.temperature, g, noise)
         return z, h, c, a, rew, done
 
