@@ -45,10 +45,22 @@ class _RandomPolicy:
         return np.asarray(self.space.sample(), np.float32)
 
 
+def _crash_hook(seed: int) -> None:
+    """Fault injection for the worker-death test: DREAMLAB_EVAL_CRASH_ONCE=DIR:SEED kills the worker once at that env seed."""
+    want = os.environ.get("DREAMLAB_EVAL_CRASH_ONCE")
+    if want:
+        folder, s = want.rsplit(":", 1)
+        marker = Path(folder) / f".crashed_{s}"
+        if int(s) == seed and not marker.exists():
+            marker.touch()
+            os._exit(17)
+
+
 def _episode(task: tuple[str, np.ndarray | None, int, bool]) -> dict[str, Any]:
     from worlds.collect import ModelPolicy, run_episode
 
     kind, theta, seed, record = task
+    _crash_hook(seed)
     env = _G["env"]
     if kind == "random":
         policy: Any = _RandomPolicy(env.action_space, seed)
@@ -67,7 +79,11 @@ def _episode(task: tuple[str, np.ndarray | None, int, bool]) -> dict[str, Any]:
 
 class RealEvaluator:
     """Runs episodes of controllers (or the random policy) in `workers` processes (1 = in this process).
-    Controllers act with V and M of `world_model`, or with the M in `mdn_dir` (the one they were trained with)."""
+    Controllers act with V and M of `world_model`, or with the M in `mdn_dir` (the one they were trained with).
+    A worker that dies (killed, out of memory) restarts the workers and re-runs the unfinished episodes, which are
+    exact repeats (an episode depends only on its task); multiprocessing.Pool would have waited forever for them."""
+
+    max_restarts = 3
 
     def __init__(self, world_model: str | Path | None, env_id: str = "CarRacing-v3", workers: int = 0, max_steps: int = 1000,
                  mdn_dir: str | Path | None = None) -> None:
@@ -77,31 +93,64 @@ class RealEvaluator:
 
     def __enter__(self) -> RealEvaluator:
         if self.workers > 1:
-            import multiprocessing as mp
-
-            self.pool = mp.get_context("spawn").Pool(self.workers, initializer=_init_worker, initargs=self.args)
+            self._start()
         else:
             _init_worker(*self.args)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-            self.pool = None
+        self._stop()
+
+    def _start(self) -> None:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=self.args)
+
+    def _stop(self) -> None:
+        if self.pool is None:
+            return
+        procs = list((getattr(self.pool, "_processes", None) or {}).values())
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        for p in procs:  # shutdown() alone lets running episodes finish: stop them now (Ctrl-C, errors)
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(5)
+        self.pool = None
 
     def run(self, tasks: list[tuple[str, np.ndarray | None, int, bool]], desc: str = "real env", progress: bool = True) -> list[dict[str, Any]]:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(tasks), desc=desc, unit="ep", disable=not progress, dynamic_ncols=True)
         t0, steps = time.perf_counter(), 0
+        from concurrent.futures import as_completed
+        from concurrent.futures.process import BrokenProcessPool
+
         results: list[dict[str, Any]] = [None] * len(tasks)  # type: ignore[list-item]
-        it = (self.pool.imap(_episode, tasks) if self.pool is not None else map(_episode, tasks))
-        for i, r in enumerate(it):
-            results[i] = r
-            steps += r["steps"]
-            bar.update(1)
-            bar.set_postfix(env_steps_per_s=f"{steps / max(time.perf_counter() - t0, 1e-9):.0f}", ret=f"{r['return']:.1f}")
+        todo, restarts = set(range(len(tasks))), 0
+        while todo:
+            if self.pool is None:
+                it: Any = ((i, _episode(tasks[i])) for i in sorted(todo))
+            else:
+                futs = {self.pool.submit(_episode, tasks[i]): i for i in sorted(todo)}
+                it = ((futs[f], f.result()) for f in as_completed(futs))
+            try:
+                for i, r in it:
+                    results[i] = r
+                    todo.discard(i)
+                    steps += r["steps"]
+                    bar.update(1)
+                    bar.set_postfix(env_steps_per_s=f"{steps / max(time.perf_counter() - t0, 1e-9):.0f}", ret=f"{r['return']:.1f}")
+            except BrokenProcessPool as e:
+                restarts += 1
+                if restarts > self.max_restarts:
+                    bar.close()
+                    raise DreamlabError(f"real-env workers of {self.args[1]} died {restarts} times ({e}); check memory "
+                                        "(fewer --workers) and the messages above") from e
+                bar.write(f"a real-env worker died; restarting {self.workers} workers and re-running {len(todo)} episodes")
+                self._stop()
+                self._start()
         bar.close()
         return results
 

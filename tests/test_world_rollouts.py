@@ -146,3 +146,16 @@ def test_pursuit_policy_needs_a_track() -> None:
 
     with pytest.raises(DreamlabError, match="pursuit.*track"):
         PursuitPolicy(np.random.default_rng(0)).bind(NoTrack())
+
+
+def test_real_evaluator_reruns_the_episodes_of_a_dead_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from agents.evaluate import RealEvaluator
+
+    tasks = [("random", None, s, False) for s in range(5)]
+    with RealEvaluator(None, FAST, workers=1, max_steps=20) as ev:
+        ref = ev.run(tasks, progress=False)
+    monkeypatch.setenv("DREAMLAB_EVAL_CRASH_ONCE", f"{tmp_path}:2")  # the worker running env seed 2 dies once
+    with RealEvaluator(None, FAST, workers=2, max_steps=20) as ev:
+        got = ev.run(tasks, progress=False)
+    assert (tmp_path / ".crashed_2").exists()
+    assert [(r["seed"], r["return"], r["steps"]) for r in got] == [(r["seed"], r["return"], r["steps"]) for r in ref]
