@@ -120,13 +120,13 @@ class RealEvaluator:
         self.pool = None
 
     def run(self, tasks: list[tuple[str, np.ndarray | None, int, bool]], desc: str = "real env", progress: bool = True) -> list[dict[str, Any]]:
+        from concurrent.futures import as_completed
+        from concurrent.futures.process import BrokenProcessPool
+
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(tasks), desc=desc, unit="ep", disable=not progress, dynamic_ncols=True)
         t0, steps = time.perf_counter(), 0
-        from concurrent.futures import as_completed
-        from concurrent.futures.process import BrokenProcessPool
-
         results: list[dict[str, Any]] = [None] * len(tasks)  # type: ignore[list-item]
         todo, restarts = set(range(len(tasks))), 0
         while todo:

@@ -444,18 +444,13 @@ def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summar
     procs = {w: spawn(w) for w in range(n)}
     for w in procs:
         assign(w)
-    last_check = time.perf_counter()
     try:
         while remaining:
+            # wakes on a message or on a worker's exit (its process sentinel), whichever comes first
             live = {c: w for w, c in conns.items() if c is not None}
-            if live:
-                for c in wait(list(live), timeout=0.5):
+            for c in wait([*live, *(p.sentinel for p in procs.values())], timeout=0.5):
+                if c in live:
                     receive(live[c])
-            else:
-                time.sleep(0.1)
-            if time.perf_counter() - last_check < 0.5:
-                continue
-            last_check = time.perf_counter()
             for wid, p in list(procs.items()):
                 if p.is_alive():
                     continue
