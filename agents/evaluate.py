@@ -6,8 +6,11 @@ it, and a side-by-side video (real frame | V reconstruction | dream driven by th
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +105,6 @@ class RealEvaluator:
         self._stop()
 
     def _start(self) -> None:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
         self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=self.args)
 
     def _stop(self) -> None:
@@ -120,9 +120,6 @@ class RealEvaluator:
         self.pool = None
 
     def run(self, tasks: list[tuple[str, np.ndarray | None, int, bool]], desc: str = "real env", progress: bool = True) -> list[dict[str, Any]]:
-        from concurrent.futures import as_completed
-        from concurrent.futures.process import BrokenProcessPool
-
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(tasks), desc=desc, unit="ep", disable=not progress, dynamic_ncols=True)
