@@ -20,11 +20,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from dreamlab.io import atomic_write_text  # noqa: E402
+
 BENCHES = {
-    "envs": ["bench/envs_bench.py"],
-    "wm": ["bench/worldmodel_bench.py"],
-    "t2i": ["bench/text2img_bench.py"],
-    "fid": ["bench/fid_fmnist.py"],
+    "envs": "bench/envs_bench.py",
+    "wm": "bench/worldmodel_bench.py",
+    "t2i": "bench/text2img_bench.py",
+    "fid": "bench/fid_fmnist.py",
 }
 QUICK = {  # smoke sizes: the scripts' own defaults are the figures' sizes
     "envs": ["--reps", "1", "--steps", "60", "--vec-steps", "30", "--vec-reps", "1"],
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     report: list[str] = []
     failed: list[str] = []
     for name in args.only:
-        cmd = [sys.executable, *BENCHES[name], *(QUICK[name] if args.quick else [])]
+        cmd = [sys.executable, BENCHES[name], *(QUICK[name] if args.quick else [])]
         if name == "fid":
             runs = [r for r in FID_RUNS if (ROOT / r).is_dir()]
             if not runs:
@@ -61,17 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
-        print(proc.stdout, end="", flush=True)
         took = time.perf_counter() - t0
+        print(proc.stdout, end="", flush=True)
         status = "ok" if proc.returncode == 0 else f"FAILED (exit {proc.returncode})"
         print(f"== {name}: {status} in {took:.0f} s\n", flush=True)
         report.append(f"## {name} ({' '.join(cmd[1:])}; {status}, {took:.0f} s)\n\n{proc.stdout}")
         if proc.returncode != 0:
             failed.append(name)
     if args.out is not None:
-        tmp = args.out.with_name(args.out.name + ".tmp")
-        tmp.write_text("\n".join(report))
-        tmp.replace(args.out)
+        atomic_write_text(args.out, "\n".join(report))
     if failed:
         print(f"benchmarks that failed: {', '.join(failed)}", file=sys.stderr)
         return 1

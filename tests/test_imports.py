@@ -1,6 +1,8 @@
 """Every package imports from this repository (not from some installed copy), and layering holds."""
 import ast
 import importlib
+import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -51,8 +53,6 @@ def test_no_generic_top_level_packages() -> None:
 
 def test_makefile_names_only_files_that_exist() -> None:
     """`make bench` once pointed at a script that was never written; every path the Makefile runs must exist."""
-    import re
-
     text = (ROOT / "Makefile").read_text()
     paths = set(re.findall(r"(?:bench|examples|tests)/[\w./-]+\.py", text))
     assert paths, "the Makefile names no scripts: update this test"
@@ -61,8 +61,6 @@ def test_makefile_names_only_files_that_exist() -> None:
 
 def test_bench_run_all_skips_fid_without_run_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("run_all", ROOT / "bench" / "run_all.py")
     run_all = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_all)
