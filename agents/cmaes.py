@@ -52,6 +52,8 @@ class CMAConfig:
                                      # the members' controllers (Ms trained from other seeds on the same data differ a lot)
     horizon: int = 1000              # dream steps (or real steps per episode)
     steer_penalty: float = 0.0       # dream reward minus this x |steer| per step (worlds.dream.DreamConfig)
+    start_anywhere: float = 0.0      # fraction of dream rollouts starting from a real frame anywhere in an episode (worlds.dream)
+    state_stride: int = 16           # those frames: every N-th of each encoded episode
     fitness: Literal["dream", "real"] = "dream"
     diagonal: bool = False           # CMA_diagonal: much cheaper updates at 867 dimensions
     val_rollouts: int = 32           # dream validation of the distribution mean: the same rollouts every generation
@@ -286,14 +288,15 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
         raise DreamlabError(f"ensemble_mode='rotate' runs one dream search per member: it needs fitness='dream' and restart_every > 0 "
                             f"(got fitness={cfg.fitness!r}, restart_every={cfg.restart_every}); e.g. --set restart_every=20")
     dev = resolve_device(cfg.device)
-    dcfg = DreamConfig(horizon=cfg.horizon, temperature=cfg.temperature, steer_penalty=cfg.steer_penalty)
+    dcfg = DreamConfig(horizon=cfg.horizon, temperature=cfg.temperature, steer_penalty=cfg.steer_penalty,
+                       start_anywhere=cfg.start_anywhere, state_stride=cfg.state_stride)
     vae, mdn, sim = load_dream(run_dir, dev, dcfg, ensemble=1 if rotate else cfg.ensemble)
     # one (M, dream) per member when rotating; member k's controllers read member k's h
     members: list[tuple[Any, Any]] = [(mdn, sim)]
     if rotate:
         from worlds.dream import DreamSimulator, load_members
 
-        members += [(m, DreamSimulator(m, sim.init_mu, sim.init_logvar, dcfg)) for m in load_members(run_dir, cfg.ensemble, dev)]
+        members += [(m, DreamSimulator(m, sim.init_mu, sim.init_logvar, dcfg, states=sim.state_pool())) for m in load_members(run_dir, cfg.ensemble, dev)]
     z_dim, hidden = mdn.config.z_dim, mdn.config.hidden
     n = num_params(z_dim, hidden)
     if cfg.features not in ("zh", "z"):

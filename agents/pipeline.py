@@ -58,6 +58,8 @@ class WorldModelConfig:
     sigma0: float = 0.1
     temperature: float = 1.15
     steer_penalty: float = 0.0       # dream reward minus this x |steer| per step: discourages bang-bang steering M rewards
+    start_anywhere: float = 0.0      # fraction of dream rollouts that start from a real frame anywhere in an episode,
+    state_stride: int = 16           # one of every N-th frame, not at the start line (0 = every dream starts at the start)
     horizon: int = 1000
     diagonal: bool = False
     val_rollouts: int = 32           # fixed dream rollouts that pick the best mean (best_dream)
@@ -240,7 +242,7 @@ def cma_config(cfg: WorldModelConfig, **over: Any) -> Any:
     from agents.cmaes import CMAConfig
 
     base = CMAConfig(generations=cfg.generations, popsize=cfg.popsize, rollouts=cfg.rollouts, sigma0=cfg.sigma0,
-                     temperature=cfg.temperature, steer_penalty=cfg.steer_penalty, ensemble=cfg.mdn_ensemble, ensemble_mode=cfg.mdn_ensemble_mode, horizon=cfg.horizon, diagonal=cfg.diagonal, features=cfg.features, val_rollouts=cfg.val_rollouts, eval_every=cfg.eval_every,
+                     temperature=cfg.temperature, steer_penalty=cfg.steer_penalty, start_anywhere=cfg.start_anywhere, state_stride=cfg.state_stride, ensemble=cfg.mdn_ensemble, ensemble_mode=cfg.mdn_ensemble_mode, horizon=cfg.horizon, diagonal=cfg.diagonal, features=cfg.features, val_rollouts=cfg.val_rollouts, eval_every=cfg.eval_every,
                      eval_episodes=cfg.eval_episodes, check_steps=cfg.check_steps, select_by_real=cfg.select_by_real,
                      playoff_top=cfg.playoff_top, playoff_episodes=cfg.playoff_episodes, restart_every=cfg.restart_every, workers=cfg.workers, env_id=cfg.env_id, seed=cfg.seed, device=cfg.device)
     return dataclasses.replace(base, **over)

@@ -170,6 +170,8 @@ def test_saved_controller_keeps_the_m_it_was_trained_in(tmp_path: Path) -> None:
 
 
 def test_z_only_controller_searches_3z_plus_3_parameters(tmp_path: Path) -> None:
+    import dataclasses
+
     import torch
 
     from worlds.policies import unflatten
@@ -189,6 +191,12 @@ def test_z_only_controller_searches_3z_plus_3_parameters(tmp_path: Path) -> None
         train_controller(run, CMAConfig(features="hz", device="cpu"), progress=False, out=tmp_path / "bad")  # type: ignore[arg-type]
     with pytest.raises(DreamlabError, match="steer_penalty=-0.1"):
         train_controller(run, CMAConfig(steer_penalty=-0.1, device="cpu"), progress=False, out=tmp_path / "bad")
+    with pytest.raises(DreamlabError, match=r"start_anywhere=1.5: it is a fraction"):
+        train_controller(run, CMAConfig(start_anywhere=1.5, device="cpu"), progress=False, out=tmp_path / "bad")
+    # anywhere-starts run through the search, and the controller's config records them
+    train_controller(run, dataclasses.replace(cfg, start_anywhere=0.5, state_stride=1), progress=False, out=tmp_path / "any")
+    anycfg = json.loads((tmp_path / "any" / "config.json").read_text())
+    assert anycfg["cma"]["start_anywhere"] == 0.5 and anycfg["cma"]["state_stride"] == 1
 
 
 def test_restart_starts_a_fresh_search_but_keeps_the_run(tmp_path: Path) -> None:

@@ -63,6 +63,34 @@ def test_steer_penalty_subtracts_k_times_abs_steer_per_step() -> None:
     torch.testing.assert_close(a["returns"] - b["returns"], 0.25 * steer)
 
 
+def test_start_anywhere_draws_that_fraction_of_starts_from_the_state_pool() -> None:
+    _, mdn, mu, _ = tiny_world_model(seed=0)
+    first = (torch.zeros_like(mu), torch.full_like(mu, -20.0))  # start-line states near 0, pool states near 5
+    pool = (torch.full((40, 8), 5.0), torch.full((40, 8), -20.0))
+    thetas = torch.zeros(2, num_params(8, 16))
+
+    def z0(frac: float, seed: int = 3, r: int = 64) -> torch.Tensor:
+        sim = DreamSimulator(mdn, *first, DreamConfig(horizon=2, start_anywhere=frac), states=pool if frac else None)
+        return sim.rollout(thetas, r, seed=seed, record=True)["z"][0].view(2, r, 8)
+
+    assert z0(0.0).abs().max() < 0.01
+    assert (z0(1.0) - 5.0).abs().max() < 0.01
+    half = z0(0.5)
+    from_pool = (half[0, :, 0] > 2.5)
+    assert 16 <= int(from_pool.sum()) <= 48  # about half of 64 rollouts
+    assert torch.equal(half[0], half[1])  # every candidate still starts rollout j from the same state
+    assert torch.equal(half, z0(0.5))  # reproducible by seed
+    assert not torch.equal(half, z0(0.5, seed=4))
+    # without start_anywhere a pool is ignored: dreams replay exactly as before the option existed
+    plain = DreamSimulator(mdn, *first, DreamConfig(horizon=5)).rollout(thetas, 4, seed=1)["returns"]
+    with_pool = DreamSimulator(mdn, *first, DreamConfig(horizon=5), states=pool).rollout(thetas, 4, seed=1)["returns"]
+    assert torch.equal(plain, with_pool)
+    with pytest.raises(DreamlabError, match="start_anywhere=1.5"):
+        DreamSimulator(mdn, *first, DreamConfig(start_anywhere=1.5), states=pool)
+    with pytest.raises(DreamlabError, match="start_anywhere=0.5 needs a pool"):
+        DreamSimulator(mdn, *first, DreamConfig(start_anywhere=0.5))
+
+
 def test_dream_rejects_bad_parameters() -> None:
     sim = _sim()
     with pytest.raises(DreamlabError, match="expected"):
@@ -73,7 +101,17 @@ def test_dream_rejects_bad_parameters() -> None:
         sim.rollout(bad, 2)
 
 
-def test_ensemble_rollouts_run_in_their_member_and_c_reads_m() -> None:
+@pytest.fixture
+def one_thread():
+    """Bitwise comparisons of batches of different row counts need one thread: with two, BLAS splits the rows
+    differently and the last bits differ (the test passed or failed with the test order before)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_ensemble_rollouts_run_in_their_member_and_c_reads_m(one_thread) -> None:
     import copy
 
     _, mdn, mu, lv = tiny_world_model(seed=0)
@@ -104,6 +142,10 @@ def test_load_dream_from_run_folder(tmp_path: Path) -> None:
         load_dream(tmp_path / "wm", "cpu", ensemble=2)
     m2.save_pretrained(tmp_path / "wm" / "mdn_1" / "model")
     assert load_dream(tmp_path / "wm", "cpu", ensemble=2)[2].ensemble == 2
+    # anywhere-starts read every state_stride-th frame of the encoded episodes (here one frame each)
+    assert load_dream(tmp_path / "wm", "cpu", DreamConfig(horizon=5))[2].state_pool() is None
+    pool = load_dream(tmp_path / "wm", "cpu", DreamConfig(horizon=5, start_anywhere=0.5))[2].state_pool()
+    assert pool is not None and pool[0].shape == mu.shape
 
 
 @pytest.mark.gpu

@@ -1,7 +1,10 @@
 """The dream: M (the MDN-RNN) stepped as an environment, batched over P controller candidates x R rollouts.
 
 Every rollout starts from a real initial state (z drawn from V's (mu, sigma) of an episode's first frame,
-h = c = 0). Each step: a = C([z, h]); (h, c) = LSTM([z, a]); the head gives r_t, P(done) and the mixture
+h = c = 0); with `start_anywhere` = f > 0 a fraction f of the rollouts starts instead from a real frame taken
+anywhere in an episode (the `states` pool, every `state_stride`-th frame), still with h = c = 0: M was trained on
+64-step chunks from h = 0 at such offsets, so these starts are in its training distribution, and C meets the
+mid-race states (fast on a bend, off the road) its real drives reach (MBPO-style branched starts). Each step: a = C([z, h]); (h, c) = LSTM([z, a]); the head gives r_t, P(done) and the mixture
 over z_{t+1}, sampled at temperature tau. Rewards accumulate until M's done probability crosses
 `done_threshold` or the horizon ends. Frames are decoded only on request (`decode_frames`).
 
@@ -54,13 +57,16 @@ class DreamConfig:
     cuda_graph: bool = True
     amp: bool = True
     steer_penalty: float = 0.0  # subtracted from M's reward per step per unit |steer| (0 = the plain dream)
+    start_anywhere: float = 0.0  # fraction of rollouts that start from a real frame anywhere in an episode, not its first
+    state_stride: int = 16       # the pool of such frames: every N-th frame of each encoded episode
 
 
 class DreamSimulator:
-    """Batched dreams in M. `init_mu`/`init_logvar` (N, Z): the real initial states to draw from."""
+    """Batched dreams in M. `init_mu`/`init_logvar` (N, Z): the real initial states to draw from; `states` (mu,
+    logvar), each (S, Z): real frames from anywhere in the episodes, needed when `cfg.start_anywhere` > 0."""
 
     def __init__(self, mdn: MDNRNN, init_mu: torch.Tensor, init_logvar: torch.Tensor, cfg: DreamConfig | None = None,
-                 members: Sequence[MDNRNN] = ()) -> None:
+                 members: Sequence[MDNRNN] = (), states: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         self.mdn = mdn.eval()
         self.cfg = cfg or DreamConfig()
         self.device = mdn.device
@@ -74,10 +80,26 @@ class DreamSimulator:
         self.init_mu = init_mu.float().to(self.device)
         self.init_logvar = init_logvar.float().to(self.device)  # kept so another M can dream from the same states
         self.init_std = (0.5 * self.init_logvar).exp()
+        f = self.cfg.start_anywhere
+        if not 0.0 <= f <= 1.0:
+            raise DreamlabError(f"start_anywhere={f}: it is a fraction of the rollouts, in [0, 1] (0 = every dream starts at an episode's first frame)")
+        self.states = None
+        if f > 0:
+            if states is None or states[0].ndim != 2 or states[0].shape[1] != mdn.config.z_dim or states[1].shape != states[0].shape \
+                    or len(states[0]) == 0:
+                got = "none" if states is None else f"shape {tuple(states[0].shape)}"
+                raise DreamlabError(f"start_anywhere={f} needs a pool of real states of shape (S, {mdn.config.z_dim}), got {got}; "
+                                    "load the dream with worlds.dream.load_dream, which reads them from the run's latents/")
+            self.states = (states[0].float().to(self.device), states[1].float().to(self.device))
+            self._state_std = (0.5 * self.states[1]).exp()
         self.z_dim, self.hidden = mdn.config.z_dim, mdn.config.hidden
         self.n_params = num_params(self.z_dim, self.hidden)
         self._graphs: dict[tuple[int, int], _GraphDream] = {}
         self._member_idx: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    def state_pool(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The (mu, logvar) pool of anywhere-starts, to build another M's dream from the same states."""
+        return self.states
 
     @property
     def ensemble(self) -> int:
@@ -90,6 +112,11 @@ class DreamSimulator:
         idx = torch.randint(0, len(self.init_mu), (r,), generator=g, device=self.device)
         eps = torch.randn(r, self.z_dim, generator=g, device=self.device)
         z0 = self.init_mu[idx] + self.init_std[idx] * eps
+        if self.states is not None:  # extra draws only here, so dreams without start_anywhere replay exactly as before
+            mu = self.states[0]
+            j = torch.randint(0, len(mu), (r,), generator=g, device=self.device)
+            anywhere = torch.rand(r, generator=g, device=self.device) < self.cfg.start_anywhere
+            z0 = torch.where(anywhere[:, None], mu[j] + self._state_std[j] * eps, z0)
         return z0.repeat(p, 1)
 
     def _weights(self, thetas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,14 +312,15 @@ def load_dream(run_dir: str | Path, device: str | torch.device = "auto", cfg: Dr
                mdn_dir: str | Path | None = None, ensemble: int = 1) -> tuple[WorldVAE, MDNRNN, DreamSimulator]:
     """V, M (or the M in `mdn_dir`) and a DreamSimulator with the run's real initial states (`latents/`); with
     `ensemble` K > 1 the dream also runs in the K - 1 members RUN/mdn_1 .. (see DreamSimulator)."""
-    from worlds.encode import initial_latents
+    from worlds.encode import initial_latents, state_latents
 
     run_dir = Path(run_dir)
     dev = resolve_device(device)
     vae, mdn = load_world_model(run_dir, dev, mdn_dir)
     members = load_members(run_dir, ensemble, dev)
     mu, lv = initial_latents(run_dir / "latents")
-    return vae, mdn, DreamSimulator(mdn, mu, lv, cfg, members)
+    states = state_latents(run_dir / "latents", cfg.state_stride) if cfg is not None and cfg.start_anywhere > 0 else None
+    return vae, mdn, DreamSimulator(mdn, mu, lv, cfg, members, states)
 
 
 def dream_summary(sim: DreamSimulator, theta: torch.Tensor, rollouts: int = 16, seed: int = 0) -> dict[str, Any]:

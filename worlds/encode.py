@@ -85,3 +85,17 @@ def initial_latents(folder: str | Path, max_episodes: int = 1000) -> tuple[torch
         mus.append(t["mu"][0].float())
         lvs.append(t["logvar"][0].float())
     return torch.stack(mus), torch.stack(lvs)
+
+
+def state_latents(folder: str | Path, stride: int = 16, max_episodes: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mu, logvar) of every `stride`-th frame of each encoded episode (its first included): real states from
+    anywhere in the episodes, for dreams that do not all start at the start line (DreamConfig.start_anywhere)."""
+    if stride < 1:
+        raise DreamlabError(f"state_stride={stride}: take every N-th frame with N >= 1")
+    files = latent_files(folder)[:max_episodes]
+    mus, lvs = [], []
+    for f in files:
+        t = load_tensors(f)
+        mus.append(t["mu"][::stride].float())
+        lvs.append(t["logvar"][::stride].float())
+    return torch.cat(mus), torch.cat(lvs)
