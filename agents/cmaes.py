@@ -296,7 +296,7 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
     if rotate:
         from worlds.dream import DreamSimulator, load_members
 
-        members += [(m, DreamSimulator(m, sim.init_mu, sim.init_logvar, dcfg, states=sim.state_pool())) for m in load_members(run_dir, cfg.ensemble, dev)]
+        members += [(m, DreamSimulator(m, sim.init_mu, sim.init_logvar, dcfg, states=sim.states)) for m in load_members(run_dir, cfg.ensemble, dev)]
     z_dim, hidden = mdn.config.z_dim, mdn.config.hidden
     n = num_params(z_dim, hidden)
     if cfg.features not in ("zh", "z"):

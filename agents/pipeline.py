@@ -59,7 +59,8 @@ class WorldModelConfig:
     temperature: float = 1.15
     steer_penalty: float = 0.0       # dream reward minus this x |steer| per step: discourages bang-bang steering M rewards
     start_anywhere: float = 0.0      # fraction of dream rollouts that start from a real frame anywhere in an episode,
-    state_stride: int = 16           # one of every N-th frame, not at the start line (0 = every dream starts at the start)
+                                     # not at the start line (0 = every dream starts at the start line)
+    state_stride: int = 16           # those frames: every N-th of each encoded episode
     horizon: int = 1000
     diagonal: bool = False
     val_rollouts: int = 32           # fixed dream rollouts that pick the best mean (best_dream)

@@ -143,9 +143,11 @@ def test_load_dream_from_run_folder(tmp_path: Path) -> None:
     m2.save_pretrained(tmp_path / "wm" / "mdn_1" / "model")
     assert load_dream(tmp_path / "wm", "cpu", ensemble=2)[2].ensemble == 2
     # anywhere-starts read every state_stride-th frame of the encoded episodes (here one frame each)
-    assert load_dream(tmp_path / "wm", "cpu", DreamConfig(horizon=5))[2].state_pool() is None
-    pool = load_dream(tmp_path / "wm", "cpu", DreamConfig(horizon=5, start_anywhere=0.5))[2].state_pool()
+    assert load_dream(tmp_path / "wm", "cpu", DreamConfig(horizon=5))[2].states is None
+    any_sim = load_dream(tmp_path / "wm", "cpu", DreamConfig(horizon=5, start_anywhere=0.5))[2]
+    pool = any_sim.states
     assert pool is not None and pool[0].shape == mu.shape
+    torch.testing.assert_close(any_sim.init_mu, sim.init_mu)  # the one read gives the same start-line states
 
 
 @pytest.mark.gpu

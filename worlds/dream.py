@@ -4,8 +4,8 @@ Every rollout starts from a real initial state (z drawn from V's (mu, sigma) of 
 h = c = 0); with `start_anywhere` = f > 0 a fraction f of the rollouts starts instead from a real frame taken
 anywhere in an episode (the `states` pool, every `state_stride`-th frame), still with h = c = 0: M was trained on
 64-step chunks from h = 0 at such offsets, so these starts are in its training distribution, and C meets the
-mid-race states (fast on a bend, off the road) its real drives reach (MBPO-style branched starts). Each step: a = C([z, h]); (h, c) = LSTM([z, a]); the head gives r_t, P(done) and the mixture
-over z_{t+1}, sampled at temperature tau. Rewards accumulate until M's done probability crosses
+mid-race states (fast on a bend, off the road) its real drives reach (MBPO-style branched starts).
+Each step: a = C([z, h]); (h, c) = LSTM([z, a]); the head gives r_t, P(done) and the mixture over z_{t+1}, sampled at temperature tau. Rewards accumulate until M's done probability crosses
 `done_threshold` or the horizon ends. Frames are decoded only on request (`decode_frames`).
 
 An ensemble (`members`: more Ms trained on the same data from other seeds) makes the dream harder to exploit:
@@ -83,7 +83,7 @@ class DreamSimulator:
         f = self.cfg.start_anywhere
         if not 0.0 <= f <= 1.0:
             raise DreamlabError(f"start_anywhere={f}: it is a fraction of the rollouts, in [0, 1] (0 = every dream starts at an episode's first frame)")
-        self.states = None
+        self.states: tuple[torch.Tensor, torch.Tensor] | None = None  # (mu, logvar) of anywhere-starts, kept for other Ms
         if f > 0:
             if states is None or states[0].ndim != 2 or states[0].shape[1] != mdn.config.z_dim or states[1].shape != states[0].shape \
                     or len(states[0]) == 0:
@@ -96,10 +96,6 @@ class DreamSimulator:
         self.n_params = num_params(self.z_dim, self.hidden)
         self._graphs: dict[tuple[int, int], _GraphDream] = {}
         self._member_idx: dict[tuple[int, int], list[torch.Tensor]] = {}
-
-    def state_pool(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The (mu, logvar) pool of anywhere-starts, to build another M's dream from the same states."""
-        return self.states
 
     @property
     def ensemble(self) -> int:
@@ -318,8 +314,11 @@ def load_dream(run_dir: str | Path, device: str | torch.device = "auto", cfg: Dr
     dev = resolve_device(device)
     vae, mdn = load_world_model(run_dir, dev, mdn_dir)
     members = load_members(run_dir, ensemble, dev)
-    mu, lv = initial_latents(run_dir / "latents")
-    states = state_latents(run_dir / "latents", cfg.state_stride) if cfg is not None and cfg.start_anywhere > 0 else None
+    states = None
+    if cfg is not None and cfg.start_anywhere > 0:
+        (mu, lv), states = state_latents(run_dir / "latents", cfg.state_stride)
+    else:
+        mu, lv = initial_latents(run_dir / "latents")
     return vae, mdn, DreamSimulator(mdn, mu, lv, cfg, members, states)
 
 
