@@ -54,6 +54,8 @@ class CMAConfig:
     steer_penalty: float = 0.0       # dream reward minus this x |steer| per step (worlds.dream.DreamConfig)
     start_anywhere: float = 0.0      # fraction of dream rollouts starting from a real frame anywhere in an episode (worlds.dream)
     state_stride: int = 16           # those frames: every N-th of each encoded episode
+    lost_steps: int = 0              # a dream rollout ends after this many steps in a row of reward < lost_reward: the car
+    lost_reward: float = 0.0         # is lost off the road (worlds.dream.DreamConfig; 0 = off)
     fitness: Literal["dream", "real"] = "dream"
     diagonal: bool = False           # CMA_diagonal: much cheaper updates at 867 dimensions
     val_rollouts: int = 32           # dream validation of the distribution mean: the same rollouts every generation
@@ -289,7 +291,8 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
                             f"(got fitness={cfg.fitness!r}, restart_every={cfg.restart_every}); e.g. --set restart_every=20")
     dev = resolve_device(cfg.device)
     dcfg = DreamConfig(horizon=cfg.horizon, temperature=cfg.temperature, steer_penalty=cfg.steer_penalty,
-                       start_anywhere=cfg.start_anywhere, state_stride=cfg.state_stride)
+                       start_anywhere=cfg.start_anywhere, state_stride=cfg.state_stride, lost_steps=cfg.lost_steps,
+                       lost_reward=cfg.lost_reward)
     vae, mdn, sim = load_dream(run_dir, dev, dcfg, ensemble=1 if rotate else cfg.ensemble)
     # one (M, dream) per member when rotating; member k's controllers read member k's h
     members: list[tuple[Any, Any]] = [(mdn, sim)]

@@ -197,6 +197,11 @@ def test_z_only_controller_searches_3z_plus_3_parameters(tmp_path: Path) -> None
     train_controller(run, dataclasses.replace(cfg, start_anywhere=0.5, state_stride=1), progress=False, out=tmp_path / "any")
     anycfg = json.loads((tmp_path / "any" / "config.json").read_text())
     assert anycfg["cma"]["start_anywhere"] == 0.5 and anycfg["cma"]["state_stride"] == 1
+    # so does the lost-car rule, and a bad value is named
+    with pytest.raises(DreamlabError, match="lost_steps=-2"):
+        train_controller(run, CMAConfig(lost_steps=-2, device="cpu"), progress=False, out=tmp_path / "bad")
+    train_controller(run, dataclasses.replace(cfg, lost_steps=3), progress=False, out=tmp_path / "lost")
+    assert json.loads((tmp_path / "lost" / "config.json").read_text())["cma"]["lost_steps"] == 3
 
 
 def test_restart_starts_a_fresh_search_but_keeps_the_run(tmp_path: Path) -> None:

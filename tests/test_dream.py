@@ -63,6 +63,26 @@ def test_steer_penalty_subtracts_k_times_abs_steer_per_step() -> None:
     torch.testing.assert_close(a["returns"] - b["returns"], 0.25 * steer)
 
 
+def test_lost_steps_ends_a_dream_after_that_many_steps_of_low_reward() -> None:
+    thetas = torch.randn(2, _sim().n_params, generator=torch.Generator().manual_seed(5)) * 0.5
+    sims = {n: _sim(horizon=20, lost_steps=n) for n in (0, 6)}
+    for s in sims.values():
+        with torch.no_grad():
+            s.mdn.head.bias[-1] = -30.0  # never done by M's head
+            s.mdn.head.weight[-2].zero_()
+            s.mdn.head.bias[-2] = -0.1  # the reward of a lost car, every step
+    off, on = sims[0].rollout(thetas, 3, seed=1), sims[6].rollout(thetas, 3, seed=1)
+    assert torch.equal(off["steps"], torch.full((2, 3), 20.0))
+    assert torch.equal(on["steps"], torch.full((2, 3), 6.0))  # ended at the 6th step in a row below lost_reward
+    torch.testing.assert_close(on["returns"], torch.full((2, 3), -0.6))
+    # a reward at or above lost_reward resets the count: the dream runs to the horizon
+    with torch.no_grad():
+        sims[6].mdn.head.bias[-2] = 0.0
+    assert torch.equal(sims[6].rollout(thetas, 3, seed=1)["steps"], torch.full((2, 3), 20.0))
+    with pytest.raises(DreamlabError, match="lost_steps=-1"):
+        _sim(lost_steps=-1)
+
+
 def test_start_anywhere_draws_that_fraction_of_starts_from_the_state_pool() -> None:
     _, mdn, mu, _ = tiny_world_model(seed=0)
     first = (torch.zeros_like(mu), torch.full_like(mu, -20.0))  # start-line states near 0, pool states near 5
@@ -162,13 +182,13 @@ def test_cuda_graph_dream_matches_shapes_and_is_finite() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("ensemble", [1, 3])
-def test_cuda_graph_dream_is_reproducible_and_agrees_with_the_eager_path(ensemble: int) -> None:
+@pytest.mark.parametrize(("ensemble", "lost_steps"), [(1, 0), (3, 0), (1, 4)])
+def test_cuda_graph_dream_is_reproducible_and_agrees_with_the_eager_path(ensemble: int, lost_steps: int) -> None:
     _, mdn, mu, lv = tiny_world_model(seed=0)
     mdn = mdn.cuda()
     members = [tiny_world_model(seed=10 + k)[1].cuda() for k in range(1, ensemble)]
-    graph = DreamSimulator(mdn, mu, lv, DreamConfig(horizon=25), members)
-    eager = DreamSimulator(mdn, mu, lv, DreamConfig(horizon=25, cuda_graph=False), members)
+    graph = DreamSimulator(mdn, mu, lv, DreamConfig(horizon=25, lost_steps=lost_steps), members)
+    eager = DreamSimulator(mdn, mu, lv, DreamConfig(horizon=25, cuda_graph=False, lost_steps=lost_steps), members)
     thetas = torch.randn(2, graph.n_params, generator=torch.Generator().manual_seed(0)) * 0.3
     a, b, c = (graph.rollout(thetas, 512, seed=s)["returns"] for s in (5, 5, 6))
     assert torch.equal(a, b) and not torch.equal(a, c)

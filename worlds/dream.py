@@ -59,6 +59,8 @@ class DreamConfig:
     steer_penalty: float = 0.0  # subtracted from M's reward per step per unit |steer| (0 = the plain dream)
     start_anywhere: float = 0.0  # fraction of rollouts that start from a real frame anywhere in an episode, not its first
     state_stride: int = 16       # the pool of such frames: every N-th frame of each encoded episode
+    lost_steps: int = 0          # end a rollout once the dream's reward has stayed below `lost_reward` this many steps
+    lost_reward: float = 0.0     # in a row: the car is lost off the road (0 = off; see `DreamSimulator._lost`)
 
 
 class DreamSimulator:
@@ -80,6 +82,8 @@ class DreamSimulator:
         self.init_mu = init_mu.float().to(self.device)
         self.init_logvar = init_logvar.float().to(self.device)  # kept so another M can dream from the same states
         self.init_std = (0.5 * self.init_logvar).exp()
+        if self.cfg.lost_steps < 0:
+            raise DreamlabError(f"lost_steps={self.cfg.lost_steps}: it must be >= 0 (0 = dreams do not end for a lost car)")
         f = self.cfg.start_anywhere
         if not 0.0 <= f <= 1.0:
             raise DreamlabError(f"start_anywhere={f}: it is a fraction of the rollouts, in [0, 1] (0 = every dream starts at an episode's first frame)")
@@ -160,9 +164,12 @@ class DreamSimulator:
         ret = torch.zeros(bsz, device=self.device)
         steps = torch.zeros(bsz, device=self.device)
         ens = self._members_init(p, r) if self.members else None
+        lost = torch.zeros(bsz, device=self.device) if self.cfg.lost_steps else None
         zs, acts = ([z], []) if record else (None, None)
         for _ in range(t_max):
             z, h, c, a, rew, done = self._step(z, h, c, w, b, p, r, g, ens=ens)
+            if lost is not None:
+                lost, done = self._lost(lost, rew, done)
             ret += rew * alive
             steps += alive
             alive = alive * (1.0 - done)
@@ -205,6 +212,16 @@ class DreamSimulator:
         z = self.mdn.sample_mixture(logpi, mu, ls, self.cfg.temperature, g, noise)
         return z, h, c, a, rew, done
 
+    def _lost(self, lost: torch.Tensor, rew: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Count the steps in a row with the dream's reward below `lost_reward`; a rollout ends at `lost_steps`.
+
+        Why: from a real off-road state, dream-trained controllers that stay lost in the real env find the road again
+        in M's dream (docs/worldmodels.md, "Lost cars find the road in the dream"), so leaving the road costs little
+        there. M's reward head reads about -0.1 off the road (no tiles), as the env pays, so a long run of it marks a
+        lost car without any pixel rule."""
+        lost = (lost + 1.0) * (rew < self.cfg.lost_reward).to(lost.dtype)
+        return lost, torch.maximum(done, (lost >= self.cfg.lost_steps).to(done.dtype))
+
     def fitness(self, thetas: torch.Tensor, rollouts: int, seed: int = 0) -> torch.Tensor:
         """Mean dream return per candidate (P,)."""
         return self.rollout(thetas, rollouts, seed=seed)["returns"].mean(1)
@@ -228,11 +245,15 @@ class _GraphDream:
         self.u = torch.rand(bsz, k, device=dev)
         self.eps = torch.randn(bsz, zd, device=dev)
         self.ens = sim._members_init(p, r) if sim.members else None  # static member rows and (h, c) buffers
+        self.lost = torch.zeros(bsz, device=dev) if sim.cfg.lost_steps else None
 
         def one() -> None:
             self.u.uniform_()  # in-place draws from the default CUDA generator: graph-safe (philox offsets)
             self.eps.normal_()
             z, h, c, _, rew, done = sim._step(self.z, self.h, self.c, self.w, self.b, p, r, None, (self.u, self.eps), self.ens)
+            if self.lost is not None:
+                lost, done = sim._lost(self.lost, rew, done)
+                self.lost.copy_(lost)
             self.ret.add_(rew * self.alive)
             self.steps.add_(self.alive)
             self.alive.mul_(1.0 - done)
@@ -264,6 +285,8 @@ class _GraphDream:
         for t in (*self.ens[1], *self.ens[2]) if self.ens else ():
             t.zero_()
         self.alive.fill_(1.0)
+        if self.lost is not None:
+            self.lost.zero_()
         self.ret.zero_()
         self.steps.zero_()
         for _ in range(horizon):
