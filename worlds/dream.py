@@ -6,7 +6,7 @@ anywhere in an episode (the `states` pool, every `state_stride`-th frame), still
 64-step chunks from h = 0 at such offsets, so these starts are in its training distribution, and C meets the
 mid-race states (fast on a bend, off the road) its real drives reach (MBPO-style branched starts).
 Each step: a = C([z, h]); (h, c) = LSTM([z, a]); the head gives r_t, P(done) and the mixture over z_{t+1}, sampled at temperature tau. Rewards accumulate until M's done probability crosses
-`done_threshold` or the horizon ends. Frames are decoded only on request (`decode_frames`).
+`done_threshold`, the horizon ends or (with `lost_steps` = N > 0) the reward has stayed below `lost_reward` N steps in a row. Frames are decoded only on request (`decode_frames`).
 
 An ensemble (`members`: more Ms trained on the same data from other seeds) makes the dream harder to exploit:
 rollout j of every candidate runs in member j mod K (member 0 is M), which draws z_{t+1}, the reward and done.
@@ -218,7 +218,8 @@ class DreamSimulator:
         Why: from a real off-road state, dream-trained controllers that stay lost in the real env find the road again
         in M's dream (docs/worldmodels.md, "Lost cars find the road in the dream"), so leaving the road costs little
         there. M's reward head reads about -0.1 off the road (no tiles), as the env pays, so a long run of it marks a
-        lost car without any pixel rule."""
+        lost car without any pixel rule. Off in every preset: it ranked checked controllers closer to their real scores,
+        but four paired searches with it scored 24 points lower on average."""
         lost = (lost + 1.0) * (rew < self.cfg.lost_reward).to(lost.dtype)
         return lost, torch.maximum(done, (lost >= self.cfg.lost_steps).to(done.dtype))
 
