@@ -54,7 +54,7 @@ class CMAConfig:
     steer_penalty: float = 0.0       # dream reward minus this x |steer| per step (worlds.dream.DreamConfig)
     start_anywhere: float = 0.0      # fraction of dream rollouts starting from a real frame anywhere in an episode (worlds.dream)
     state_stride: int = 16           # those frames: every N-th of each encoded episode
-    lost_steps: int = 0              # a dream rollout ends after this many steps in a row of reward < lost_reward: the car
+    lost_steps: int = 0              # a dream rollout ends after this many steps in a row of M's reward < lost_reward: the car
     lost_reward: float = 0.0         # is lost off the road (worlds.dream.DreamConfig; 0 = off)
     fitness: Literal["dream", "real"] = "dream"
     diagonal: bool = False           # CMA_diagonal: much cheaper updates at 867 dimensions

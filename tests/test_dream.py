@@ -79,6 +79,11 @@ def test_lost_steps_ends_a_dream_after_that_many_steps_of_low_reward() -> None:
     with torch.no_grad():
         sims[6].mdn.head.bias[-2] = 0.0
     assert torch.equal(sims[6].rollout(thetas, 3, seed=1)["steps"], torch.full((2, 3), 20.0))
+    # the count reads M's own reward: a steering penalty that pushes the dream's reward below 0 does not end it
+    pen = _sim(horizon=20, lost_steps=6, steer_penalty=1.0)
+    pen.mdn.load_state_dict(sims[6].mdn.state_dict())
+    out = pen.rollout(thetas, 3, seed=1)
+    assert torch.equal(out["steps"], torch.full((2, 3), 20.0)) and (out["returns"] < 0).all()
     with pytest.raises(DreamlabError, match="lost_steps=-1"):
         _sim(lost_steps=-1)
 

@@ -6,7 +6,7 @@ anywhere in an episode (the `states` pool, every `state_stride`-th frame), still
 64-step chunks from h = 0 at such offsets, so these starts are in its training distribution, and C meets the
 mid-race states (fast on a bend, off the road) its real drives reach (MBPO-style branched starts).
 Each step: a = C([z, h]); (h, c) = LSTM([z, a]); the head gives r_t, P(done) and the mixture over z_{t+1}, sampled at temperature tau. Rewards accumulate until M's done probability crosses
-`done_threshold`, the horizon ends or (with `lost_steps` = N > 0) the reward has stayed below `lost_reward` N steps in a row. Frames are decoded only on request (`decode_frames`).
+`done_threshold`, the horizon ends or (with `lost_steps` = N > 0) M's reward has stayed below `lost_reward` N steps in a row. Frames are decoded only on request (`decode_frames`).
 
 An ensemble (`members`: more Ms trained on the same data from other seeds) makes the dream harder to exploit:
 rollout j of every candidate runs in member j mod K (member 0 is M), which draws z_{t+1}, the reward and done.
@@ -59,7 +59,7 @@ class DreamConfig:
     steer_penalty: float = 0.0  # subtracted from M's reward per step per unit |steer| (0 = the plain dream)
     start_anywhere: float = 0.0  # fraction of rollouts that start from a real frame anywhere in an episode, not its first
     state_stride: int = 16       # the pool of such frames: every N-th frame of each encoded episode
-    lost_steps: int = 0          # end a rollout once the dream's reward has stayed below `lost_reward` this many steps
+    lost_steps: int = 0          # end a rollout once M's reward (before steer_penalty) has stayed below `lost_reward` this many steps
     lost_reward: float = 0.0     # in a row: the car is lost off the road (0 = off; see `DreamSimulator._lost`)
 
 
@@ -167,9 +167,7 @@ class DreamSimulator:
         lost = torch.zeros(bsz, device=self.device) if self.cfg.lost_steps else None
         zs, acts = ([z], []) if record else (None, None)
         for _ in range(t_max):
-            z, h, c, a, rew, done = self._step(z, h, c, w, b, p, r, g, ens=ens)
-            if lost is not None:
-                lost, done = self._lost(lost, rew, done)
+            z, h, c, a, rew, done = self._step(z, h, c, w, b, p, r, g, ens=ens, lost=lost)
             ret += rew * alive
             steps += alive
             alive = alive * (1.0 - done)
@@ -186,8 +184,9 @@ class DreamSimulator:
 
     def _step(self, z: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w: torch.Tensor, b: torch.Tensor, p: int, r: int,
               g: torch.Generator | None, noise: tuple[torch.Tensor, torch.Tensor] | None = None,
-              ens: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None) -> tuple[torch.Tensor, ...]:
-        """One dream step. `ens` = (rows, h, c) of the extra members, updated in place."""
+              ens: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None,
+              lost: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """One dream step. `ens` = (rows, h, c) of the extra members and `lost` (the `lost_steps` count), updated in place."""
         bsz = p * r
         # bf16 on CUDA; the autocast weight cache is off so the step can be captured in a CUDA graph
         ctx = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if self.device.type == "cuda" and self.cfg.amp
@@ -207,21 +206,23 @@ class DreamSimulator:
         h, c = h.float(), c.float()
         logpi, mu, ls, rew, dlogit = self.mdn.split_head(out)
         done = (torch.sigmoid(dlogit) > self.cfg.done_threshold).float()
+        if lost is not None:  # on M's own reward, before any steer penalty
+            done = self._lost(lost, rew, done)
         if self.cfg.steer_penalty:
             rew = rew - self.cfg.steer_penalty * a[:, 0].abs()
         z = self.mdn.sample_mixture(logpi, mu, ls, self.cfg.temperature, g, noise)
         return z, h, c, a, rew, done
 
-    def _lost(self, lost: torch.Tensor, rew: torch.Tensor, done: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Count the steps in a row with the dream's reward below `lost_reward`; a rollout ends at `lost_steps`.
+    def _lost(self, lost: torch.Tensor, rew: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        """Count (in place) the steps in a row with M's reward below `lost_reward`; a rollout ends at `lost_steps`.
 
         Why: from a real off-road state, dream-trained controllers that stay lost in the real env find the road again
         in M's dream (docs/worldmodels.md, "Lost cars find the road in the dream"), so leaving the road costs little
         there. M's reward head reads about -0.1 off the road (no tiles), as the env pays, so a long run of it marks a
         lost car without any pixel rule. Off in every preset: it ranked checked controllers closer to their real scores,
         but four paired searches with it scored 24 points lower on average."""
-        lost = (lost + 1.0) * (rew < self.cfg.lost_reward).to(lost.dtype)
-        return lost, torch.maximum(done, (lost >= self.cfg.lost_steps).to(done.dtype))
+        lost.add_(1.0).mul_((rew < self.cfg.lost_reward).to(lost.dtype))
+        return torch.maximum(done, (lost >= self.cfg.lost_steps).to(done.dtype))
 
     def fitness(self, thetas: torch.Tensor, rollouts: int, seed: int = 0) -> torch.Tensor:
         """Mean dream return per candidate (P,)."""
@@ -251,10 +252,7 @@ class _GraphDream:
         def one() -> None:
             self.u.uniform_()  # in-place draws from the default CUDA generator: graph-safe (philox offsets)
             self.eps.normal_()
-            z, h, c, _, rew, done = sim._step(self.z, self.h, self.c, self.w, self.b, p, r, None, (self.u, self.eps), self.ens)
-            if self.lost is not None:
-                lost, done = sim._lost(self.lost, rew, done)
-                self.lost.copy_(lost)
+            z, h, c, _, rew, done = sim._step(self.z, self.h, self.c, self.w, self.b, p, r, None, (self.u, self.eps), self.ens, self.lost)
             self.ret.add_(rew * self.alive)
             self.steps.add_(self.alive)
             self.alive.mul_(1.0 - done)
