@@ -92,10 +92,10 @@ class WorldModelConfig:
                                      # OpenMP oversubscription on a busy machine (measured 7x faster there)
 
 
-# 2 CPU cores, about 8-10 min (docs/worldmodels.md has the measured times and real-env scores per seed): whole
+# 2 CPU cores, about 7-9 min (docs/worldmodels.md has the measured times and real-env scores per seed): whole
 # 1000-step episodes, the paper's LSTM 256 and three short CMA-ES searches of 10 generations (the real checks of a
 # search peaked around its 10th generation and fell as it went on exploiting the dream); one round. The round_*
-# settings are medium's and those of `--set rounds=N`.
+# settings apply with `--set rounds=N`; medium inherits round_collect, round_restart and round_check_episodes.
 _QUICK: dict[str, Any] = {"env_id": "dreamlab/CarRacing64-v3", "episodes": 160, "max_steps": 1000, "policy": "explore", "vae_width": 16,
     "vae_steps": 1000, "vae_batch": 64, "vae_lr": 1e-3, "hidden": 256, "seq_len": 64, "mdn_steps": 2000, "mdn_batch": 32,
     "generations": 30, "popsize": 32, "rollouts": 8, "horizon": 1000, "restart_every": 10, "eval_every": 5, "eval_episodes": 4,
