@@ -226,9 +226,8 @@ def stage_train_mdn(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = Fals
     res: dict[str, Any] = {}
     for k, folder in enumerate(folders):
         if (k > 0 or skip_m) and (folder / "model").is_dir():
-            if k == 0:
-                prev = load_json(run_dir / "summary.json") if (run_dir / "summary.json").exists() else {}
-                res = {kk: v for kk, v in prev.get("train_mdn", {}).items() if kk not in ("members", "seconds")}
+            if k == 0:  # M itself is trained (a `model` folder is written only at the end): report its test metrics
+                res = load_json(folder / "eval.json") if (folder / "eval.json").exists() else {"status": "finished"}
             continue
         model = MDNRNN(MDNRNNConfig(latents=str(run_dir / "latents"), z_dim=cfg.z_dim, hidden=cfg.hidden, mixtures=cfg.mixtures,
                                     seq_len=cfg.seq_len, temperature=cfg.temperature))
@@ -239,6 +238,9 @@ def stage_train_mdn(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = Fals
             res = r
         else:
             res.setdefault("members", {})[folder.name] = {kk: r.get(kk) for kk in ("status", "step", "test_nll_per_step", "test_reward_mse")}
+        if r.get("status") != "finished":  # Ctrl-C: stop here (the checkpoint is saved); --resume continues this member
+            res["status"] = r.get("status", "interrupted")
+            break
     res["seconds"] = round(time.perf_counter() - t0, 1)
     _summary(run_dir, "train_mdn", res)
     return res

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,18 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     assert (tmp_path / "d.gif").stat().st_size > 0
     assert main(["worldmodel", "train-controller", str(run), "--generations", "3", "--resume", "--no-progress"]) == 0
     assert len((run / "controller" / "fitness.jsonl").read_text().splitlines()) == 3
+    # a fork of the run (links to its V, M and data, as for comparing settings) gets a second M from the stage
+    # command: only the new member trains, the exit status is 0 and M is untouched
+    fork = tmp_path / "fork"
+    fork.mkdir()
+    for d in ("vae", "mdn", "latents", "rollouts"):
+        (fork / d).symlink_to(run / d)
+    shutil.copy(run / "config.json", fork / "config.json")
+    m_weights = (run / "mdn" / "model" / "model.safetensors").read_bytes()
+    assert main(["worldmodel", "train-mdn", str(fork), "--set", "mdn_ensemble=2", "--no-progress"]) == 0
+    assert (fork / "mdn_1" / "model" / "model.safetensors").is_file() and not (run / "mdn_1").exists()
+    assert (run / "mdn" / "model" / "model.safetensors").read_bytes() == m_weights
+    assert json.loads((fork / "summary.json").read_text())["train_mdn"]["status"] == "finished"
     # iterative training: one more round collects with the controller, continues M and C
     # (round_collect=both: one new episode driven by the kept controller, one by the dream-best one); a second M
     # joins the dream (mdn_ensemble=2): trained first, then continued in every round like M
