@@ -21,7 +21,14 @@ from dreamlab.io import atomic_write_bytes, load_json, save_json
 def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[dict[str, Any]]:
     from agents.cmaes import cma_state_info, train_controller
     from agents.evaluate import RealEvaluator, summarize
-    from agents.pipeline import _summary, cma_config, stage_collect, stage_encode, stage_train_mdn
+    from agents.pipeline import (
+        _summary,
+        cma_config,
+        stage_collect,
+        stage_encode,
+        stage_train_mdn,
+        stop_if_interrupted,
+    )
     from generators.base import TrainConfig
     from generators.trainer import train
     from worlds.dream import mdn_dirs
@@ -54,7 +61,7 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
     # 2 started at 355, 118, -18).
     # members of a dream ensemble asked for after M was trained are trained now, on the data so far
     if any(not (d / "model").is_dir() for d in mdn_dirs(run_dir, cfg.mdn_ensemble)[1:]):
-        stage_train_mdn(run_dir, cfg, progress=progress)
+        stop_if_interrupted(stage_train_mdn(run_dir, cfg, progress=progress))
     first: dict[str, Any] | None = state.get("round_1")
     if first is None and not done and cfg.rounds > 1 and ctrl.is_file():
         first = {"round": 1, "episodes_total": len(read_manifest(run_dir / "rollouts")["episodes"]), **real_check(1)}
@@ -80,7 +87,7 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
             steps = int(old["train"]["steps"]) + cfg.round_mdn_steps
             model = MDNRNN(MDNRNNConfig(**{f.name: old["config"][f.name] for f in dataclasses.fields(MDNRNNConfig) if f.name in old["config"]}))
             tc = TrainConfig(**{**old["train"], "steps": steps, "betas": tuple(old["train"]["betas"])})
-            mdn_results.append(train(model, tc, folder, resume=True, progress=progress))
+            mdn_results.append(stop_if_interrupted(train(model, tc, folder, resume=True, progress=progress)))
         mdn_res = mdn_results[0]  # M's: the one C reads
         # continue CMA-ES in the new dream
         gens = int(cma_state_info(run_dir / "controller")["generation"]) + cfg.round_generations

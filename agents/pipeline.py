@@ -148,6 +148,14 @@ def _threads(cfg: WorldModelConfig) -> None:
         torch.set_num_threads(cfg.threads)
 
 
+def stop_if_interrupted(res: Any) -> Any:
+    """A trainer stopped by Ctrl-C returns {"status": "interrupted"} after saving its checkpoint; the stages after it
+    must not run on a half-trained V or M, so the pipeline stops too (the CLI exits 130; --resume continues)."""
+    if isinstance(res, dict) and res.get("status") == "interrupted":
+        raise KeyboardInterrupt
+    return res
+
+
 def _summary(run_dir: Path, stage: str, info: dict[str, Any]) -> None:
     p = run_dir / "summary.json"
     s = load_json(p) if p.exists() else {}
@@ -315,7 +323,7 @@ def run_pipeline(run_dir: Path, cfg: WorldModelConfig, *, preset: str | None, pr
 
     def timed(name: str, fn: Any, *a: Any, **k: Any) -> Any:
         s = time.perf_counter()
-        r = fn(*a, **k)
+        r = stop_if_interrupted(fn(*a, **k))
         times[name] = round(time.perf_counter() - s, 1)
         print(f"[{name}] {times[name]} s", flush=True)
         return r

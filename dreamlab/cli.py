@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        hint = "; finished work and checkpoints are saved: run the same command with --resume to continue" if hasattr(args, "resume") else ""
+        print(f"interrupted{hint}", file=sys.stderr)
         return 130
 
 

@@ -103,6 +103,19 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     assert json.loads((run / "controller" / "config.json").read_text())["cma"]["ensemble_mode"] == "rotate"
 
 
+def test_ctrl_c_in_a_training_stage_stops_the_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # the trainer answers Ctrl-C by saving a checkpoint and returning "interrupted"; encoding must not run on that V
+    import agents.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "stage_train_vae", lambda *a, **k: {"status": "interrupted", "step": 1})
+    run = tmp_path / "wm"
+    assert main(["worldmodel", "run", "--preset", "tiny", "--out", str(run), "--no-progress"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted") and "--resume" in err and len(err.splitlines()) == 1
+    assert (run / "rollouts" / "manifest.json").is_file() and not (run / "latents").exists()
+
+
 def test_cli_bad_input_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["worldmodel", "evaluate", str(tmp_path / "nope"), "--episodes", "1"]) == 2
     err = capsys.readouterr().err.strip()
