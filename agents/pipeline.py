@@ -92,7 +92,7 @@ class WorldModelConfig:
                                      # OpenMP oversubscription on a busy machine (measured 7x faster there)
 
 
-# 2 CPU cores, about 7-9 min (docs/worldmodels.md has the measured times and real-env scores per seed): whole
+# 2 CPU cores, about 7-10 min (docs/worldmodels.md has the measured times and real-env scores per seed): whole
 # 1000-step episodes, the paper's LSTM 256 and three short CMA-ES searches of 10 generations (the real checks of a
 # search peaked around its 10th generation and fell as it went on exploiting the dream); one round. The round_*
 # settings apply with `--set rounds=N`; medium inherits round_collect, round_restart and round_check_episodes.
