@@ -47,6 +47,7 @@ class WorldModelConfig:
     mdn_steps: int = 20_000
     mdn_batch: int = 100
     mdn_lr: float = 1e-3
+    mdn_self_feed: float = 0.0       # M trained on its own draws: each input z replaced by M's draw with this probability
     mdn_ensemble: int = 1            # Ms the controller is trained in: M and K-1 more from other seeds (RUN/mdn_1 ..); C reads
                                      # M's h, each dream rollout runs in one member: one M's errors pay only in its share
     mdn_ensemble_mode: Literal["mix", "rotate"] = "mix"  # "rotate": each CMA-ES search (restart_every) dreams in one member
@@ -130,7 +131,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 def make_config(preset: str | None, overrides: dict[str, Any] | None = None) -> WorldModelConfig:
     if preset is not None and preset not in PRESETS:
         raise DreamlabError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return apply_overrides(WorldModelConfig(), {**PRESETS.get(preset or "paper", {}), **(overrides or {})}, what="worldmodel config")
+    cfg = apply_overrides(WorldModelConfig(), {**PRESETS.get(preset or "paper", {}), **(overrides or {})}, what="worldmodel config")
+    if not 0.0 <= cfg.mdn_self_feed <= 1.0:  # checked before hours of collection, not when M is built
+        raise DreamlabError(f"mdn_self_feed={cfg.mdn_self_feed} must be a probability in [0, 1] (0 = teacher forcing)")
+    return cfg
 
 
 def load_config(run_dir: Path) -> WorldModelConfig:
@@ -238,7 +242,7 @@ def stage_train_mdn(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = Fals
                 res = load_json(folder / "eval.json") if (folder / "eval.json").exists() else {"status": "finished"}
             continue
         model = MDNRNN(MDNRNNConfig(latents=str(run_dir / "latents"), z_dim=cfg.z_dim, hidden=cfg.hidden, mixtures=cfg.mixtures,
-                                    seq_len=cfg.seq_len, temperature=cfg.temperature))
+                                    seq_len=cfg.seq_len, temperature=cfg.temperature, self_feed=cfg.mdn_self_feed))
         tc = TrainConfig(steps=cfg.mdn_steps, batch_size=cfg.mdn_batch, lr=cfg.mdn_lr, device=cfg.device, seed=cfg.seed + k, grad_clip=1.0,
                          threads=cfg.threads, log_every=max(1, min(50, cfg.mdn_steps // 10)), ckpt_every=max(100, cfg.mdn_steps // 10))
         r = train(model, tc, folder, resume=(resume or k > 0) and (folder / "checkpoint").exists(), progress=progress)

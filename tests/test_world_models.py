@@ -109,3 +109,37 @@ def test_chunk_sequences_masks_padding_and_checks_z_dim() -> None:
     assert torch.allclose(d["x"][0, :4, 4:].float(), ep["action"][:4].half().float())
     with pytest.raises(DreamlabError, match="z_dim"):
         chunk_sequences([ep], 4, 8, 3)
+
+
+def test_self_feed_runs_on_own_draws_and_only_in_training() -> None:
+    torch.manual_seed(2)
+    m = MDNRNN(MDNRNNConfig(z_dim=4, action_dim=3, hidden=8, mixtures=3, seq_len=6)).double()
+    z, a = torch.randn(2, 6, 4, dtype=torch.double), torch.rand(2, 6, 3, dtype=torch.double)
+    z2 = z.clone()
+    z2[:, 1:] += 1.0
+    # p = 0: the step-by-step path is the fused LSTM's teacher forcing, and it reads every real input
+    ref, _ = m.forward_sequence(z, a)
+    for x, y in zip(ref, m._self_fed(z, a, 0.0)):
+        assert torch.allclose(x, y, atol=1e-12)
+    assert not torch.allclose(m._self_fed(z2, a, 0.0)[1], ref[1])
+    # p = 1: after the first input M reads only its own draws, so the real z_1.. cannot change its predictions
+    torch.manual_seed(3)
+    own = m._self_fed(z, a, 1.0)
+    torch.manual_seed(3)
+    own2 = m._self_fed(z2, a, 1.0)
+    for x, y in zip(own, own2):
+        assert torch.equal(x, y)
+    assert not torch.allclose(own[1], ref[1])
+    # the loss self-feeds in training only; evaluation (validation NLL) stays teacher-forced
+    batch = {k: v.double() for k, v in _batch(2, 6, 4, 3).items()}
+    m.eval()
+    tf = m.loss(batch)[0].item()  # self_feed = 0: teacher forcing
+    m.config.self_feed = 1.0
+    assert m.loss(batch)[0].item() == pytest.approx(tf, rel=1e-6)  # z is resampled with sigma ~ 3e-7
+    m.train()
+    loss, _ = m.loss(batch)
+    loss.backward()
+    assert math.isfinite(loss.item()) and loss.item() != pytest.approx(tf)
+    assert m.rnn.weight_hh_l0.grad is not None and m.rnn.weight_hh_l0.grad.abs().sum() > 0
+    with pytest.raises(DreamlabError, match="self_feed=1.5"):
+        MDNRNN(MDNRNNConfig(self_feed=1.5))

@@ -124,6 +124,9 @@ def test_cli_bad_input_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureF
     assert "encode" in capsys.readouterr().err
     assert main(["worldmodel", "run", "--preset", "tiny", "--out", str(tmp_path / "x"), "--set", "episodes=zero"]) == 2
     assert "episodes" in capsys.readouterr().err
+    # a bad M setting fails before any collection starts
+    assert main(["worldmodel", "run", "--preset", "tiny", "--out", str(tmp_path / "y"), "--set", "mdn_self_feed=1.5"]) == 2
+    assert "mdn_self_feed=1.5" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
 def test_paper_preset_has_the_paper_sizes_and_selects_by_real_checks() -> None:

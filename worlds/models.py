@@ -160,6 +160,11 @@ class MDNRNNConfig:
     reward_weight: float = 1.0
     done_weight: float = 1.0
     temperature: float = 1.0    # default tau for `sample`
+    # training on M's own samples (Venkatraman et al. 2015, "data as demonstrator"): each input z_t is, with this
+    # probability, replaced by a z drawn (tau 1, no gradient) from M's prediction at the step before, so runs of
+    # M's own predictions are fed back as in the dream and the loss teaches M to come back to the real sequence.
+    # 0 = teacher forcing (the paper). Runs step by step, so slower than one fused LSTM call.
+    self_feed: float = 0.0
 
 
 @register
@@ -181,6 +186,8 @@ class MDNRNN(Generator):
         z, a, h, k = config.z_dim, config.action_dim, config.hidden, config.mixtures
         if min(z, a, h, k, config.seq_len) < 1:
             raise DreamlabError(f"mdn_rnn sizes must be positive (z_dim={z}, action_dim={a}, hidden={h}, mixtures={k}, seq_len={config.seq_len})")
+        if not 0.0 <= config.self_feed <= 1.0:
+            raise DreamlabError(f"mdn_rnn self_feed={config.self_feed} must be a probability in [0, 1]")
         self.rnn = nn.LSTM(z + a, h, batch_first=True)
         self.head = nn.Linear(h, k * (2 * z + 1) + 2)
 
@@ -253,7 +260,10 @@ class MDNRNN(Generator):
         mu, action, logvar = x[..., :zd], x[:, :-1, zd:], batch["logvar"].to(dt)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample_z else mu
         mask = batch["mask"].to(dt)
-        (logpi, m, ls, r_hat, d_logit), _ = self.forward_sequence(z[:, :-1], action)
+        if self.training and self.config.self_feed > 0:
+            logpi, m, ls, r_hat, d_logit = self._self_fed(z[:, :-1], action, self.config.self_feed)
+        else:
+            (logpi, m, ls, r_hat, d_logit), _ = self.forward_sequence(z[:, :-1], action)
         logp = self.mixture_log_prob(z[:, 1:], logpi, m, ls)
         n = mask.sum().clamp(min=1.0)
         nll = -(logp * mask).sum() / n
@@ -261,6 +271,24 @@ class MDNRNN(Generator):
         done = batch["done"].to(dt)
         d_bce = (F.binary_cross_entropy_with_logits(d_logit, done, reduction="none") * mask).sum() / n
         return {"nll": nll, "reward_mse": r_mse, "done_bce": d_bce}
+
+    def _self_fed(self, z: torch.Tensor, action: torch.Tensor, p: float) -> tuple[torch.Tensor, ...]:
+        """The head over a chunk (B, T, .) where each input z_t is, with probability p, M's own draw from step t-1."""
+        b, t, _ = z.shape
+        h = z.new_zeros(b, self.config.hidden)
+        c = torch.zeros_like(h)
+        feed = torch.rand(b, t, 1, device=z.device) < p
+        feed[:, 0] = False  # the first input is always real: there is no prediction before it
+        outs, own = [], z[:, 0]
+        for i in range(t):
+            zin = torch.where(feed[:, i], own, z[:, i])
+            h, c, out = self.step(zin, action[:, i], h, c)
+            outs.append(out)
+            if i + 1 < t:
+                with torch.no_grad():
+                    logpi, mu, logsig, _, _ = self.split_head(out)
+                    own = self.sample_mixture(logpi, mu, logsig, 1.0).to(z.dtype)
+        return self.split_head(torch.stack(outs, 1))
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         t = self._terms(batch)
