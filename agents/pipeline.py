@@ -92,6 +92,11 @@ class WorldModelConfig:
     threads: int = 0                 # torch CPU threads in this process (0 = torch's default); 1 avoids
                                      # OpenMP oversubscription on a busy machine (measured 7x faster there)
 
+    def __post_init__(self) -> None:
+        # every way a config is made (preset, --set on a stage, a run's config.json) fails here, before hours of collection
+        if not 0.0 <= self.mdn_self_feed <= 1.0:
+            raise DreamlabError(f"mdn_self_feed={self.mdn_self_feed} must be a probability in [0, 1] (0 = teacher forcing)")
+
 
 # 2 CPU cores, about 7-10 min (docs/worldmodels.md has the measured times and real-env scores per seed): whole
 # 1000-step episodes, the paper's LSTM 256 and three short CMA-ES searches of 10 generations (the real checks of a
@@ -131,10 +136,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 def make_config(preset: str | None, overrides: dict[str, Any] | None = None) -> WorldModelConfig:
     if preset is not None and preset not in PRESETS:
         raise DreamlabError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    cfg = apply_overrides(WorldModelConfig(), {**PRESETS.get(preset or "paper", {}), **(overrides or {})}, what="worldmodel config")
-    if not 0.0 <= cfg.mdn_self_feed <= 1.0:  # checked before hours of collection, not when M is built
-        raise DreamlabError(f"mdn_self_feed={cfg.mdn_self_feed} must be a probability in [0, 1] (0 = teacher forcing)")
-    return cfg
+    return apply_overrides(WorldModelConfig(), {**PRESETS.get(preset or "paper", {}), **(overrides or {})}, what="worldmodel config")
 
 
 def load_config(run_dir: Path) -> WorldModelConfig:
