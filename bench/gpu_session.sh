@@ -39,7 +39,7 @@ fi
 
 if has wmbench; then
   stamp worldmodel bench
-  timeout 240 python3 bench/worldmodel_bench.py ${WM_BENCH_ARGS:---steps 500 --workers 1,16} >"$OUT/wm_bench.txt" 2>&1
+  timeout 240 python3 bench/worldmodel_bench.py ${WM_BENCH_ARGS:---steps 500 --episodes-per-worker 2 --workers 1,16} >"$OUT/wm_bench.txt" 2>&1
   tail -30 "$OUT/wm_bench.txt"
 fi
 

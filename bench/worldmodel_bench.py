@@ -1,11 +1,13 @@
 """World Models throughput beside the reference scripts in ../shared/bench, measured in one call.
 
-    python bench/worldmodel_bench.py [--steps 400] [--workers 1,2] [--skip-collect]
+    python bench/worldmodel_bench.py [--steps 400] [--episodes-per-worker 3] [--workers 1,2] [--skip-collect]
 
 (DREAMLAB_REF_BENCH=DIR points at a copy of the reference scripts, e.g. on a machine without ../shared.)
 
 Rows (ours | reference | ratio ours/ref):
   collector env-steps/s at W workers  (worlds.collect, episode files written)   vs carracing_bench.py (steps only)
+      both sides step K x steps per worker, start-up included (spawn, imports, env creation): with K = 1 the
+      fixed cost of a worker (importing torch, ~1.5 s) is not amortised and dominates short runs
   V training images/s                  (WorldVAE.loss on uint8 frames, paper width 32)  vs wm_core_bench.py VAE
   M training steps/s                   (MDNRNN.loss, LSTM 256, 5 mixtures)               vs wm_core_bench.py MDN-RNN
   dream steps/s, P64 x R16             (DreamSimulator: controller + LSTM + mixture draw + reward/done)  vs wm_core_bench.py dream
@@ -122,17 +124,20 @@ def ours_dream(dev, p: int, r: int, t: int, graph: bool, amp: bool = True, ensem
     return sec
 
 
-def ours_collect(workers: int, steps: int, env_id: str) -> float:
+def ours_collect(workers: int, steps: int, env_id: str, per_worker: int = 1) -> float:
     from worlds.collect import CollectConfig, collect
 
     with tempfile.TemporaryDirectory() as d:
-        res = collect(CollectConfig(out=d, episodes=workers, max_steps=steps, workers=workers, env_id=env_id), progress=False)
+        res = collect(CollectConfig(out=d, episodes=workers * per_worker, max_steps=steps, workers=workers, env_id=env_id),
+                      progress=False)
     return res["env_steps_per_s"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=400, help="env steps per worker for the collector rows")
+    ap.add_argument("--episodes-per-worker", type=int, default=3,
+                    help="episodes each collector worker runs (the reference steps as many env steps in one loop)")
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--skip-collect", action="store_true")
     args = ap.parse_args()
@@ -151,13 +156,16 @@ def main() -> None:
 
     if not args.skip_collect:
         ws = [int(w) for w in args.workers.split(",")]
-        ref = _ref("carracing_bench.py", str(args.steps), args.workers)
+        k = args.episodes_per_worker
+        if k < 1 or args.steps < 1:
+            raise SystemExit(f"--episodes-per-worker ({k}) and --steps ({args.steps}) must be at least 1")
+        ref = _ref("carracing_bench.py", str(args.steps * k), args.workers)
         for w in ws:
-            add(f"collect CarRacing-v3 env-steps/s, {w} workers", ours_collect(w, args.steps, "CarRacing-v3"),
+            add(f"collect CarRacing-v3 env-steps/s, {w} workers x {k} episodes", ours_collect(w, args.steps, "CarRacing-v3", k),
                 ref[str(w)]["total_steps_per_s"])
         for w in ws:
-            add(f"collect dreamlab/CarRacing64-v3 env-steps/s, {w} workers", ours_collect(w, args.steps, "dreamlab/CarRacing64-v3"),
-                ref[str(w)]["total_steps_per_s"])
+            add(f"collect dreamlab/CarRacing64-v3 env-steps/s, {w} workers x {k} episodes",
+                ours_collect(w, args.steps, "dreamlab/CarRacing64-v3", k), ref[str(w)]["total_steps_per_s"])
     ref = _ref("wm_core_bench.py")
     big = dev.type == "cuda"
     for bs, amp in ([(256, False), (256, True), (1024, True)] if big else [(64, False)]):

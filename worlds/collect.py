@@ -272,13 +272,11 @@ def _crash_hook(out: Path, index: int) -> None:
 def _worker(wid: int, cfg_d: dict[str, Any], tasks: Any, results: Any, parent: int) -> None:
     """Run the episodes the parent hands over `tasks`; report on `results`, this worker's own pipe (send is
     synchronous and shares no lock with other workers, so a worker that dies mid-message breaks only its pipe)."""
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
     cfg = CollectConfig(**cfg_d)
+    if any(policy_kind(cfg.policy, i) in ("random_controller", "controller") for i in range(3)):
+        import torch  # only the model policies need it: env-only policies skip the ~1.3 s import
+
+        torch.set_num_threads(1)  # one worker per core: torch's own threads would oversubscribe
     out = Path(cfg.out)
     env = make_env(cfg.env_id, cfg.max_steps)
     cached: dict[str, Any] = {}
