@@ -2,7 +2,9 @@
 
 Env seeds are `seed + i` for episode i, so a score file says exactly which tracks were driven.
 `evaluate_run` writes `RUN/eval/<policy>_seed<S>_n<N>.json` (per-episode scores, mean, std), a CSV beside
-it, and a side-by-side video (real frame | V reconstruction | dream driven by the same actions).
+it, and a side-by-side video (real frame | V reconstruction | dream driven by the same actions). Evaluations
+in another env, at another episode length or of another controller file than RUN/controller/best.safetensors
+add that to the name (`_dreamlab-CarRacing64-v3`, `_steps500`, `_gen_00120`), so they never overwrite each other.
 """
 from __future__ import annotations
 
@@ -162,6 +164,19 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
             "steps": [int(x["steps"]) for x in results]}
 
 
+def eval_name(policy: str, seed: int, episodes: int | None, env_id: str = "CarRacing-v3", max_steps: int = 1000,
+              controller: str = "") -> str:
+    """`controller_seed1000_n10`, plus what differs from the defaults (env, episode length, controller file stem)."""
+    parts = [f"{policy}_seed{seed}" + (f"_n{episodes}" if episodes is not None else "")]
+    if env_id != "CarRacing-v3":
+        parts.append(env_id.replace("/", "-"))
+    if max_steps != 1000:
+        parts.append(f"steps{max_steps}")
+    if controller:
+        parts.append(controller)
+    return "_".join(parts)
+
+
 def write_scores(out: Path, name: str, summ: dict[str, Any], meta: dict[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / f"{name}.json", {**meta, **summ})
@@ -245,20 +260,23 @@ def evaluate_run(run_dir: str | Path, *, episodes: int = 100, seed: int = 0, wor
     out_dir = run_dir / "eval"
     meta = {"env_id": env_id, "max_steps": max_steps, "env_seeds": f"{seed}..{seed + episodes - 1}", "controller": str(ctrl),
             "mdn": str(mdn_dir or run_dir / "mdn")}
-    res: dict[str, Any] = {}
+    res: dict[str, Any] = {"files": []}
     seeds = [seed + i for i in range(episodes)]
+    default_ctrl = ctrl.resolve() == (run_dir / "controller" / "best.safetensors").resolve()
+    tag = "" if default_ctrl else ctrl.stem
     with RealEvaluator(run_dir, env_id, workers, max_steps, mdn_dir) as ev:
         rc = ev.run([("controller", theta.numpy(), s, video and i == 0) for i, s in enumerate(seeds)], desc="evaluate controller", progress=progress)
         res["controller"] = summarize(rc)
-        write_scores(out_dir, f"controller_seed{seed}_n{episodes}", res["controller"], meta)
+        res["files"].append(str(write_scores(out_dir, eval_name("controller", seed, episodes, env_id, max_steps, tag), res["controller"], meta)))
         if baseline:
             rr = random_baseline(ev, env_id, max_steps, seeds, use_cache=baseline_cache, progress=progress)
             res["random"] = summarize(rr)
-            write_scores(out_dir, f"random_seed{seed}_n{episodes}", res["random"], {**meta, "controller": "uniform random actions"})
+            res["files"].append(str(write_scores(out_dir, eval_name("random", seed, episodes, env_id, max_steps), res["random"],
+                                                 {**meta, "controller": "uniform random actions"})))
     if video and "obs" in rc[0]:
+        name = eval_name("side_by_side", seed, None, env_id, max_steps, tag)
         res["video"] = str(side_by_side_video(run_dir, rc[0]["obs"][: video_frames + 1], rc[0]["actions"][:video_frames],
-                                              out_dir / f"side_by_side_seed{seed}.mp4", temperature=temperature, seed=seed,
-                                              mdn_dir=mdn_dir))
+                                              out_dir / f"{name}.mp4", temperature=temperature, seed=seed, mdn_dir=mdn_dir))
     return res
 
 

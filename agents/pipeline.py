@@ -11,6 +11,7 @@
     RUN/eval/              per-episode real-env scores, side-by-side video      (stage: evaluate)
     RUN/dream.mp4          the controller driving in the dream, decoded         (stage: dream-video)
     RUN/summary.json       timings and scores of every stage
+    RUN/report.md          one page: scores beside the random policy's, stage times, pictures, videos (agents/report.py)
 """
 from __future__ import annotations
 
@@ -356,4 +357,19 @@ def run_pipeline(run_dir: Path, cfg: WorldModelConfig, *, preset: str | None, pr
            "controller": {k: res["controller"][k] for k in ("episodes", "mean", "std", "seeds")},
            "random": {k: res["random"][k] for k in ("episodes", "mean", "std", "seeds")} if "random" in res else None}
     _summary(run_dir, "pipeline", out)
+    refresh_report(run_dir)
     return out
+
+
+def refresh_report(run_dir: Path) -> Path | None:
+    """Rewrite RUN/report.md; a failure here is reported, never allowed to fail the run that produced the results."""
+    from agents.report import write_report
+
+    try:
+        p = write_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - the report is a view of files already written
+        print(f"warning: {Path(run_dir) / 'report.md'} not written ({type(e).__name__}: {e}); "
+              f"retry with: dreamlab worldmodel report {run_dir}", flush=True)
+        return None
+    print(f"report: {p}", flush=True)
+    return p

@@ -6,6 +6,7 @@
     dreamlab worldmodel evaluate RUN --episodes 100 --seed 0        # real CarRacing-v3 scores + video
     dreamlab worldmodel dream-video RUN                             # the controller driving in the dream
     dreamlab worldmodel iterate RUN --rounds 3                      # collect with C, retrain M and C
+    dreamlab worldmodel report RUN                                  # RUN/report.md: scores, stages, pictures on one page
 
 Stage commands read RUN/config.json (written by `run`, or created from --preset on first use); `--set k=v`
 overrides any pipeline setting. Only the standard library is imported at module level.
@@ -147,7 +148,17 @@ def _evaluate(args: argparse.Namespace) -> int:
             print(f"{k}: {r['mean']:.1f} ± {r['std']:.1f} over {r['episodes']} episodes (env seeds {r['seeds'][0]}..{r['seeds'][-1]})")
     if "video" in res:
         print(f"video: {res['video']}")
-    print(f"scores: {Path(args.run) / 'eval'}")
+    print("scores: " + ", ".join(res.get("files", [])))
+    from agents.pipeline import refresh_report
+
+    refresh_report(Path(args.run))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from agents.report import write_report
+
+    print(f"wrote {write_report(args.run)}")
     return 0
 
 
@@ -240,6 +251,10 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="video path (.mp4 or .gif; default RUN/dream.mp4)")
     p.set_defaults(func=_dream_video)
+
+    p = ws.add_parser("report", help="(re)write RUN/report.md: scores, stage times and figures, pictures and videos on one page")
+    p.add_argument("run", help="the world-model run folder")
+    p.set_defaults(func=_report)
 
     p = ws.add_parser("iterate", help="iterative training: collect with C, retrain M and C, for N rounds")
     common(p, resume=False)

@@ -77,6 +77,10 @@ class _LatentModel(Generator):
     def _prep(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
+    def _shown(self, x: torch.Tensor, n: int = 16) -> torch.Tensor:
+        """The test items shown in reconstructions.png: the first n (shuffled datasets vary enough)."""
+        return x[:n]
+
     @torch.no_grad()
     def evaluate(self, split: str = "test", max_items: int | None = None) -> dict[str, float]:
         res = super().evaluate(split, max_items)
@@ -100,7 +104,7 @@ class _LatentModel(Generator):
         self.eval()
         out: list[Path] = []
         x, y, z = self._codes("test")
-        xs = self._prep(x[:16].to(self.device))
+        xs = self._prep(self._shown(x).to(self.device))
         rec = self.reconstruct(xs)
         out.append(save_grid(torch.cat([xs, rec]).cpu(), run_dir / "reconstructions.png", nrow=16))
         g = torch.Generator(device=self.device).manual_seed(0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -32,18 +33,39 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     assert ev["step"] == 1 and "test_nll_per_step" in ev
     fit = (run / "controller" / "fitness.jsonl").read_text().splitlines()
     assert len(fit) == 2 and (run / "controller" / "best.safetensors").exists()
-    scores = json.loads((run / "eval" / "controller_seed1000_n1.json").read_text())
+    # the tiny preset's final evaluation runs 50-step episodes: the length is part of the file names
+    scores = json.loads((run / "eval" / "controller_seed1000_n1_steps50.json").read_text())
     assert scores["episodes"] == 1 and len(scores["scores"]) == 1 and scores["seeds"] == [1000]
-    assert scores["env_id"] == "CarRacing-v3"
-    assert any((run / "eval").glob("side_by_side_seed1000.*")) and any(run.glob("dream.*"))
+    assert scores["env_id"] == "CarRacing-v3" and scores["max_steps"] == 50
+    assert any((run / "eval").glob("side_by_side_seed1000_steps50.*")) and any(run.glob("dream.*"))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["pipeline"]["controller"]["mean"] == pytest.approx(scores["mean"])
+    # report.md: the score beside the random policy's, every stage, and only links to files that exist
+    report = (run / "report.md").read_text()
+    assert f"**{scores['mean']:,.1f} ± {scores['std']:,.1f}**" in report and "controller_seed1000_n1_steps50.json" in report
+    rnd = json.loads((run / "eval" / "random_seed1000_n1_steps50.json").read_text())
+    assert f"{rnd['mean']:,.1f} ± {rnd['std']:,.1f}" in report
+    for stage in ("| collect |", "| V (ConvVAE) |", "| M (MDN-RNN) |", "| C (CMA-ES in the dream) |", "| evaluate |"):
+        assert stage in report
+    links = re.findall(r"\]\(([^)]+)\)", report)
+    assert "vae/reconstructions.png" in links and "controller/fitness.png" in links
+    assert all((run / link).is_file() for link in links), [x for x in links if not (run / x).is_file()]
 
     # stage commands on the same run folder
     assert main(["worldmodel", "evaluate", str(run), "--episodes", "2", "--seed", "7", "--max-steps", "30", "--no-video",
                  "--no-baseline", "--no-progress"]) == 0
-    s2 = json.loads((run / "eval" / "controller_seed7_n2.json").read_text())
+    s2 = json.loads((run / "eval" / "controller_seed7_n2_steps30.json").read_text())
     assert s2["seeds"] == [7, 8] and len(s2["scores"]) == 2 and s2["max_steps"] == 30
+    # another controller file on the same episodes gets its own score file: nothing earlier is overwritten
+    earlier = (run / "eval" / "controller_seed7_n2_steps30.json").read_bytes()
+    assert main(["worldmodel", "evaluate", str(run), "--episodes", "2", "--seed", "7", "--max-steps", "30", "--no-video",
+                 "--no-baseline", "--no-progress", "--controller", str(run / "controller" / "best_dream.safetensors")]) == 0
+    s3 = json.loads((run / "eval" / "controller_seed7_n2_steps30_best_dream.json").read_text())
+    assert s3["controller"].endswith("best_dream.safetensors") and s3["seeds"] == [7, 8]
+    assert (run / "eval" / "controller_seed7_n2_steps30.json").read_bytes() == earlier
+    report = (run / "report.md").read_text()  # refreshed by evaluate: all three evaluations listed
+    assert all(n in report for n in ("controller_seed1000_n1_steps50.json", "controller_seed7_n2_steps30.json",
+                                     "controller_seed7_n2_steps30_best_dream.json"))
     assert main(["worldmodel", "dream-video", str(run), "--steps", "10", "--out", str(tmp_path / "d.gif")]) == 0
     assert (tmp_path / "d.gif").stat().st_size > 0
     assert main(["worldmodel", "train-controller", str(run), "--generations", "3", "--resume", "--no-progress"]) == 0
@@ -95,6 +117,12 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
 
     for f in (run / "controller").glob("*best*.safetensors"):
         assert controller_mdn(f) is not None  # every kept controller still has its own M
+    # the report, rebuilt, shows the rounds and which one was kept
+    assert main(["worldmodel", "report", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "## Iterative rounds" in report and "| C (CMA-ES in the dream, round 1) |" in report
+    kept_row = next(x for x in report.splitlines() if x.endswith("**kept** |"))
+    assert kept_row.startswith(f"| {top['round']} |") and f"{top['real_mean']:,.1f} ±" in kept_row
     # one more round with the rotating ensemble: its two searches dream in M, then in mdn_1
     assert main(["worldmodel", "iterate", str(run), "--rounds", "4", "--set", "mdn_ensemble_mode=rotate",
                  "--set", "round_generations=2", "--no-progress"]) == 0
@@ -183,3 +211,23 @@ def test_random_baseline_episodes_are_measured_once_and_cached(tmp_path: Path, m
     (tmp_path / "random_baseline.json").write_text("{not json")
     random_baseline(ev, "CarRacing-v3", 1000, [1], progress=False)
     assert ev.ran[-1] == 1 and len(json.loads((tmp_path / "random_baseline.json").read_text())) == 1
+
+
+def test_report_of_a_half_finished_run(tmp_path: Path) -> None:
+    """report.md is a view: a run stopped after collection, or with a damaged summary, still gets a page."""
+    from agents.report import render_report, write_report
+    from dreamlab.errors import DreamlabError
+
+    run = tmp_path / "half"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"preset": "quick", "config": {"episodes": 4, "max_steps": 50, "env_id": "CarRacing-v3",
+                                                                                "policy": "brownian", "seed": 3}}))
+    (run / "summary.json").write_text(json.dumps({"collect": {"episodes": 4, "steps": 200, "env_steps_per_s": 123.4, "seconds": 1.6}}))
+    page = render_report(run)
+    assert "No evaluation yet" in page and "| collect | 1.6 | 4 episodes, 200 env steps, 123 env-steps/s |" in page
+    assert "4 episodes × 50 steps of `CarRacing-v3`" in page and "## Iterative rounds" not in page
+    (run / "summary.json").write_text('{"collect": {"episo')  # truncated: the stages table is left out, not fatal
+    assert "## Stages" not in render_report(run)
+    assert write_report(run).read_text().startswith("# World-model run `half`")
+    with pytest.raises(DreamlabError, match="does not exist"):
+        render_report(tmp_path / "missing")

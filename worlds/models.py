@@ -130,6 +130,10 @@ class WorldVAE(ConvVAE):
             z = torch.cat([self.encode(b.to(self.device))[0].float().cpu() for b in x.split(500)])
         return x, torch.zeros(len(x), dtype=torch.long), z
 
+    def _shown(self, x: torch.Tensor, n: int = 16) -> torch.Tensor:
+        # frames spread over the held-out episodes: the first 16 of an episode are all CarRacing's zoom-in
+        return x[torch.linspace(0, len(x) - 1, min(n, len(x))).round().long()]
+
     @torch.no_grad()
     def encode_frames(self, frames: np.ndarray | torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, 64, 64, 3) uint8 frames -> (mu, logvar), each (T, Z) float32 on the CPU."""
