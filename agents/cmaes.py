@@ -57,6 +57,7 @@ class CMAConfig:
     lost_steps: int = 0              # a dream rollout ends after this many steps in a row of M's reward < lost_reward: the car
     lost_reward: float = 0.0         # is lost off the road (worlds.dream.DreamConfig; 0 = off)
     fitness: Literal["dream", "real"] = "dream"
+    worst_frac: float = 1.0          # a candidate's fitness: the mean of its worst fraction of rollouts (CVaR; 1 = all of them)
     diagonal: bool = False           # CMA_diagonal: much cheaper updates at 867 dimensions
     val_rollouts: int = 32           # dream validation of the distribution mean: the same rollouts every generation
                                      # (0 = off: best_dream is picked on the generation's own, ever-changing rollouts)
@@ -268,7 +269,7 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
     from tqdm.auto import tqdm
 
     from dreamlab.device import resolve_device
-    from worlds.dream import DreamConfig, load_dream
+    from worlds.dream import DreamConfig, load_dream, worst_mean
     from worlds.policies import num_params, save_controller
 
     run_dir = Path(run_dir)
@@ -276,6 +277,9 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
     if cfg.popsize < 2 or cfg.rollouts < 1 or cfg.generations < 1 or cfg.sigma0 <= 0 or cfg.restart_every < 0:
         raise DreamlabError(f"need popsize >= 2, rollouts >= 1, generations >= 1, sigma0 > 0, restart_every >= 0 (got {cfg.popsize}, "
                             f"{cfg.rollouts}, {cfg.generations}, {cfg.sigma0}, {cfg.restart_every})")
+    if not 0.0 < cfg.worst_frac <= 1.0:
+        raise DreamlabError(f"worst_frac={cfg.worst_frac} must be in (0, 1]: the fraction of each candidate's rollouts, "
+                            "the worst ones, whose mean is its fitness (1 = all)")
     if not cfg.steer_penalty >= 0:
         raise DreamlabError(f"steer_penalty={cfg.steer_penalty}: it must be >= 0 (0 = the plain dream reward)")
     has_state = (out_dir / "cma_state.json").exists()
@@ -386,13 +390,14 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
             xs = np.asarray(es.ask())
             cand = embed(np.concatenate([xs, es.mean[None]], 0))  # the distribution mean rides along, same rollouts
             if cfg.fitness == "dream":
-                f = sim.fitness(torch.from_numpy(cand).float(), cfg.rollouts, seed=cfg.seed * 1_000_003 + gen).cpu().numpy().astype(np.float64)
+                f = sim.fitness(torch.from_numpy(cand).float(), cfg.rollouts, seed=cfg.seed * 1_000_003 + gen,
+                                worst_frac=cfg.worst_frac).cpu().numpy().astype(np.float64)
                 dream_steps = len(cand) * cfg.rollouts * cfg.horizon
             else:
                 seeds = [10_000_000 + cfg.seed * 100_000 + gen * cfg.rollouts + j for j in range(cfg.rollouts)]
                 thetas = [c for c in cand for _ in seeds]
                 rs = evaluator.returns(thetas, seeds * len(cand))
-                f = np.asarray(rs, np.float64).reshape(len(cand), cfg.rollouts).mean(1)
+                f = worst_mean(torch.tensor(rs, dtype=torch.float64).reshape(len(cand), cfg.rollouts), cfg.worst_frac).numpy()
                 dream_steps = 0
             if not np.isfinite(f).all():
                 raise DreamlabError(f"fitness became NaN/inf at generation {gen}; the world model in {run_dir} is broken: retrain M")
@@ -411,7 +416,8 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
             # generation), so it is the best mean so far, not the one that drew the luckiest rollouts
             score = float(f[-1])
             if cfg.fitness == "dream" and cfg.val_rollouts > 0:
-                score = float(sim.fitness(torch.from_numpy(cand[-1:]).float(), cfg.val_rollouts, seed=_VAL_SEED + cfg.seed)[0])
+                score = float(sim.fitness(torch.from_numpy(cand[-1:]).float(), cfg.val_rollouts, seed=_VAL_SEED + cfg.seed,
+                                          worst_frac=cfg.worst_frac)[0])
                 row["mean_candidate_val"] = score
             if score > best["fitness"]:  # best_dream: the best of this search (what its real checks look at)
                 best = {"fitness": score, "generation": gen}

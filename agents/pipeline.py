@@ -60,6 +60,7 @@ class WorldModelConfig:
     sigma0: float = 0.1
     temperature: float = 1.15
     steer_penalty: float = 0.0       # dream reward minus this x |steer| per step: discourages bang-bang steering M rewards
+    worst_frac: float = 1.0          # C's fitness: the mean of each candidate's worst fraction of dream rollouts (1 = all)
     start_anywhere: float = 0.0      # fraction of dream rollouts that start from a real frame anywhere in an episode,
                                      # not at the start line (0 = every dream starts at the start line)
     state_stride: int = 16           # those frames: every N-th of each encoded episode
@@ -97,6 +98,8 @@ class WorldModelConfig:
         # every way a config is made (preset, --set on a stage, a run's config.json) fails here, before hours of collection
         if not 0.0 <= self.mdn_self_feed <= 1.0:
             raise DreamlabError(f"mdn_self_feed={self.mdn_self_feed} must be a probability in [0, 1] (0 = teacher forcing)")
+        if not 0.0 < self.worst_frac <= 1.0:
+            raise DreamlabError(f"worst_frac={self.worst_frac} must be in (0, 1] (1 = C's fitness is the mean of all its dream rollouts)")
 
 
 # 2 CPU cores, about 7-10 min (docs/worldmodels.md has the measured times and real-env scores per seed): whole
@@ -265,7 +268,7 @@ def cma_config(cfg: WorldModelConfig, **over: Any) -> Any:
     from agents.cmaes import CMAConfig
 
     base = CMAConfig(generations=cfg.generations, popsize=cfg.popsize, rollouts=cfg.rollouts, sigma0=cfg.sigma0,
-                     temperature=cfg.temperature, steer_penalty=cfg.steer_penalty, start_anywhere=cfg.start_anywhere, state_stride=cfg.state_stride, lost_steps=cfg.lost_steps, lost_reward=cfg.lost_reward, ensemble=cfg.mdn_ensemble, ensemble_mode=cfg.mdn_ensemble_mode, horizon=cfg.horizon, diagonal=cfg.diagonal, features=cfg.features, val_rollouts=cfg.val_rollouts, eval_every=cfg.eval_every,
+                     temperature=cfg.temperature, steer_penalty=cfg.steer_penalty, worst_frac=cfg.worst_frac, start_anywhere=cfg.start_anywhere, state_stride=cfg.state_stride, lost_steps=cfg.lost_steps, lost_reward=cfg.lost_reward, ensemble=cfg.mdn_ensemble, ensemble_mode=cfg.mdn_ensemble_mode, horizon=cfg.horizon, diagonal=cfg.diagonal, features=cfg.features, val_rollouts=cfg.val_rollouts, eval_every=cfg.eval_every,
                      eval_episodes=cfg.eval_episodes, check_steps=cfg.check_steps, select_by_real=cfg.select_by_real,
                      playoff_top=cfg.playoff_top, playoff_episodes=cfg.playoff_episodes, restart_every=cfg.restart_every, workers=cfg.workers, env_id=cfg.env_id, seed=cfg.seed, device=cfg.device)
     return dataclasses.replace(base, **over)

@@ -204,6 +204,39 @@ def test_z_only_controller_searches_3z_plus_3_parameters(tmp_path: Path) -> None
     assert json.loads((tmp_path / "lost" / "config.json").read_text())["cma"]["lost_steps"] == 3
 
 
+def test_worst_frac_fitness_is_the_mean_of_the_worst_rollouts(tmp_path: Path) -> None:
+    """worst_frac < 1: a candidate's fitness is the mean of its lowest ceil(frac x R) dream returns (CVaR)."""
+    import dataclasses
+
+    import torch
+
+    from agents.pipeline import make_config
+    from worlds.dream import DreamConfig, DreamSimulator, worst_mean
+
+    r = torch.tensor([[1.0, 5.0, 3.0, 7.0], [2.0, 2.0, 2.0, 10.0]])
+    torch.testing.assert_close(worst_mean(r, 1.0), r.mean(1))
+    torch.testing.assert_close(worst_mean(r, 0.5), torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(worst_mean(r, 0.3), torch.tensor([2.0, 2.0]))  # ceil(1.2) = 2 rollouts
+    torch.testing.assert_close(worst_mean(r, 0.01), torch.tensor([1.0, 2.0]))  # at least one
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(DreamlabError, match="worst_frac"):
+            worst_mean(r, bad)
+    vae, mdn, mu, lv = tiny_world_model(seed=0)
+    sim = DreamSimulator(mdn, mu, lv, DreamConfig(horizon=12))
+    thetas = torch.randn(3, sim.n_params) * 0.3
+    rets = sim.rollout(thetas, 4, seed=5)["returns"]
+    torch.testing.assert_close(sim.fitness(thetas, 4, seed=5, worst_frac=0.5), rets.sort(1).values[:, :2].mean(1))
+    assert (sim.fitness(thetas, 4, seed=5, worst_frac=0.5) <= sim.fitness(thetas, 4, seed=5) + 1e-6).all()
+    run = write_world_run(tmp_path / "wm", vae, mdn, mu, lv)
+    cfg = CMAConfig(generations=2, popsize=4, rollouts=4, horizon=10, sigma0=0.2, eval_every=0, device="cpu", seed=1, worst_frac=0.5)
+    train_controller(run, cfg, progress=False)
+    assert json.loads((run / "controller" / "config.json").read_text())["cma"]["worst_frac"] == 0.5
+    with pytest.raises(DreamlabError, match="worst_frac=0"):
+        train_controller(run, dataclasses.replace(cfg, worst_frac=0.0), progress=False, out=tmp_path / "bad")
+    with pytest.raises(DreamlabError, match="worst_frac=2"):
+        make_config("tiny", {"worst_frac": "2"})
+
+
 def test_restart_starts_a_fresh_search_but_keeps_the_run(tmp_path: Path) -> None:
     import dataclasses
 

@@ -19,6 +19,7 @@ replayed T times; the graph is cached per (P, R) and re-used across CMA-ES gener
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,9 +225,22 @@ class DreamSimulator:
         lost.add_(1.0).mul_((rew < self.cfg.lost_reward).to(lost.dtype))
         return torch.maximum(done, (lost >= self.cfg.lost_steps).to(done.dtype))
 
-    def fitness(self, thetas: torch.Tensor, rollouts: int, seed: int = 0) -> torch.Tensor:
-        """Mean dream return per candidate (P,)."""
-        return self.rollout(thetas, rollouts, seed=seed)["returns"].mean(1)
+    def fitness(self, thetas: torch.Tensor, rollouts: int, seed: int = 0, worst_frac: float = 1.0) -> torch.Tensor:
+        """Dream fitness per candidate (P,): the mean return of its rollouts, or of the worst `worst_frac` of them."""
+        return worst_mean(self.rollout(thetas, rollouts, seed=seed)["returns"], worst_frac)
+
+
+def worst_mean(returns: torch.Tensor, frac: float = 1.0) -> torch.Tensor:
+    """Mean over the last axis of its lowest ceil(frac x R) values (CVaR at level frac; frac = 1 is the plain mean).
+
+    A risk-averse fitness: a controller that scores well only in the dreams where M's noise is kind to it ranks lower.
+    """
+    if not 0.0 < frac <= 1.0:
+        raise DreamlabError(f"worst_frac={frac} must be in (0, 1] (1 = the mean of all rollouts)")
+    if frac >= 1.0:
+        return returns.mean(-1)
+    k = max(1, math.ceil(frac * returns.shape[-1] - 1e-9))
+    return returns.sort(-1).values[..., :k].mean(-1)
 
 
 class _GraphDream:
