@@ -12,6 +12,7 @@ saved first). A run folder looks like:
     run/model/             the final weights, loadable with `from_pretrained`
     run/eval.json          held-out metrics
     run/*.png              the model's pictures (grids, latent plots, loss curves)
+    run/report.md          one page: held-out metrics, every picture, the commands to sample / evaluate / resume
 """
 from __future__ import annotations
 
@@ -240,6 +241,7 @@ def train(model: Model, tc: TrainConfig, run_dir: str | Path, *, resume: bool = 
     if resume and not has_ckpt:
         raise DreamlabError(f"--resume given but {run_dir / 'checkpoint'} does not exist; start without --resume")
     run_dir.mkdir(parents=True, exist_ok=True)
+    t_run = time.perf_counter()
     cfg_json = {"name": model.name, "config": to_dict(model.config), "train": to_dict(tc), **(extra_config or {})}
     if resume:
         old = load_json(run_dir / "config.json")
@@ -327,7 +329,49 @@ def train(model: Model, tc: TrainConfig, run_dir: str | Path, *, resume: bool = 
     logger.log(step, {k: v for k, v in result.items() if isinstance(v, (int, float)) and k != "step"})
     logger.close()
     model.write_artifacts(run_dir)
+    try:
+        write_run_report(run_dir, model, result, device=str(device), seconds=time.perf_counter() - t_run)
+    except Exception as e:  # noqa: BLE001 - the page is a view of files already written; never fail a finished run on it
+        print(f"warning: {run_dir / 'report.md'} not written ({type(e).__name__}: {e})")
     return result
+
+
+def write_run_report(run_dir: Path, model: Model, result: dict[str, Any], *, device: str = "", seconds: float | None = None) -> Path:
+    """run/report.md: what was trained, its held-out metrics, every picture of the run folder, how to use it."""
+    run_dir = Path(run_dir)
+    meta = load_json(run_dir / "config.json")
+    tc = meta.get("train", {})
+    doc = (type(model).__doc__ or "").strip().splitlines()
+    lines = [f"# `{model.name}` run `{run_dir.name}`", "", *(doc[:1] + [""] if doc else [])]
+    bits = [f"preset **{meta.get('preset') or 'custom'}**", f"{result.get('step')} steps of batch {tc.get('batch_size')}"]
+    if device:
+        bits.append(f"on {device}")
+    if seconds is not None:
+        bits.append(f"{seconds:,.0f} s this call (training, test evaluation, pictures)")
+    lines += ["; ".join(bits) + ". Settings: `config.json`; training curves: `metrics.jsonl` and TensorBoard "
+              f"(`tensorboard --logdir {run_dir}`).", ""]
+    nums = {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+    if nums:
+        lines += ["## Held-out metrics (test split)", "", "| metric | value |", "|---|---:|"]
+        lines += [f"| `{k}` | {v:.6g} |" for k, v in nums.items()]
+        lines.append("")
+        if "fid_fmnist" in nums:
+            lines += ["`fid_fmnist`: Fréchet distance between samples and test images on the features of dreamlab's own "
+                      "Fashion-MNIST CNN (lower is better; not Inception FID). Losses and likelihoods are in nats.", ""]
+    pics = sorted(p.name for p in run_dir.glob("*.png"))
+    if pics:
+        lines += ["## Pictures", ""]
+        for n in pics:
+            lines += [f"**{n[:-4].replace('_', ' ')}**", "", f"![{n}]({n})", ""]
+    lines += ["## Use it", "", "```bash"]
+    if getattr(model, "kind", "") == "generator":
+        ext = "png" if (run_dir / "samples.png").exists() else "safetensors"  # image grids, or raw tensors (e.g. latent sequences)
+        lines.append(f"dreamlab sample {run_dir} -n 64 --out {run_dir}/more_samples.{ext}")
+    lines += [f"dreamlab eval {run_dir}",
+              f"dreamlab train {model.name} --out {run_dir} --resume --set steps={int(result.get('step') or 0) * 2}   # train on",
+              "```", "", "```python", "from generators.trainer import load_run",
+              f"model = load_run({str(run_dir)!r})   # or {type(model).__name__}.from_pretrained({str(run_dir / 'model')!r})", "```", ""]
+    return atomic_write_text(run_dir / "report.md", "\n".join(lines))
 
 
 def _is_main_thread() -> bool:

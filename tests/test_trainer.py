@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -64,6 +65,12 @@ def test_run_folder_contents(tmp_path: Path) -> None:
         assert (run / f).exists(), f
     assert res["status"] == "finished" and res["test_elbo"] < 0
     assert any((run / "tb").iterdir())
+    # report.md: the held-out metrics as measured, every picture of the folder, linked to files that exist
+    page = (run / "report.md").read_text()
+    assert page.startswith("# `vae` run `r`") and f"| `test_elbo` | {res['test_elbo']:.6g} |" in page
+    links = re.findall(r"\]\(([^)]+)\)", page)
+    assert sorted(links) == sorted(p.name for p in run.glob("*.png")) and len(links) >= 5
+    assert f"dreamlab sample {run} -n 64 --out {run}/more_samples.png" in page
 
 
 def test_existing_checkpoint_needs_resume(tmp_path: Path) -> None:
