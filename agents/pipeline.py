@@ -198,8 +198,11 @@ def stage_train_vae(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = Fals
     from worlds.models import WorldVAE, WorldVAEConfig
 
     _threads(cfg)
-    model = WorldVAE(WorldVAEConfig(rollouts=str(run_dir / "rollouts"), z_dim=cfg.z_dim, width=cfg.vae_width,
-                                    eval_frames=2000 if cfg.vae_steps < 10_000 else 20_000))
+    from dreamlab.device import seeded
+
+    with seeded(cfg.seed):  # V's initial weights from the run's seed alone: a seeded run repeats on CPU
+        model = WorldVAE(WorldVAEConfig(rollouts=str(run_dir / "rollouts"), z_dim=cfg.z_dim, width=cfg.vae_width,
+                                        eval_frames=2000 if cfg.vae_steps < 10_000 else 20_000))
     tc = TrainConfig(steps=cfg.vae_steps, batch_size=cfg.vae_batch, lr=cfg.vae_lr, device=cfg.device, seed=cfg.seed, threads=cfg.threads,
                      log_every=max(1, min(50, cfg.vae_steps // 10)), ckpt_every=max(100, cfg.vae_steps // 10))
     t0 = time.perf_counter()
@@ -228,6 +231,7 @@ def stage_train_mdn(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = Fals
     """Train M in RUN/mdn (or `out`); with `mdn_ensemble` K > 1, then the other members in RUN/mdn_1 .. mdn_{K-1}
     (seeds seed+1 ..: other initial weights and batch order). Finished members are skipped, interrupted ones
     continue; while members are missing, a trained M is skipped too (members added to a finished run)."""
+    from dreamlab.device import seeded
     from generators.base import TrainConfig
     from generators.trainer import train
     from worlds.dream import mdn_dirs
@@ -247,8 +251,9 @@ def stage_train_mdn(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = Fals
             if k == 0:  # M itself is trained (a `model` folder is written only at the end): report its test metrics
                 res = load_json(folder / "eval.json") if (folder / "eval.json").exists() else {"status": "finished"}
             continue
-        model = MDNRNN(MDNRNNConfig(latents=str(run_dir / "latents"), z_dim=cfg.z_dim, hidden=cfg.hidden, mixtures=cfg.mixtures,
-                                    seq_len=cfg.seq_len, temperature=cfg.temperature, self_feed=cfg.mdn_self_feed))
+        with seeded(cfg.seed + k):  # member k's initial weights from its own seed alone
+            model = MDNRNN(MDNRNNConfig(latents=str(run_dir / "latents"), z_dim=cfg.z_dim, hidden=cfg.hidden, mixtures=cfg.mixtures,
+                                        seq_len=cfg.seq_len, temperature=cfg.temperature, self_feed=cfg.mdn_self_feed))
         tc = TrainConfig(steps=cfg.mdn_steps, batch_size=cfg.mdn_batch, lr=cfg.mdn_lr, device=cfg.device, seed=cfg.seed + k, grad_clip=1.0,
                          threads=cfg.threads, log_every=max(1, min(50, cfg.mdn_steps // 10)), ckpt_every=max(100, cfg.mdn_steps // 10))
         r = train(model, tc, folder, resume=(resume or k > 0) and (folder / "checkpoint").exists(), progress=progress)

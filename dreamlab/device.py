@@ -54,6 +54,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Build a model under `seed` without touching the caller's RNG: its initial weights depend on the seed alone,
+    not on whatever drew random numbers earlier in the process (a second model, a data split, a previous stage)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 def default_threads() -> int:
     """Threads for CPU work: all cores unless DREAMLAB_THREADS says otherwise."""
     return int(os.environ.get("DREAMLAB_THREADS", os.cpu_count() or 1))

@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dreamlab.config import apply_overrides, to_dict
-from dreamlab.device import resolve_device
+from dreamlab.device import resolve_device, seeded
 from dreamlab.errors import DreamlabError
 from dreamlab.io import atomic_write_text, load_json, load_tensors, replace_dir, save_json, save_tensors
 from generators.base import Model, TrainConfig
@@ -388,8 +388,9 @@ def train_from_name(name: str, *, preset: str | None = "quick", overrides: dict[
     cls = get_model_class(name)
     merged = {**resolve_preset(cls, preset), **(overrides or {})}
     mo, to = split_overrides(cls, merged)
-    model = cls(apply_overrides(cls.config_class(), mo, what=f"{name} config"))
     tc = apply_overrides(TrainConfig(), to, what="trainer config")
+    with seeded(tc.seed):  # initial weights from the seed alone, whatever ran before in this process
+        model = cls(apply_overrides(cls.config_class(), mo, what=f"{name} config"))
     run_dir = Path(out) if out else Path("runs") / f"{name}-{preset or 'custom'}"
     if resume:
         # settings come from the run folder; explicit overrides (e.g. more steps) still apply
