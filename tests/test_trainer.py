@@ -138,3 +138,16 @@ def test_no_temp_files_left(tmp_path: Path) -> None:
     train(_vae(), _tc(steps=4), tmp_path / "r", progress=False)
     leftovers = [p for p in (tmp_path / "r").rglob("*") if p.name.endswith((".tmp", ".old"))]
     assert not leftovers
+
+
+def test_train_from_name_repeats_by_seed(tmp_path: Path) -> None:
+    """`dreamlab train` builds the model under the run's seed: two runs in one process give the same weights."""
+    from generators.trainer import train_from_name
+
+    torch.rand(7)  # move the global RNG: the initial weights must not depend on it
+    a, _, _ = train_from_name("autoencoder", preset="tiny", out=tmp_path / "a", progress=False)
+    b, _, _ = train_from_name("autoencoder", preset="tiny", out=tmp_path / "b", progress=False)
+    c, _, _ = train_from_name("autoencoder", preset="tiny", overrides={"seed": 1}, out=tmp_path / "c", progress=False)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)

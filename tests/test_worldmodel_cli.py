@@ -231,3 +231,20 @@ def test_report_of_a_half_finished_run(tmp_path: Path) -> None:
     assert write_report(run).read_text().startswith("# World-model run `half`")
     with pytest.raises(DreamlabError, match="does not exist"):
         render_report(tmp_path / "missing")
+
+
+def test_a_seeded_pipeline_repeats_on_cpu(tmp_path: Path) -> None:
+    """Two tiny runs with the same seed in one process (the second starts from another global RNG state): the same
+    V, M and controller weights and the same real-env score; another seed gives other weights."""
+    import torch
+
+    from agents.pipeline import make_config, run_pipeline
+    from dreamlab.io import load_tensors
+
+    res = [run_pipeline(tmp_path / f"r{k}", make_config("tiny", {"seed": s}), preset="tiny", progress=False)
+           for k, s in enumerate((0, 0, 1))]
+    for f in ("vae/model/model.safetensors", "mdn/model/model.safetensors", "controller/best.safetensors"):
+        a, b, c = (load_tensors(tmp_path / f"r{k}" / f) for k in range(3))
+        assert all(torch.equal(a[n], b[n]) for n in a), f
+        assert not all(torch.equal(a[n], c[n]) for n in a), f
+    assert res[0]["controller"]["mean"] == res[1]["controller"]["mean"]
