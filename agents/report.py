@@ -52,46 +52,48 @@ def _evaluations(run: Path) -> list[dict[str, Any]]:
     return [{"file": p.name, "scores": d, "random": randoms.get(key(d))} for p, d in scored if p.name.startswith("controller_")]
 
 
+def _controller_text(t: dict[str, Any]) -> str:
+    txt = f"{t.get('generations', '—')} generations; best dream fitness {_f(t.get('best_dream_fitness'))} (generation {t.get('best_generation', '—')})"
+    if t.get("best_real_check") is not None:
+        txt += f"; best real check {_f(t.get('best_real_check'))} (generation {t.get('best_real_generation', '—')})"
+    po = t.get("playoff")
+    if isinstance(po, dict) and po.get("chosen_playoff_mean") is not None:
+        txt += f"; playoff kept generation {po.get('chosen_generation')} ({_f(po.get('chosen_playoff_mean'))} over {len(po.get('seeds', []))} episodes)"
+    return txt
+
+
+# summary.json key, row label, the row's text from that stage's entry
+_STAGES: tuple[tuple[str, str, Any], ...] = (
+    ("collect", "collect",
+     lambda c: f"{c.get('episodes', '—')} episodes, {_f(c.get('steps'), 0)} env steps, {_f(c.get('env_steps_per_s'), 0)} env-steps/s"),
+    ("train_vae", "V (ConvVAE)",
+     lambda v: f"{v.get('step', '—')} steps; test loss {_f(v.get('test_loss'), 2)} per frame "
+               f"(reconstruction {_f(v.get('test_recon'), 2)} + KL {_f(v.get('test_kl'), 2)})"),
+    ("encode", "encode", lambda e: f"{_f(e.get('encoded_frames'), 0)} frames to (mu, logvar)"),
+    ("train_mdn", "M (MDN-RNN)",
+     lambda m: f"{m.get('step', '—')} steps; held-out NLL {_f(m.get('test_nll_per_step'), 2)} nats per step, "
+               f"reward MSE {_f(m.get('test_reward_mse'), 3)}"),
+    ("train_controller", "C (CMA-ES in the dream)", _controller_text),
+)
+
+
 def _stage_rows(s: dict[str, Any]) -> list[tuple[str, Any, str]]:
     times = (s.get("pipeline") or {}).get("stage_seconds", {})
+    rounds = [k for k in s if re.fullmatch(r"round_\d+", k)]
     rows: list[tuple[str, Any, str]] = []
-    c = s.get("collect")
-    if isinstance(c, dict):
-        rows.append(("collect", times.get("collect", c.get("seconds")),
-                     f"{c.get('episodes', '—')} episodes, {_f(c.get('steps'), 0)} env steps, {_f(c.get('env_steps_per_s'), 0)} env-steps/s"))
-    v = s.get("train_vae")
-    if isinstance(v, dict):
-        rows.append(("V (ConvVAE)", times.get("train_vae", v.get("seconds")),
-                     f"{v.get('step', '—')} steps; test loss {_f(v.get('test_loss'), 2)} per frame "
-                     f"(reconstruction {_f(v.get('test_recon'), 2)} + KL {_f(v.get('test_kl'), 2)})"))
-    e = s.get("encode")
-    if isinstance(e, dict):
-        rows.append(("encode", times.get("encode", e.get("seconds")), f"{_f(e.get('encoded_frames'), 0)} frames to (mu, logvar)"))
-    m = s.get("train_mdn")
-    if isinstance(m, dict):
-        rows.append(("M (MDN-RNN)", times.get("train_mdn", m.get("seconds")),
-                     f"{m.get('step', '—')} steps; held-out NLL {_f(m.get('test_nll_per_step'), 2)} nats per step, "
-                     f"reward MSE {_f(m.get('test_reward_mse'), 3)}"))
-    t = s.get("train_controller")
-    txt = ""
-    if isinstance(t, dict):
-        txt = f"{t.get('generations', '—')} generations; best dream fitness {_f(t.get('best_dream_fitness'))} (generation {t.get('best_generation', '—')})"
-        if t.get("best_real_check") is not None:
-            txt += f"; best real check {_f(t.get('best_real_check'))} (generation {t.get('best_real_generation', '—')})"
-        po = t.get("playoff")
-        if isinstance(po, dict) and po.get("chosen_playoff_mean") is not None:
-            txt += f"; playoff kept generation {po.get('chosen_generation')} ({_f(po.get('chosen_playoff_mean'))} over {len(po.get('seeds', []))} episodes)"
-    rounds = sorted((k for k in s if re.fullmatch(r"round_\d+", k)), key=lambda k: int(k.split("_")[1]))
-    if isinstance(t, dict):
-        rows.append(("C (CMA-ES in the dream" + (", round 1)" if rounds else ")"), times.get("train_controller", t.get("seconds")), txt))
+    for key, label, text in _STAGES:
+        d = s.get(key)
+        if isinstance(d, dict):
+            if key == "train_controller" and rounds:
+                label = "C (CMA-ES in the dream, round 1)"
+            rows.append((label, times.get(key, d.get("seconds")), text(d)))
     if rounds or "iterate" in times:
         rows.append(("iterative rounds", times.get("iterate"), f"rounds 2..{len(rounds)}: below" if len(rounds) > 1 else "—"))
     if "dream_video" in times:
         rows.append(("dream video", times["dream_video"], "the kept controller driving in M's dream, decoded by V"))
     ev = s.get("evaluate")
     if isinstance(ev, dict) and isinstance(ev.get("controller"), dict):
-        c2 = ev["controller"]
-        rows.append(("evaluate", times.get("evaluate", ev.get("seconds")), f"{c2.get('episodes')} real episodes (below)"))
+        rows.append(("evaluate", times.get("evaluate", ev.get("seconds")), f"{ev['controller'].get('episodes')} real episodes (below)"))
     return rows
 
 

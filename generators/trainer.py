@@ -330,16 +330,16 @@ def train(model: Model, tc: TrainConfig, run_dir: str | Path, *, resume: bool = 
     logger.close()
     model.write_artifacts(run_dir)
     try:
-        write_run_report(run_dir, model, result, device=str(device), seconds=time.perf_counter() - t_run)
+        write_run_report(run_dir, model, result, cfg_json, device=str(device), seconds=time.perf_counter() - t_run)
     except Exception as e:  # noqa: BLE001 - the page is a view of files already written; never fail a finished run on it
         print(f"warning: {run_dir / 'report.md'} not written ({type(e).__name__}: {e})")
     return result
 
 
-def write_run_report(run_dir: Path, model: Model, result: dict[str, Any], *, device: str = "", seconds: float | None = None) -> Path:
-    """run/report.md: what was trained, its held-out metrics, every picture of the run folder, how to use it."""
+def write_run_report(run_dir: Path, model: Model, result: dict[str, Any], meta: dict[str, Any], *, device: str = "",
+                     seconds: float | None = None) -> Path:
+    """run/report.md: what was trained (`meta`: the run's config.json), its held-out metrics, every picture, how to use it."""
     run_dir = Path(run_dir)
-    meta = load_json(run_dir / "config.json")
     tc = meta.get("train", {})
     doc = (type(model).__doc__ or "").strip().splitlines()
     lines = [f"# `{model.name}` run `{run_dir.name}`", "", *(doc[:1] + [""] if doc else [])]
