@@ -48,6 +48,7 @@ class WorldModelConfig:
     mdn_steps: int = 20_000
     mdn_batch: int = 100
     mdn_lr: float = 1e-3
+    mdn_chunk_stride: int = 0        # M's training chunks start every N steps (0 = seq_len: no overlap); smaller overlaps them
     mdn_self_feed: float = 0.0       # M trained on its own draws: each input z replaced by M's draw with this probability
     mdn_ensemble: int = 1            # Ms the controller is trained in: M and K-1 more from other seeds (RUN/mdn_1 ..); C reads
                                      # M's h, each dream rollout runs in one member: one M's errors pay only in its share
@@ -98,11 +99,13 @@ class WorldModelConfig:
         # every way a config is made (preset, --set on a stage, a run's config.json) fails here, before hours of collection
         if not 0.0 <= self.mdn_self_feed <= 1.0:
             raise DreamlabError(f"mdn_self_feed={self.mdn_self_feed} must be a probability in [0, 1] (0 = teacher forcing)")
+        if not 0 <= self.mdn_chunk_stride <= self.seq_len:
+            raise DreamlabError(f"mdn_chunk_stride={self.mdn_chunk_stride} must be in [0, seq_len={self.seq_len}] (0 = seq_len: chunks don't overlap)")
         if not 0.0 < self.worst_frac <= 1.0:
             raise DreamlabError(f"worst_frac={self.worst_frac} must be in (0, 1] (1 = C's fitness is the mean of all its dream rollouts)")
 
 
-# 2 CPU cores, about 7-10 min (docs/worldmodels.md has the measured times and real-env scores per seed): whole
+# 2 CPU cores, about 7-12 min by host speed (docs/worldmodels.md has the measured times and real-env scores per seed): whole
 # 1000-step episodes, the paper's LSTM 256 and three short CMA-ES searches of 10 generations (the real checks of a
 # search peaked around its 10th generation and fell as it went on exploiting the dream); one round. The round_*
 # settings apply with `--set rounds=N`; medium inherits round_collect, round_restart and round_check_episodes.
@@ -253,7 +256,8 @@ def stage_train_mdn(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = Fals
             continue
         with seeded(cfg.seed + k):  # member k's initial weights from its own seed alone
             model = MDNRNN(MDNRNNConfig(latents=str(run_dir / "latents"), z_dim=cfg.z_dim, hidden=cfg.hidden, mixtures=cfg.mixtures,
-                                        seq_len=cfg.seq_len, temperature=cfg.temperature, self_feed=cfg.mdn_self_feed))
+                                        seq_len=cfg.seq_len, chunk_stride=cfg.mdn_chunk_stride, temperature=cfg.temperature,
+                                        self_feed=cfg.mdn_self_feed))
         tc = TrainConfig(steps=cfg.mdn_steps, batch_size=cfg.mdn_batch, lr=cfg.mdn_lr, device=cfg.device, seed=cfg.seed + k, grad_clip=1.0,
                          threads=cfg.threads, log_every=max(1, min(50, cfg.mdn_steps // 10)), ckpt_every=max(100, cfg.mdn_steps // 10))
         r = train(model, tc, folder, resume=(resume or k > 0) and (folder / "checkpoint").exists(), progress=progress)

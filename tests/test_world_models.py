@@ -111,6 +111,24 @@ def test_chunk_sequences_masks_padding_and_checks_z_dim() -> None:
         chunk_sequences([ep], 4, 8, 3)
 
 
+def test_chunk_stride_overlaps_full_windows_and_keeps_the_episode_end() -> None:
+    ep = {"mu": torch.randn(11, 4), "logvar": torch.zeros(11, 4), "action": torch.rand(10, 3), "reward": torch.arange(10.0),
+          "done": torch.zeros(10)}
+    ep["done"][-1] = 1.0
+    d = chunk_sequences([ep], 4, 4, 3, stride=2)
+    # full windows at 0, 2, 4 and one ending at the last step (6): no padding, every step covered
+    assert d["x"].shape == (4, 5, 4 + 3) and bool(d["mask"].all())
+    assert d["reward"][:, 0].tolist() == [0.0, 2.0, 4.0, 6.0]
+    assert d["done"][-1, -1] == 1.0
+    assert torch.allclose(d["x"][3, -1, :4].float(), ep["mu"][10].half().float())
+    # stride = seq_len is the non-overlapping cut; an episode shorter than a chunk stays one padded chunk
+    assert torch.equal(chunk_sequences([ep], 4, 4, 3, stride=4)["x"], chunk_sequences([ep], 4, 4, 3)["x"])
+    short = {k: v[:3] if k != "mu" and k != "logvar" else v[:4] for k, v in ep.items()}
+    assert chunk_sequences([short], 4, 4, 3, stride=2)["mask"].tolist() == [[1, 1, 1, 0]]
+    with pytest.raises(DreamlabError, match="chunk_stride=5"):
+        MDNRNN(MDNRNNConfig(seq_len=4, chunk_stride=5))
+
+
 def test_self_feed_runs_on_own_draws_and_only_in_training() -> None:
     torch.manual_seed(2)
     m = MDNRNN(MDNRNNConfig(z_dim=4, action_dim=3, hidden=8, mixtures=3, seq_len=6)).double()

@@ -160,6 +160,9 @@ class MDNRNNConfig:
     hidden: int = 256
     mixtures: int = 5
     seq_len: int = 32           # training chunk length (the paper trains on whole 1000-step episodes)
+    chunk_stride: int = 0       # training chunks start every N steps of an episode (0 = seq_len: chunks don't overlap).
+                                # Smaller: overlapping chunks, so M starts from h = 0 at seq_len / N times as many points
+                                # and sees as many more distinct windows; validation and test chunks never overlap.
     val_every: int = 10
     reward_weight: float = 1.0
     done_weight: float = 1.0
@@ -190,6 +193,9 @@ class MDNRNN(Generator):
         z, a, h, k = config.z_dim, config.action_dim, config.hidden, config.mixtures
         if min(z, a, h, k, config.seq_len) < 1:
             raise DreamlabError(f"mdn_rnn sizes must be positive (z_dim={z}, action_dim={a}, hidden={h}, mixtures={k}, seq_len={config.seq_len})")
+        if not 0 <= config.chunk_stride <= config.seq_len:
+            raise DreamlabError(f"mdn_rnn chunk_stride={config.chunk_stride} must be in [0, seq_len={config.seq_len}] "
+                                "(0 = seq_len: chunks don't overlap; larger would skip steps)")
         if not 0.0 <= config.self_feed <= 1.0:
             raise DreamlabError(f"mdn_rnn self_feed={config.self_feed} must be a probability in [0, 1]")
         self.rnn = nn.LSTM(z + a, h, batch_first=True)
@@ -251,7 +257,9 @@ class MDNRNN(Generator):
         from worlds.encode import latent_files, load_latents
 
         files = split_files(latent_files(cfg.latents), split, cfg.val_every)
-        return chunk_sequences([load_latents(f) for f in files], cfg.seq_len, cfg.z_dim, cfg.action_dim, where=cfg.latents)
+        stride = cfg.chunk_stride if split == "train" else 0  # held-out numbers stay comparable across strides
+        return chunk_sequences([load_latents(f) for f in files], cfg.seq_len, cfg.z_dim, cfg.action_dim, where=cfg.latents,
+                               stride=stride)
 
     # ---- training -------------------------------------------------------------------------
     def forward_sequence(self, z: torch.Tensor, action: torch.Tensor, state: Any = None) -> tuple[tuple, Any]:
@@ -347,8 +355,11 @@ class MDNRNN(Generator):
         return [p] if p else []
 
 
-def chunk_sequences(eps: list[dict[str, torch.Tensor]], seq_len: int, z_dim: int, action_dim: int, where: str = "") -> dict[str, torch.Tensor]:
-    """Cut episodes into chunks of seq_len transitions (seq_len + 1 latents), padding the last with mask 0."""
+def chunk_sequences(eps: list[dict[str, torch.Tensor]], seq_len: int, z_dim: int, action_dim: int, where: str = "",
+                    stride: int = 0) -> dict[str, torch.Tensor]:
+    """Cut episodes into chunks of seq_len transitions (seq_len + 1 latents) starting every `stride` steps
+    (0 = seq_len), padding a chunk that runs past the end with mask 0."""
+    stride = stride or seq_len
     mus, lvs, acts, rews, dones, masks = [], [], [], [], [], []
     for e in eps:
         if e["mu"].shape[-1] != z_dim:
@@ -357,7 +368,13 @@ def chunk_sequences(eps: list[dict[str, torch.Tensor]], seq_len: int, z_dim: int
         if e["action"].shape[-1] != action_dim:
             raise DreamlabError(f"actions in {where} have {e['action'].shape[-1]} dims, expected action_dim={action_dim}")
         t = len(e["action"])
-        for s in range(0, t, seq_len):
+        if stride == seq_len:
+            starts = list(range(0, t, seq_len))
+        else:  # overlapping full windows, the last one ending at the episode's end (its done step)
+            starts = list(range(0, max(t - seq_len, 0) + 1, stride))
+            if t > seq_len and starts[-1] != t - seq_len:
+                starts.append(t - seq_len)
+        for s in starts:
             L = min(seq_len, t - s)
             pad = seq_len - L
 
