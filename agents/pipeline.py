@@ -105,7 +105,7 @@ class WorldModelConfig:
             raise DreamlabError(f"worst_frac={self.worst_frac} must be in (0, 1] (1 = C's fitness is the mean of all its dream rollouts)")
 
 
-# 2 CPU cores, about 7-12 min by host speed (docs/worldmodels.md has the measured times and real-env scores per seed): whole
+# 2 CPU cores, about 7-13 min by host speed (docs/worldmodels.md has the measured times and real-env scores per seed): whole
 # 1000-step episodes, the paper's LSTM 256 and three short CMA-ES searches of 10 generations (the real checks of a
 # search peaked around its 10th generation and fell as it went on exploiting the dream); one round. The round_*
 # settings apply with `--set rounds=N`; medium inherits round_collect, round_restart and round_check_episodes.
