@@ -368,11 +368,10 @@ def chunk_sequences(eps: list[dict[str, torch.Tensor]], seq_len: int, z_dim: int
         if e["action"].shape[-1] != action_dim:
             raise DreamlabError(f"actions in {where} have {e['action'].shape[-1]} dims, expected action_dim={action_dim}")
         t = len(e["action"])
-        if stride == seq_len:
-            starts = list(range(0, t, seq_len))
-        else:  # overlapping full windows, the last one ending at the episode's end (its done step)
-            starts = list(range(0, max(t - seq_len, 0) + 1, stride))
-            if t > seq_len and starts[-1] != t - seq_len:
+        starts = list(range(0, t, seq_len))
+        if stride < seq_len and t > seq_len:  # overlapping full windows, the last one ending at the episode's end (its done step)
+            starts = list(range(0, t - seq_len + 1, stride))
+            if starts[-1] != t - seq_len:
                 starts.append(t - seq_len)
         for s in starts:
             L = min(seq_len, t - s)
