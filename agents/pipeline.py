@@ -25,6 +25,18 @@ from dreamlab.config import apply_overrides, to_dict
 from dreamlab.errors import DreamlabError
 from dreamlab.io import load_json, save_json
 
+# what WorldModelConfig.__post_init__ checks, so a bad --set fails at once and not after collection, V and M
+_AT_LEAST_1 = ("episodes", "max_steps", "z_dim", "vae_width", "vae_steps", "vae_batch", "hidden", "mixtures", "seq_len",
+               "mdn_steps", "mdn_batch", "mdn_ensemble", "generations", "rollouts", "horizon", "state_stride", "val_rollouts",
+               "eval_episodes", "final_episodes", "eval_max_steps", "rounds", "round_episodes",
+               "round_mdn_steps", "round_generations")
+_ZERO_MEANS = {"workers": "0 = all cores", "seed": "numpy seeds are non-negative", "eval_seed": "the first evaluation episode's env seed",
+               "lost_steps": "0 = off", "eval_every": "0 = no periodic real checks", "check_steps": "0 = horizon",
+               "playoff_top": "0 = no playoff", "playoff_episodes": "0 = no playoff",
+               "restart_every": "0 = one search per round",
+               "round_check_episodes": "0 = eval_episodes", "threads": "0 = torch's default"}
+_AT_LEAST_0 = tuple(_ZERO_MEANS)
+
 
 @dataclass
 class WorldModelConfig:
@@ -97,6 +109,21 @@ class WorldModelConfig:
 
     def __post_init__(self) -> None:
         # every way a config is made (preset, --set on a stage, a run's config.json) fails here, before hours of collection
+        for name in _AT_LEAST_1:
+            if getattr(self, name) < 1:
+                raise DreamlabError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in _AT_LEAST_0:
+            if getattr(self, name) < 0:
+                raise DreamlabError(f"{name}={getattr(self, name)} must be >= 0 ({_ZERO_MEANS[name]})")
+        for name in ("vae_lr", "mdn_lr", "sigma0", "temperature"):
+            if not getattr(self, name) > 0:
+                raise DreamlabError(f"{name}={getattr(self, name)} must be > 0")
+        if self.popsize < 2:
+            raise DreamlabError(f"popsize={self.popsize} must be at least 2 (CMA-ES ranks the candidates of a generation)")
+        if self.steer_penalty < 0:
+            raise DreamlabError(f"steer_penalty={self.steer_penalty} must be >= 0 (0 = the plain dream reward)")
+        if not 0.0 <= self.start_anywhere <= 1.0:
+            raise DreamlabError(f"start_anywhere={self.start_anywhere} must be a fraction in [0, 1] (0 = every dream starts at the start line)")
         if not 0.0 <= self.mdn_self_feed <= 1.0:
             raise DreamlabError(f"mdn_self_feed={self.mdn_self_feed} must be a probability in [0, 1] (0 = teacher forcing)")
         if not 0 <= self.mdn_chunk_stride <= self.seq_len:
@@ -221,6 +248,9 @@ def stage_encode(run_dir: Path, cfg: WorldModelConfig, *, progress: bool = True,
     from worlds.encode import encode_rollouts
 
     _threads(cfg)
+    if not (run_dir / "vae" / "model" / "model.safetensors").is_file():
+        raise DreamlabError(f"{run_dir / 'vae'} holds no trained V; train it first: dreamlab worldmodel train-vae {run_dir}"
+                            + (" --resume" if (run_dir / "vae" / "checkpoint").is_dir() else ""))
     vae = load_run(run_dir / "vae", device=cfg.device)
     st = (run_dir / "vae" / "model" / "model.safetensors").stat()
     res = encode_rollouts(vae, rollouts or run_dir / "rollouts", run_dir / "latents", progress=progress,

@@ -24,7 +24,13 @@ PRESET_NAMES = ["quick", "medium", "paper", "tiny"]
 _ENSEMBLE_WORDS = {"mix": "dream ensemble", "rotate": "rotating ensemble: each CMA-ES search in one M"}
 
 
-def _cfg(args: argparse.Namespace, write: bool = True) -> Any:
+def _cfg(args: argparse.Namespace, write: bool = True, flags: dict[str, Any] | None = None, create: bool = False) -> Any:
+    """The run's config (its config.json, else the preset) with --set applied. config.json is written into an
+    existing folder, or a new one with `create` (collect, the first stage: a later stage pointed at a folder that
+    does not exist fails with its own error and leaves nothing behind). `flags` (a stage's own options, e.g.
+    collect's --workers) are checked with the config, so a bad one writes nothing."""
+    import dataclasses
+
     from agents.pipeline import load_config, make_config
     from dreamlab.config import parse_set_args, to_dict
     from dreamlab.io import save_json
@@ -42,7 +48,8 @@ def _cfg(args: argparse.Namespace, write: bool = True) -> Any:
             save_json(run / "config.json", {**d, "config": to_dict(cfg)})
         return cfg
     cfg = make_config(args.preset, over)
-    if write:
+    dataclasses.replace(cfg, **(flags or {}))  # raises on a bad flag before anything is written
+    if write and (create or run.is_dir()):
         run.mkdir(parents=True, exist_ok=True)
         save_json(run / "config.json", {"preset": args.preset, "config": to_dict(cfg)})
     return cfg
@@ -84,17 +91,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _collect(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from agents.pipeline import stage_collect
 
-    cfg = _cfg(args)
+    flags = {k: v for k, v in {"episodes": args.episodes, "max_steps": args.max_steps, "workers": args.workers,
+                               "env_id": args.env_id, "seed": args.seed}.items() if v is not None}
+    cfg = dataclasses.replace(_cfg(args, flags=flags, create=True), **flags)
     run = Path(args.run)
     ctrl = ""
     if args.policy == "controller":
         ctrl = args.controller or str(run / "controller" / "best.safetensors")
-    import dataclasses
-
-    cfg = dataclasses.replace(cfg, **{k: v for k, v in {"episodes": args.episodes, "max_steps": args.max_steps, "workers": args.workers,
-                                                          "env_id": args.env_id, "seed": args.seed}.items() if v is not None})
     res = stage_collect(run, cfg, resume=args.resume, progress=not args.no_progress,
                         policy=args.policy, controller=ctrl)
     _print(res)

@@ -80,6 +80,25 @@ def apply_overrides(cfg: T, overrides: Mapping[str, Any], *, what: str = "config
     return dataclasses.replace(cfg, **{k: coerce(v, types_[k], k) for k, v in overrides.items()})
 
 
+def check_ranges(cfg: Any, *, positive: Iterable[str] = (), nonneg: Iterable[str] = (),
+                 fraction: Iterable[str] = ()) -> None:
+    """A config's `__post_init__` calls this so a bad value fails when the config is made (a `--set`, a preset, a
+    saved config.json), before any data loads or a run folder exists: `positive` fields (ints, or tuples of them)
+    must be >= 1, `nonneg` ones >= 0, `fraction` ones in [0, 1]. The error names the field and the value."""
+    for name in positive:
+        v = getattr(cfg, name)
+        if isinstance(v, (tuple, list)) and (not v or any(x < 1 for x in v)):
+            raise DreamlabError(f"{name}={','.join(map(str, v)) or '(empty)'} must be one or more sizes, each at least 1")
+        if not isinstance(v, (tuple, list)) and v < 1:
+            raise DreamlabError(f"{name}={v} must be at least 1")
+    for name in nonneg:
+        if getattr(cfg, name) < 0:
+            raise DreamlabError(f"{name}={getattr(cfg, name)} must be >= 0")
+    for name in fraction:
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise DreamlabError(f"{name}={getattr(cfg, name)} must be in [0, 1]")
+
+
 def parse_set_args(items: Iterable[str] | None) -> dict[str, str]:
     """Parse `--set key=value` items into a dict, with an error naming a malformed item."""
     out: dict[str, str] = {}

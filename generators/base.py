@@ -52,6 +52,21 @@ class TrainConfig:
     num_workers: int = 0            # DataLoader workers for Dataset-backed models
     threads: int = 0                # torch CPU threads, 0 = torch's default
 
+    def __post_init__(self) -> None:
+        # a bad --set fails here, before any data loads (a negative lr or a zero batch used to end in a traceback)
+        for name in ("steps", "batch_size", "log_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise DreamlabError(f"{name}={getattr(self, name)} must be at least 1")
+        for name, why in (("eval_every", "0 = only at the end"), ("eval_items", "0 = the whole split"),
+                          ("num_workers", "0 = load in this process"), ("threads", "0 = torch's default"),
+                          ("grad_clip", "0 = off"), ("weight_decay", "0 = none"), ("seed", "numpy seeds are non-negative")):
+            if getattr(self, name) < 0:
+                raise DreamlabError(f"{name}={getattr(self, name)} must be >= 0 ({why})")
+        if not self.lr > 0:
+            raise DreamlabError(f"lr={self.lr} must be > 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise DreamlabError(f"betas={tuple(self.betas)} must be two numbers in [0, 1), e.g. --set betas=0.9,0.999")
+
 
 class Model(nn.Module):
     """Base of every registered model (generators and the ch2 classifiers)."""

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dreamlab.config import check_ranges
 from dreamlab.data import FMNIST_CLASSES
 from dreamlab.errors import DreamlabError
 from dreamlab.metrics import frechet_distance_features
@@ -76,6 +77,9 @@ class MLPConfig:
     dataset: str = "fashion_mnist"
     hidden: tuple[int, ...] = (200, 150)
 
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("hidden",))
+
 
 @register
 class MLPClassifier(_Classifier):
@@ -108,6 +112,9 @@ class CNNConfig:
     channels: tuple[int, ...] = (32, 32, 64, 64)
     features: int = 128
     dropout: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("channels", "features"), fraction=("dropout",))
 
 
 @register

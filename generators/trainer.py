@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -240,6 +241,8 @@ def train(model: Model, tc: TrainConfig, run_dir: str | Path, *, resume: bool = 
         raise DreamlabError(f"{run_dir} already holds a checkpoint; pass --resume to continue it, or choose another --out")
     if resume and not has_ckpt:
         raise DreamlabError(f"--resume given but {run_dir / 'checkpoint'} does not exist; start without --resume")
+    # the outermost folder this call creates (run_dir or a parent of it): removed again if the data cannot load
+    created = next((d for d in [*reversed(run_dir.parents), run_dir] if not d.exists()), None)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_run = time.perf_counter()
     cfg_json = {"name": model.name, "config": to_dict(model.config), "train": to_dict(tc), **(extra_config or {})}
@@ -260,7 +263,13 @@ def train(model: Model, tc: TrainConfig, run_dir: str | Path, *, resume: bool = 
         step = int(load_checkpoint(run_dir, model, opts)["step"])
         logger.truncate_after(step)
 
-    data = model.train_data("train")
+    try:
+        data = model.train_data("train")
+    except BaseException:
+        if created is not None:  # e.g. a missing data package: leave no run folder behind for a run that never started
+            logger.close()
+            shutil.rmtree(created, ignore_errors=True)
+        raise
     batches = iterate_train(data, tc.batch_size, tc.seed, step, device, tc.num_workers)
     interrupted = {"flag": False}
 

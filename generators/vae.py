@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dreamlab.config import check_ranges
 from dreamlab.data import FMNIST_CLASSES
 from dreamlab.device import rand, randn
 from generators.base import Batch, Generator, Metrics, register
@@ -148,6 +149,9 @@ class AEConfig:
     z_dim: int = 2
     channels: tuple[int, ...] = (32, 64, 128)
 
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("z_dim", "channels"))
+
 
 class _FMNISTCoder(nn.Module):
     """The book's encoder/decoder: 32x32 input (28x28 padded by 2), three stride-2 convs, a dense code."""
@@ -225,6 +229,9 @@ class VAEConfig:
     z_dim: int = 2
     channels: tuple[int, ...] = (32, 64, 128)
     beta: float = 1.0  # weight of the KL term; 1 gives the true ELBO
+
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("z_dim", "channels"), nonneg=("beta",))
 
 
 @register
@@ -306,6 +313,9 @@ class ConvVAEConfig:
     channels: int = 3
     kl_tolerance: float = 0.5  # KL floored at kl_tolerance * z_dim nats (World Models)
     width: int = 32  # channels of the first conv; the paper's 32/64/128/256 is width=32
+
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("z_dim", "channels", "width"), nonneg=("kl_tolerance",))
 
 
 @register

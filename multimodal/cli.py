@@ -88,16 +88,19 @@ def _text2img(args: argparse.Namespace) -> int:
     import torch
 
     from dreamlab.images import save_grid
+    from multimodal.clip import validate_prompt
     from multimodal.text2img import load_pipeline
 
+    # cheap checks first: a bad prompt or --out must not wait for the model to load and sample
+    validate_prompt(args.prompt)
+    path = Path(args.out)
+    if path.suffix.lower() != ".png":
+        raise DreamlabError(f"--out {args.out} must end in .png")
     pipe = load_pipeline(args.run, device=args.device or "auto")
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     out = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
                clip_guidance_scale=args.clip_guidance_scale, generator=g, num_images_per_prompt=args.n,
                progress=not args.no_progress)
-    path = Path(args.out)
-    if path.suffix.lower() != ".png":
-        raise DreamlabError(f"--out {args.out} must end in .png")
     save_grid(out.images, path, scale=4)
     print(f"wrote {args.n} image(s) for {args.prompt!r} to {path}")
     return 0

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from dreamlab import procedural as P
+from dreamlab.config import check_ranges
 from dreamlab.errors import DreamlabError
 from dreamlab.io import save_json
 from generators.base import Metrics, Model, TrainConfig, register
@@ -82,6 +83,13 @@ class ClipConfig:
     context_length: int = 32
     captions_per_class: int = 24   # caption pool per class / attribute combination, drawn in varied wording
     caption_seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("image_size", "embed_dim", "vision_width", "vision_layers", "vision_head_width",
+                                     "patch_size", "context_length", "captions_per_class"),
+                     nonneg=("max_per_set", "caption_seed"))
+        if self.image_size % self.patch_size:
+            raise DreamlabError(f"patch_size={self.patch_size} must divide image_size={self.image_size}")
 
 
 def open_clip_model_cfg(c: ClipConfig, text_path: str, pretrained_text: bool) -> dict[str, Any]:

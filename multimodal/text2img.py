@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from dreamlab import procedural as P
-from dreamlab.config import to_dict
+from dreamlab.config import check_ranges, to_dict
 from dreamlab.errors import DreamlabError
 from dreamlab.io import atomic_write_text, load_json, save_json, save_tensors
 from generators.base import Generator, Metrics, TrainConfig, register
@@ -68,6 +68,12 @@ class Text2ImgConfig:
     num_inference_steps: int = 50    # sampling defaults
     guidance_scale: float = 3.0
     clip_guidance_scale: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("sample_size", "patch_size", "block_out_channels", "layers_per_block",
+                                     "attention_head_dim", "norm_num_groups", "num_train_timesteps",
+                                     "captions_per_class", "num_inference_steps"),
+                     nonneg=("max_per_set", "caption_seed"), fraction=("caption_dropout",))
 
 
 @dataclass

@@ -52,6 +52,14 @@ def test_train_sample_eval_resume(tmp_path: Path, capsys: pytest.CaptureFixture[
         (["train", "vae", "--set", "nope=1"], "unknown key 'nope' for vae; model keys:"),
         (["train", "vae", "--set", "steps=ten"], "steps='ten' is not a valid int"),
         (["train", "vae", "--set", "steps"], "must look like key=value"),
+        (["train", "vae", "--set", "steps=-1"], "steps=-1 must be at least 1"),
+        (["train", "mlp", "--set", "batch_size=0"], "batch_size=0 must be at least 1"),
+        (["train", "vae", "--set", "lr=-1"], "lr=-1.0 must be > 0"),
+        (["train", "cnn", "--set", "betas=0.9"], "betas=(0.9,) must be two numbers"),
+        (["train", "vae", "--set", "z_dim=0"], "z_dim=0 must be at least 1"),
+        (["train", "mlp", "--set", "hidden=0,5"], "hidden=0,5 must be one or more sizes"),
+        (["train", "cnn", "--set", "dropout=1.5"], "dropout=1.5 must be in [0, 1]"),
+        (["train", "mlp", "--set", "dataset=foo"], "unknown dataset 'foo'"),   # fails after the run folder was made
         (["sample", "/nonexistent/run"], "is not a run folder"),
         (["sample", "/nonexistent/run", "--out", "x.jpg"], "must end in .png"),
         (["data", "prepare", "imagenet"], "unknown dataset 'imagenet'"),
@@ -63,6 +71,7 @@ def test_bad_input_gives_one_line_error(argv: list[str], needle: str, capsys: py
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and needle in err and "\n" not in err, err
+    assert not (tmp_path / "r").exists()  # nothing written for a run that cannot start
 
 
 def test_argparse_rejects_bad_choice(capsys: pytest.CaptureFixture[str]) -> None:

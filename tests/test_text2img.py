@@ -114,6 +114,11 @@ def test_cli_text2img(run, tmp_path, capsys):
     assert "no trained text-to-image model" in err and "dreamlab multimodal train-text2img" in err
     assert main(["text2img", "", "--run", str(run_dir)]) == 2
     assert "prompt is empty" in capsys.readouterr().err
+    # the cheap checks come before the model: a bad prompt or --out is reported even where no model exists
+    assert main(["text2img", " ", "--run", str(tmp_path / "missing")]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+    assert main(["text2img", "a face", "--out", str(tmp_path / "o.jpg"), "--run", str(tmp_path / "missing")]) == 2
+    assert "must end in .png" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["text2img", "a face", "-n", "zero"])
     assert main(["multimodal", "train-text2img", "--clip", str(tmp_path / "noclip"), "--out", str(tmp_path / "r")]) == 2

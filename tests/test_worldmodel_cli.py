@@ -157,6 +157,35 @@ def test_cli_bad_input_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureF
     assert "mdn_self_feed=1.5" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
+@pytest.mark.parametrize("stage, needle", [(["train-vae"], "dreamlab worldmodel collect {run}"),
+                                           (["encode"], "dreamlab worldmodel train-vae {run}"),
+                                           (["train-mdn"], "dreamlab worldmodel encode {run}"),
+                                           (["train-controller"], "dreamlab worldmodel train-vae {run}"),
+                                           (["iterate", "--rounds", "2"], "dreamlab worldmodel collect {run}"),
+                                           (["collect", "--workers", "-1"], "workers=-1 must be >= 0")])
+def test_stage_on_missing_run_names_the_step_before_and_writes_nothing(stage: list[str], needle: str, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "nowhere" / "run"
+    assert main(["worldmodel", stage[0], str(run), "--preset", "tiny", *stage[1:]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and needle.format(run=run) in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("setting", ["rollouts=-3", "popsize=1", "generations=0", "temperature=0", "sigma0=-0.1",
+                                     "start_anywhere=1.5", "steer_penalty=-1", "workers=-2", "final_episodes=0",
+                                     "playoff_episodes=-1", "hidden=0"])
+def test_bad_later_stage_setting_fails_before_collection(setting: str, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # a C or evaluation setting used only after collection, V and M must not cost those stages (hours in paper)
+    out = tmp_path / "run"
+    assert main(["worldmodel", "run", "--preset", "tiny", "--out", str(out), "--set", setting]) == 2
+    err = capsys.readouterr().err.strip()
+    key = setting.split("=")[0]
+    assert err.startswith("error:") and f"{key}=" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
 def test_paper_preset_has_the_paper_sizes_and_selects_by_real_checks() -> None:
     from agents.pipeline import make_config
 

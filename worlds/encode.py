@@ -52,7 +52,8 @@ def encode_rollouts(vae: Any, rollouts: str | Path, out: str | Path, *, progress
 def latent_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not (folder / "manifest.json").exists():
-        raise DreamlabError(f"{folder} has no manifest.json; encode rollouts first: dreamlab worldmodel encode RUN")
+        run = folder.parent if folder.name == "latents" else "RUN"
+        raise DreamlabError(f"{folder} has no manifest.json; encode rollouts first: dreamlab worldmodel encode {run}")
     m = load_json(folder / "manifest.json")
     eps = m.get("episodes", [])
     if not eps:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dreamlab.config import check_ranges
 from dreamlab.device import rand, randn
 from dreamlab.errors import DreamlabError
 from generators.base import Batch, Generator, Metrics, register
@@ -79,6 +80,10 @@ class WorldVAEConfig(ConvVAEConfig):
     val_every: int = 10         # every val_every-th episode is held out
     buffer_episodes: int = 8    # episodes mixed in the shuffle buffer
     eval_frames: int = 5000     # frames used for held-out metrics
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_ranges(self, positive=("val_every", "buffer_episodes", "eval_frames"))
 
 
 def to_float_frames(x: torch.Tensor) -> torch.Tensor:

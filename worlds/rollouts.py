@@ -107,7 +107,8 @@ def read_manifest(folder: str | Path, *, must_exist: bool = True) -> dict[str, A
     p = folder / MANIFEST
     if not p.exists():
         if must_exist:
-            raise DreamlabError(f"{folder} has no {MANIFEST}; collect rollouts first: dreamlab worldmodel collect --out {folder}")
+            run = folder.parent if folder.name == "rollouts" else "RUN"
+            raise DreamlabError(f"{folder} has no {MANIFEST}; collect rollouts first: dreamlab worldmodel collect {run}")
         return {"version": FORMAT_VERSION, "episodes": []}
     m = load_json(p)
     if not isinstance(m, dict) or "episodes" not in m:
