@@ -56,6 +56,7 @@ class CMAConfig:
     state_stride: int = 16           # those frames: every N-th of each encoded episode
     lost_steps: int = 0              # a dream rollout ends after this many steps in a row of M's reward < lost_reward: the car
     lost_reward: float = 0.0         # is lost off the road (worlds.dream.DreamConfig; 0 = off)
+    common_noise: bool = False       # rollout j of every candidate draws the same M noise (common random numbers)
     fitness: Literal["dream", "real"] = "dream"
     worst_frac: float = 1.0          # a candidate's fitness: the mean of its worst fraction of rollouts (CVaR; 1 = all of them)
     diagonal: bool = False           # CMA_diagonal: much cheaper updates at 867 dimensions
@@ -296,7 +297,7 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
     dev = resolve_device(cfg.device)
     dcfg = DreamConfig(horizon=cfg.horizon, temperature=cfg.temperature, steer_penalty=cfg.steer_penalty,
                        start_anywhere=cfg.start_anywhere, state_stride=cfg.state_stride, lost_steps=cfg.lost_steps,
-                       lost_reward=cfg.lost_reward)
+                       lost_reward=cfg.lost_reward, common_noise=cfg.common_noise)
     vae, mdn, sim = load_dream(run_dir, dev, dcfg, ensemble=1 if rotate else cfg.ensemble)
     # one (M, dream) per member when rotating; member k's controllers read member k's h
     members: list[tuple[Any, Any]] = [(mdn, sim)]

@@ -79,6 +79,7 @@ class WorldModelConfig:
     state_stride: int = 16           # those frames: every N-th of each encoded episode
     lost_steps: int = 0              # a dream rollout ends after this many steps in a row with M's reward below
     lost_reward: float = 0.0         # lost_reward (a car lost off the road; 0 = off)
+    common_noise: bool = False       # C's dreams: rollout j of every candidate draws the same M noise (common random numbers)
     horizon: int = 1000
     diagonal: bool = False
     val_rollouts: int = 32           # fixed dream rollouts that pick the best mean (best_dream)
@@ -307,7 +308,7 @@ def cma_config(cfg: WorldModelConfig, **over: Any) -> Any:
     from agents.cmaes import CMAConfig
 
     base = CMAConfig(generations=cfg.generations, popsize=cfg.popsize, rollouts=cfg.rollouts, sigma0=cfg.sigma0,
-                     temperature=cfg.temperature, steer_penalty=cfg.steer_penalty, worst_frac=cfg.worst_frac, start_anywhere=cfg.start_anywhere, state_stride=cfg.state_stride, lost_steps=cfg.lost_steps, lost_reward=cfg.lost_reward, ensemble=cfg.mdn_ensemble, ensemble_mode=cfg.mdn_ensemble_mode, horizon=cfg.horizon, diagonal=cfg.diagonal, features=cfg.features, val_rollouts=cfg.val_rollouts, eval_every=cfg.eval_every,
+                     temperature=cfg.temperature, steer_penalty=cfg.steer_penalty, worst_frac=cfg.worst_frac, start_anywhere=cfg.start_anywhere, state_stride=cfg.state_stride, lost_steps=cfg.lost_steps, lost_reward=cfg.lost_reward, common_noise=cfg.common_noise, ensemble=cfg.mdn_ensemble, ensemble_mode=cfg.mdn_ensemble_mode, horizon=cfg.horizon, diagonal=cfg.diagonal, features=cfg.features, val_rollouts=cfg.val_rollouts, eval_every=cfg.eval_every,
                      eval_episodes=cfg.eval_episodes, check_steps=cfg.check_steps, select_by_real=cfg.select_by_real,
                      playoff_top=cfg.playoff_top, playoff_episodes=cfg.playoff_episodes, restart_every=cfg.restart_every, workers=cfg.workers, env_id=cfg.env_id, seed=cfg.seed, device=cfg.device)
     return dataclasses.replace(base, **over)

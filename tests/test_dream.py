@@ -36,6 +36,22 @@ def test_dream_is_reproducible_by_seed_on_cpu() -> None:
     assert act[..., 0].abs().max() <= 1 and act[..., 1:].min() >= 0 and act[..., 1:].max() <= 1
 
 
+def test_common_noise_gives_every_candidate_rollout_js_dream() -> None:
+    thetas = torch.randn(2, _sim().n_params, generator=torch.Generator().manual_seed(1)) * 0.3
+    same = torch.cat([thetas[:1], thetas[:1], thetas[1:]])  # candidates 0 and 1 are the same controller
+    for common in (False, True):
+        sim = _sim(horizon=25, common_noise=common)
+        with torch.no_grad():
+            sim.mdn.head.bias[-1] = -30.0  # never done
+        out = sim.rollout(same, 4, seed=3, record=True)
+        z = out["z"].view(26, 3, 4, -1)
+        # equal controllers dream the same only when the noise is common; a different controller still dreams its own
+        assert torch.equal(z[:, 0], z[:, 1]) == common
+        assert torch.equal(out["returns"][0], out["returns"][1]) == common
+        assert not torch.equal(z[:, 0], z[:, 2])
+        assert torch.equal(sim.rollout(same, 4, seed=3)["returns"], out["returns"])  # still reproducible by seed
+
+
 def test_done_head_ends_dreams_and_stops_reward() -> None:
     sim = _sim(horizon=20)
     with torch.no_grad():
@@ -204,6 +220,17 @@ def test_cuda_graph_dream_is_reproducible_and_agrees_with_the_eager_path(ensembl
     # a cached graph is re-used across calls with new weights (CMA-ES generations)
     graph.rollout(thetas * 2, 512, seed=7)
     assert list(graph._graphs) == [(2, 512)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_common_noise_gives_equal_controllers_the_same_dream() -> None:
+    _, mdn, mu, lv = tiny_world_model(seed=0)
+    sim = DreamSimulator(mdn.cuda(), mu, lv, DreamConfig(horizon=25, common_noise=True))
+    theta = torch.randn(1, sim.n_params, generator=torch.Generator().manual_seed(0)) * 0.3
+    ret = sim.rollout(torch.cat([theta, theta, -theta]), 64, seed=5)["returns"]
+    # equal rows of one batched GEMM come out equal in practice; allclose leaves room for a kernel that tiles them apart
+    assert torch.allclose(ret[0], ret[1], rtol=1e-4, atol=1e-4) and not torch.allclose(ret[0], ret[2])
 
 
 @pytest.mark.gpu

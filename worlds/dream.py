@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dreamlab.device import autocast, resolve_device
+from dreamlab.device import autocast, rand, randn, resolve_device
 from dreamlab.errors import DreamlabError
 from worlds.models import MDNRNN, WorldVAE
 from worlds.policies import ACTION_DIM, map_action, num_params, unflatten
@@ -62,6 +62,9 @@ class DreamConfig:
     state_stride: int = 16       # the pool of such frames: every N-th frame of each encoded episode
     lost_steps: int = 0          # end a rollout once M's reward (before steer_penalty) has stayed below `lost_reward` this many steps
     lost_reward: float = 0.0     # in a row: the car is lost off the road (0 = off; see `DreamSimulator._lost`)
+    # common random numbers: rollout j of every candidate draws the same M noise at every step (as it already starts
+    # from the same real state), so candidates are ranked on the same dreamed luck, not each on its own
+    common_noise: bool = False
 
 
 class DreamSimulator:
@@ -211,6 +214,9 @@ class DreamSimulator:
             done = self._lost(lost, rew, done)
         if self.cfg.steer_penalty:
             rew = rew - self.cfg.steer_penalty * a[:, 0].abs()
+        if noise is None and self.cfg.common_noise:  # (R, .) draws repeated for the P candidates: row i*R + j is rollout j
+            noise = (rand((r, logpi.shape[1]), device=self.device, generator=g).repeat(p, 1),
+                     randn((r, self.z_dim), device=self.device, generator=g).repeat(p, 1))
         z = self.mdn.sample_mixture(logpi, mu, ls, self.cfg.temperature, g, noise)
         return z, h, c, a, rew, done
 
@@ -258,15 +264,18 @@ class _GraphDream:
         self.alive = torch.ones(bsz, device=dev)
         self.ret = torch.zeros(bsz, device=dev)
         self.steps = torch.zeros(bsz, device=dev)
-        self.u = torch.rand(bsz, k, device=dev)
-        self.eps = torch.randn(bsz, zd, device=dev)
+        # with common_noise the graph draws (R, .) and repeats it for the P candidates, as the CPU path does
+        rep = p if sim.cfg.common_noise else 1
+        self.u = torch.rand(bsz // rep, k, device=dev)
+        self.eps = torch.randn(bsz // rep, zd, device=dev)
         self.ens = sim._members_init(p, r) if sim.members else None  # static member rows and (h, c) buffers
         self.lost = torch.zeros(bsz, device=dev) if sim.cfg.lost_steps else None
 
         def one() -> None:
             self.u.uniform_()  # in-place draws from the default CUDA generator: graph-safe (philox offsets)
             self.eps.normal_()
-            z, h, c, _, rew, done = sim._step(self.z, self.h, self.c, self.w, self.b, p, r, None, (self.u, self.eps), self.ens, self.lost)
+            noise = (self.u.repeat(rep, 1), self.eps.repeat(rep, 1)) if rep > 1 else (self.u, self.eps)
+            z, h, c, _, rew, done = sim._step(self.z, self.h, self.c, self.w, self.b, p, r, None, noise, self.ens, self.lost)
             self.ret.add_(rew * self.alive)
             self.steps.add_(self.alive)
             self.alive.mul_(1.0 - done)
