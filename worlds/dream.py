@@ -214,9 +214,10 @@ class DreamSimulator:
             done = self._lost(lost, rew, done)
         if self.cfg.steer_penalty:
             rew = rew - self.cfg.steer_penalty * a[:, 0].abs()
-        if noise is None and self.cfg.common_noise:  # (R, .) draws repeated for the P candidates: row i*R + j is rollout j
-            noise = (rand((r, logpi.shape[1]), device=self.device, generator=g).repeat(p, 1),
-                     randn((r, self.z_dim), device=self.device, generator=g).repeat(p, 1))
+        if self.cfg.common_noise:  # (R, .) draws, given (the graph's buffers) or drawn, repeated for the P candidates:
+            if noise is None:      # row i*R + j is rollout j of candidate i
+                noise = (rand((r, logpi.shape[1]), device=self.device, generator=g), randn((r, self.z_dim), device=self.device, generator=g))
+            noise = (noise[0].repeat(p, 1), noise[1].repeat(p, 1))
         z = self.mdn.sample_mixture(logpi, mu, ls, self.cfg.temperature, g, noise)
         return z, h, c, a, rew, done
 
@@ -264,18 +265,16 @@ class _GraphDream:
         self.alive = torch.ones(bsz, device=dev)
         self.ret = torch.zeros(bsz, device=dev)
         self.steps = torch.zeros(bsz, device=dev)
-        # with common_noise the graph draws (R, .) and repeats it for the P candidates, as the CPU path does
-        rep = p if sim.cfg.common_noise else 1
-        self.u = torch.rand(bsz // rep, k, device=dev)
-        self.eps = torch.randn(bsz // rep, zd, device=dev)
+        rows = r if sim.cfg.common_noise else bsz  # common_noise: R rows of draws, which `_step` repeats for the P candidates
+        self.u = torch.rand(rows, k, device=dev)
+        self.eps = torch.randn(rows, zd, device=dev)
         self.ens = sim._members_init(p, r) if sim.members else None  # static member rows and (h, c) buffers
         self.lost = torch.zeros(bsz, device=dev) if sim.cfg.lost_steps else None
 
         def one() -> None:
             self.u.uniform_()  # in-place draws from the default CUDA generator: graph-safe (philox offsets)
             self.eps.normal_()
-            noise = (self.u.repeat(rep, 1), self.eps.repeat(rep, 1)) if rep > 1 else (self.u, self.eps)
-            z, h, c, _, rew, done = sim._step(self.z, self.h, self.c, self.w, self.b, p, r, None, noise, self.ens, self.lost)
+            z, h, c, _, rew, done = sim._step(self.z, self.h, self.c, self.w, self.b, p, r, None, (self.u, self.eps), self.ens, self.lost)
             self.ret.add_(rew * self.alive)
             self.steps.add_(self.alive)
             self.alive.mul_(1.0 - done)
