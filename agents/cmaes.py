@@ -57,6 +57,7 @@ class CMAConfig:
     lost_steps: int = 0              # a dream rollout ends after this many steps in a row of M's reward < lost_reward: the car
     lost_reward: float = 0.0         # is lost off the road (worlds.dream.DreamConfig; 0 = off)
     common_noise: bool = False       # rollout j of every candidate draws the same M noise (common random numbers)
+    action_noise: float = 0.0        # std of Gaussian noise on C's actions before M sees them, in the dream (0 = off)
     fitness: Literal["dream", "real"] = "dream"
     worst_frac: float = 1.0          # a candidate's fitness: the mean of its worst fraction of rollouts (CVaR; 1 = all of them)
     diagonal: bool = False           # CMA_diagonal: much cheaper updates at 867 dimensions
@@ -283,6 +284,8 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
                             "the worst ones, whose mean is its fitness (1 = all)")
     if not cfg.steer_penalty >= 0:
         raise DreamlabError(f"steer_penalty={cfg.steer_penalty}: it must be >= 0 (0 = the plain dream reward)")
+    if not cfg.action_noise >= 0:
+        raise DreamlabError(f"action_noise={cfg.action_noise}: it is a standard deviation, >= 0 (0 = C's actions reach M unchanged)")
     has_state = (out_dir / "cma_state.json").exists()
     if has_state and not resume:
         raise DreamlabError(f"{out_dir} already holds a CMA-ES state; pass --resume to continue it, or choose another --out")
@@ -297,7 +300,8 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
     dev = resolve_device(cfg.device)
     dcfg = DreamConfig(horizon=cfg.horizon, temperature=cfg.temperature, steer_penalty=cfg.steer_penalty,
                        start_anywhere=cfg.start_anywhere, state_stride=cfg.state_stride, lost_steps=cfg.lost_steps,
-                       lost_reward=cfg.lost_reward, common_noise=cfg.common_noise)
+                       lost_reward=cfg.lost_reward, common_noise=cfg.common_noise,
+                       action_noise=cfg.action_noise)
     vae, mdn, sim = load_dream(run_dir, dev, dcfg, ensemble=1 if rotate else cfg.ensemble)
     # one (M, dream) per member when rotating; member k's controllers read member k's h
     members: list[tuple[Any, Any]] = [(mdn, sim)]

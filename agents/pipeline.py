@@ -80,6 +80,7 @@ class WorldModelConfig:
     lost_steps: int = 0              # a dream rollout ends after this many steps in a row with M's reward below
     lost_reward: float = 0.0         # lost_reward (a car lost off the road; 0 = off)
     common_noise: bool = False       # C's dreams: rollout j of every candidate draws the same M noise (common random numbers)
+    action_noise: float = 0.0        # C's dreams: std of Gaussian noise on C's actions before M sees them (0 = off)
     horizon: int = 1000
     diagonal: bool = False
     val_rollouts: int = 32           # fixed dream rollouts that pick the best mean (best_dream)
@@ -123,6 +124,8 @@ class WorldModelConfig:
             raise DreamlabError(f"popsize={self.popsize} must be at least 2 (CMA-ES ranks the candidates of a generation)")
         if self.steer_penalty < 0:
             raise DreamlabError(f"steer_penalty={self.steer_penalty} must be >= 0 (0 = the plain dream reward)")
+        if not self.action_noise >= 0:
+            raise DreamlabError(f"action_noise={self.action_noise} must be >= 0 (a standard deviation; 0 = C's actions reach M unchanged)")
         if not 0.0 <= self.start_anywhere <= 1.0:
             raise DreamlabError(f"start_anywhere={self.start_anywhere} must be a fraction in [0, 1] (0 = every dream starts at the start line)")
         if not 0.0 <= self.mdn_self_feed <= 1.0:
@@ -308,7 +311,7 @@ def cma_config(cfg: WorldModelConfig, **over: Any) -> Any:
     from agents.cmaes import CMAConfig
 
     base = CMAConfig(generations=cfg.generations, popsize=cfg.popsize, rollouts=cfg.rollouts, sigma0=cfg.sigma0,
-                     temperature=cfg.temperature, steer_penalty=cfg.steer_penalty, worst_frac=cfg.worst_frac, start_anywhere=cfg.start_anywhere, state_stride=cfg.state_stride, lost_steps=cfg.lost_steps, lost_reward=cfg.lost_reward, common_noise=cfg.common_noise, ensemble=cfg.mdn_ensemble, ensemble_mode=cfg.mdn_ensemble_mode, horizon=cfg.horizon, diagonal=cfg.diagonal, features=cfg.features, val_rollouts=cfg.val_rollouts, eval_every=cfg.eval_every,
+                     temperature=cfg.temperature, steer_penalty=cfg.steer_penalty, worst_frac=cfg.worst_frac, start_anywhere=cfg.start_anywhere, state_stride=cfg.state_stride, lost_steps=cfg.lost_steps, lost_reward=cfg.lost_reward, common_noise=cfg.common_noise, action_noise=cfg.action_noise, ensemble=cfg.mdn_ensemble, ensemble_mode=cfg.mdn_ensemble_mode, horizon=cfg.horizon, diagonal=cfg.diagonal, features=cfg.features, val_rollouts=cfg.val_rollouts, eval_every=cfg.eval_every,
                      eval_episodes=cfg.eval_episodes, check_steps=cfg.check_steps, select_by_real=cfg.select_by_real,
                      playoff_top=cfg.playoff_top, playoff_episodes=cfg.playoff_episodes, restart_every=cfg.restart_every, workers=cfg.workers, env_id=cfg.env_id, seed=cfg.seed, device=cfg.device)
     return dataclasses.replace(base, **over)

@@ -52,6 +52,27 @@ def test_common_noise_gives_every_candidate_rollout_js_dream() -> None:
         assert torch.equal(sim.rollout(same, 4, seed=3)["returns"], out["returns"])  # still reproducible by seed
 
 
+def test_action_noise_perturbs_what_m_sees_within_the_action_box() -> None:
+    thetas = torch.randn(2, _sim().n_params, generator=torch.Generator().manual_seed(4)) * 0.01  # steer ~ 0, gas ~ 0.5
+    clean = _sim(horizon=10).rollout(thetas, 256, seed=2, record=True)
+    noisy = _sim(horizon=10, action_noise=0.3).rollout(thetas, 256, seed=2, record=True)
+    a, a0 = noisy["actions"], clean["actions"]
+    assert a[..., 0].abs().max() <= 1 and a[..., 1:].min() >= 0 and a[..., 1:].max() <= 1  # clipped to CarRacing's box
+    assert torch.equal(noisy["z"][0], clean["z"][0])  # the same real starts: the noise is drawn after them
+    d = a[0] - a0[0]  # first step: same z and h = 0, so C's own action is the same; the difference is the noise
+    # steer ~ 0 is rarely clipped; gas ~ 0.5 is clipped at 0 and 1 beyond 1.7 sigma, which trims its spread a little
+    assert 0.27 < float(d[:, 0].std()) < 0.33 and 0.22 < float(d[:, 1].std()) < 0.31, d.std(0)
+    assert abs(float(d[:, 0].mean())) < 0.05
+    assert torch.equal(_sim(horizon=10, action_noise=0.3).rollout(thetas, 256, seed=2)["returns"], noisy["returns"])  # by seed
+    # with common_noise, rollout j of every candidate also gets the same action noise
+    same = torch.cat([thetas[:1], thetas[:1]])
+    out = _sim(horizon=10, action_noise=0.3, common_noise=True).rollout(same, 4, seed=2, record=True)
+    acts = out["actions"].view(10, 2, 4, -1)
+    assert torch.equal(acts[:, 0], acts[:, 1])
+    with pytest.raises(DreamlabError, match="action_noise=-0.1"):
+        _sim(action_noise=-0.1)
+
+
 def test_done_head_ends_dreams_and_stops_reward() -> None:
     sim = _sim(horizon=20)
     with torch.no_grad():
@@ -224,9 +245,10 @@ def test_cuda_graph_dream_is_reproducible_and_agrees_with_the_eager_path(ensembl
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_common_noise_gives_equal_controllers_the_same_dream() -> None:
+@pytest.mark.parametrize("action_noise", [0.0, 0.2])
+def test_cuda_graph_common_noise_gives_equal_controllers_the_same_dream(action_noise: float) -> None:
     _, mdn, mu, lv = tiny_world_model(seed=0)
-    sim = DreamSimulator(mdn.cuda(), mu, lv, DreamConfig(horizon=25, common_noise=True))
+    sim = DreamSimulator(mdn.cuda(), mu, lv, DreamConfig(horizon=25, common_noise=True, action_noise=action_noise))
     theta = torch.randn(1, sim.n_params, generator=torch.Generator().manual_seed(0)) * 0.3
     ret = sim.rollout(torch.cat([theta, theta, -theta]), 64, seed=5)["returns"]
     # equal rows of one batched GEMM come out equal in practice; allclose leaves room for a kernel that tiles them apart

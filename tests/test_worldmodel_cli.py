@@ -173,7 +173,7 @@ def test_stage_on_missing_run_names_the_step_before_and_writes_nothing(stage: li
 
 
 @pytest.mark.parametrize("setting", ["rollouts=-3", "popsize=1", "generations=0", "temperature=0", "sigma0=-0.1",
-                                     "start_anywhere=1.5", "steer_penalty=-1", "workers=-2", "final_episodes=0",
+                                     "start_anywhere=1.5", "steer_penalty=-1", "action_noise=-0.5", "workers=-2", "final_episodes=0",
                                      "playoff_episodes=-1", "hidden=0"])
 def test_bad_later_stage_setting_fails_before_collection(setting: str, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:

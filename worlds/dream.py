@@ -65,6 +65,14 @@ class DreamConfig:
     # common random numbers: rollout j of every candidate draws the same M noise at every step (as it already starts
     # from the same real state), so candidates are ranked on the same dreamed luck, not each on its own
     common_noise: bool = False
+    # Gaussian noise (std, in action units) added to C's action before M sees it, clipped to the action space: a
+    # candidate whose dream return rests on precise action sequences that M gets wrong pays for it (C still reads
+    # M's h, which saw the noisy action, as a real car's state reflects what the car did). 0 = off
+    action_noise: float = 0.0
+
+
+_ACT_LO = (-1.0, 0.0, 0.0)  # CarRacing's action box (worlds.policies.map_action)
+_ACT_HI = (1.0, 1.0, 1.0)
 
 
 class DreamSimulator:
@@ -86,6 +94,8 @@ class DreamSimulator:
         self.init_mu = init_mu.float().to(self.device)
         self.init_logvar = init_logvar.float().to(self.device)  # kept so another M can dream from the same states
         self.init_std = (0.5 * self.init_logvar).exp()
+        if not self.cfg.action_noise >= 0:
+            raise DreamlabError(f"action_noise={self.cfg.action_noise}: it is a standard deviation, >= 0 (0 = C's actions reach M unchanged)")
         if self.cfg.lost_steps < 0:
             raise DreamlabError(f"lost_steps={self.cfg.lost_steps}: it must be >= 0 (0 = dreams do not end for a lost car)")
         f = self.cfg.start_anywhere
@@ -103,6 +113,7 @@ class DreamSimulator:
         self.z_dim, self.hidden = mdn.config.z_dim, mdn.config.hidden
         self.n_params = num_params(self.z_dim, self.hidden)
         self._graphs: dict[tuple[int, int], _GraphDream] = {}
+        self._act_lo, self._act_hi = (torch.tensor(v, device=self.device) for v in (_ACT_LO, _ACT_HI))  # made here, not in a captured step
         self._member_idx: dict[tuple[int, int], list[torch.Tensor]] = {}
 
     @property
@@ -189,9 +200,15 @@ class DreamSimulator:
     def _step(self, z: torch.Tensor, h: torch.Tensor, c: torch.Tensor, w: torch.Tensor, b: torch.Tensor, p: int, r: int,
               g: torch.Generator | None, noise: tuple[torch.Tensor, torch.Tensor] | None = None,
               ens: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None,
-              lost: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        """One dream step. `ens` = (rows, h, c) of the extra members and `lost` (the `lost_steps` count), updated in place."""
+              lost: torch.Tensor | None = None, act_eps: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """One dream step. `ens` = (rows, h, c) of the extra members and `lost` (the `lost_steps` count), updated in place;
+        `act_eps` (P*R, A): the graph's standard normal draws for `action_noise` (drawn from `g` when None)."""
         bsz = p * r
+        if self.cfg.action_noise:  # drawn before M's noise; no draw at all when the option is off
+            if act_eps is None:
+                act_eps = randn((r if self.cfg.common_noise else bsz, ACTION_DIM), device=self.device, generator=g)
+            if self.cfg.common_noise:  # rollout j of every candidate gets the same action noise too
+                act_eps = act_eps.repeat(p, 1)
         # bf16 on CUDA; the autocast weight cache is off so the step can be captured in a CUDA graph
         ctx = (torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) if self.device.type == "cuda" and self.cfg.amp
                else autocast(self.device, False))
@@ -199,6 +216,8 @@ class DreamSimulator:
             zh = torch.cat([z, h], 1).view(p, r, -1)
             raw = torch.baddbmm(b, zh, w).view(bsz, ACTION_DIM).float()
             a = map_action(raw)
+            if self.cfg.action_noise:
+                a = torch.minimum(torch.maximum(a + self.cfg.action_noise * act_eps, self._act_lo), self._act_hi)
             h, c, out = self.mdn.step(z, a, h, c)
             if ens is not None:  # the member's head replaces M's on its rows; C keeps reading M's h
                 out = out.clone()
@@ -268,13 +287,17 @@ class _GraphDream:
         rows = r if sim.cfg.common_noise else bsz  # common_noise: R rows of draws, which `_step` repeats for the P candidates
         self.u = torch.rand(rows, k, device=dev)
         self.eps = torch.randn(rows, zd, device=dev)
+        self.act_eps = torch.randn(rows, ACTION_DIM, device=dev) if sim.cfg.action_noise else None
         self.ens = sim._members_init(p, r) if sim.members else None  # static member rows and (h, c) buffers
         self.lost = torch.zeros(bsz, device=dev) if sim.cfg.lost_steps else None
 
         def one() -> None:
             self.u.uniform_()  # in-place draws from the default CUDA generator: graph-safe (philox offsets)
             self.eps.normal_()
-            z, h, c, _, rew, done = sim._step(self.z, self.h, self.c, self.w, self.b, p, r, None, (self.u, self.eps), self.ens, self.lost)
+            if self.act_eps is not None:
+                self.act_eps.normal_()
+            z, h, c, _, rew, done = sim._step(self.z, self.h, self.c, self.w, self.b, p, r, None, (self.u, self.eps), self.ens, self.lost,
+                                              self.act_eps)
             self.ret.add_(rew * self.alive)
             self.steps.add_(self.alive)
             self.alive.mul_(1.0 - done)
