@@ -284,8 +284,6 @@ def train_controller(run_dir: str | Path, cfg: CMAConfig, *, resume: bool = Fals
                             "the worst ones, whose mean is its fitness (1 = all)")
     if not cfg.steer_penalty >= 0:
         raise DreamlabError(f"steer_penalty={cfg.steer_penalty}: it must be >= 0 (0 = the plain dream reward)")
-    if not cfg.action_noise >= 0:
-        raise DreamlabError(f"action_noise={cfg.action_noise}: it is a standard deviation, >= 0 (0 = C's actions reach M unchanged)")
     has_state = (out_dir / "cma_state.json").exists()
     if has_state and not resume:
         raise DreamlabError(f"{out_dir} already holds a CMA-ES state; pass --resume to continue it, or choose another --out")

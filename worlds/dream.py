@@ -30,7 +30,7 @@ import torch
 from dreamlab.device import autocast, rand, randn, resolve_device
 from dreamlab.errors import DreamlabError
 from worlds.models import MDNRNN, WorldVAE
-from worlds.policies import ACTION_DIM, map_action, num_params, unflatten
+from worlds.policies import ACTION_DIM, ACTION_HIGH, ACTION_LOW, map_action, num_params, unflatten
 
 
 def load_world_model(run_dir: str | Path, device: str | torch.device = "auto", mdn_dir: str | Path | None = None) -> tuple[WorldVAE, MDNRNN]:
@@ -71,10 +71,6 @@ class DreamConfig:
     action_noise: float = 0.0
 
 
-_ACT_LO = (-1.0, 0.0, 0.0)  # CarRacing's action box (worlds.policies.map_action)
-_ACT_HI = (1.0, 1.0, 1.0)
-
-
 class DreamSimulator:
     """Batched dreams in M. `init_mu`/`init_logvar` (N, Z): the real initial states to draw from; `states` (mu,
     logvar), each (S, Z): real frames from anywhere in the episodes, needed when `cfg.start_anywhere` > 0."""
@@ -113,7 +109,7 @@ class DreamSimulator:
         self.z_dim, self.hidden = mdn.config.z_dim, mdn.config.hidden
         self.n_params = num_params(self.z_dim, self.hidden)
         self._graphs: dict[tuple[int, int], _GraphDream] = {}
-        self._act_lo, self._act_hi = (torch.tensor(v, device=self.device) for v in (_ACT_LO, _ACT_HI))  # made here, not in a captured step
+        self._act_lo, self._act_hi = (torch.tensor(v, device=self.device) for v in (ACTION_LOW, ACTION_HIGH))  # made here, not in a captured step
         self._member_idx: dict[tuple[int, int], list[torch.Tensor]] = {}
 
     @property
@@ -202,7 +198,8 @@ class DreamSimulator:
               ens: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] | None = None,
               lost: torch.Tensor | None = None, act_eps: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """One dream step. `ens` = (rows, h, c) of the extra members and `lost` (the `lost_steps` count), updated in place;
-        `act_eps` (P*R, A): the graph's standard normal draws for `action_noise` (drawn from `g` when None)."""
+        `act_eps`: the graph's standard normal draws for `action_noise`, (P*R, A) or with `common_noise` (R, A) (drawn
+        from `g` when None)."""
         bsz = p * r
         if self.cfg.action_noise:  # drawn before M's noise; no draw at all when the option is off
             if act_eps is None:

@@ -16,6 +16,8 @@ import torch
 from dreamlab.errors import DreamlabError
 
 ACTION_DIM = 3
+ACTION_LOW = (-1.0, 0.0, 0.0)  # CarRacing's action box, which `map_action` maps into: steer, gas, brake
+ACTION_HIGH = (1.0, 1.0, 1.0)
 
 
 def num_params(z_dim: int, hidden: int, action_dim: int = ACTION_DIM) -> int:
