@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from dreamlab.errors import DreamlabError
+from worlds.policies import ACTION_HIGH, ACTION_LOW
 
 
 class DreamEnv(gym.Env):
@@ -47,7 +48,7 @@ class DreamEnv(gym.Env):
         self.obs_mode, self.temperature, self.max_steps, self.done_threshold = obs, float(temperature), int(max_steps), float(done_threshold)
         self.render_mode = render_mode
         z, h = self.mdn.config.z_dim, self.mdn.config.hidden
-        self.action_space = gym.spaces.Box(np.array([-1.0, 0.0, 0.0], np.float32), np.array([1.0, 1.0, 1.0], np.float32), dtype=np.float32)
+        self.action_space = gym.spaces.Box(np.array(ACTION_LOW, np.float32), np.array(ACTION_HIGH, np.float32), dtype=np.float32)
         if obs == "vector":
             self.observation_space = gym.spaces.Box(-np.inf, np.inf, (z + h,), np.float32)
         else:

@@ -214,7 +214,7 @@ class DreamSimulator:
             raw = torch.baddbmm(b, zh, w).view(bsz, ACTION_DIM).float()
             a = map_action(raw)
             if self.cfg.action_noise:
-                a = torch.minimum(torch.maximum(a + self.cfg.action_noise * act_eps, self._act_lo), self._act_hi)
+                a = torch.clamp(a + self.cfg.action_noise * act_eps, self._act_lo, self._act_hi)
             h, c, out = self.mdn.step(z, a, h, c)
             if ens is not None:  # the member's head replaces M's on its rows; C keeps reading M's h
                 out = out.clone()
