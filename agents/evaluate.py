@@ -28,8 +28,10 @@ _G: dict[str, Any] = {}
 def _init_worker(world_model: str, env_id: str, max_steps: int, mdn_dir: str = "") -> None:
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     torch.set_num_threads(1)
-    from worlds.collect import make_env
+    from envs import register_all
+    from worlds.driving import make_env
 
+    register_all()
     _G["env"] = make_env(env_id, max_steps)
     _G["wm"] = None
     if world_model:
@@ -62,7 +64,8 @@ def _crash_hook(seed: int) -> None:
 
 
 def _episode(task: tuple[str, np.ndarray | None, int, bool]) -> dict[str, Any]:
-    from worlds.collect import ModelPolicy, run_episode
+    from worlds.collect import ModelPolicy
+    from worlds.driving import run_episode
 
     kind, theta, seed, record = task
     _crash_hook(seed)

@@ -21,9 +21,9 @@ from dreamlab.io import atomic_write_bytes, load_json, save_json
 def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[dict[str, Any]]:
     from agents.cmaes import cma_state_info, train_controller
     from agents.evaluate import RealEvaluator, summarize
-    from agents.pipeline import (
-        _summary,
+    from agents.stages import (
         cma_config,
+        record_summary,
         stage_collect,
         stage_encode,
         stage_train_mdn,
@@ -66,7 +66,7 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
     if first is None and not done and cfg.rounds > 1 and ctrl.is_file():
         first = {"round": 1, "episodes_total": len(read_manifest(run_dir / "rollouts")["episodes"]), **real_check(1)}
         save()
-        _summary(run_dir, "round_1", first)
+        record_summary(run_dir, "round_1", first)
     for k in range(len(done) + 2, cfg.rounds + 1):
         n_now = len(read_manifest(run_dir / "rollouts")["episodes"])
         # "both": half the episodes with the kept controller, half with the dream-best one. The dream-best controller
@@ -106,5 +106,5 @@ def iterate_rounds(run_dir: Path, cfg: Any, *, progress: bool = True) -> list[di
             atomic_write_bytes(ctrl, (ctrl.parent / top["controller"]).read_bytes())
         info["kept_round"] = top["round"]
         save()
-        _summary(run_dir, f"round_{k}", info)
+        record_summary(run_dir, f"round_{k}", info)
     return done

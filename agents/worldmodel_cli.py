@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-# agents.pipeline.PRESETS' keys, spelled out so that --help needs no torch import (a test keeps them equal)
+# agents.wm_config.PRESETS' keys, spelled out so that --help needs no torch import (a test keeps them equal)
 PRESET_NAMES = ["quick", "medium", "paper", "tiny"]
 
 _ENSEMBLE_WORDS = {"mix": "dream ensemble", "rotate": "rotating ensemble: each CMA-ES search in one M"}
@@ -31,7 +31,7 @@ def _cfg(args: argparse.Namespace, write: bool = True, flags: dict[str, Any] | N
     collect's --workers) are checked with the config, so a bad one writes nothing."""
     import dataclasses
 
-    from agents.pipeline import load_config, make_config
+    from agents.wm_config import load_config, make_config
     from dreamlab.config import parse_set_args, to_dict
     from dreamlab.io import save_json
 
@@ -74,7 +74,8 @@ def _plan(cfg: Any, out: Path) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from agents.pipeline import load_config, make_config, run_pipeline
+    from agents.pipeline import run_pipeline
+    from agents.wm_config import load_config, make_config
     from dreamlab.config import parse_set_args
 
     out = Path(args.out or f"runs/worldmodel-{args.preset}")
@@ -93,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
 def _collect(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from agents.pipeline import stage_collect
+    from agents.stages import stage_collect
 
     flags = {k: v for k, v in {"episodes": args.episodes, "max_steps": args.max_steps, "workers": args.workers,
                                "env_id": args.env_id, "seed": args.seed}.items() if v is not None}
@@ -109,7 +110,7 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def _train_vae(args: argparse.Namespace) -> int:
-    from agents.pipeline import stage_train_vae
+    from agents.stages import stage_train_vae
 
     res = stage_train_vae(Path(args.run), _cfg(args), resume=args.resume, progress=not args.no_progress)
     _print(res)
@@ -117,14 +118,14 @@ def _train_vae(args: argparse.Namespace) -> int:
 
 
 def _encode(args: argparse.Namespace) -> int:
-    from agents.pipeline import stage_encode
+    from agents.stages import stage_encode
 
     _print(stage_encode(Path(args.run), _cfg(args), progress=not args.no_progress))
     return 0
 
 
 def _train_mdn(args: argparse.Namespace) -> int:
-    from agents.pipeline import stage_train_mdn
+    from agents.stages import stage_train_mdn
 
     res = stage_train_mdn(Path(args.run), _cfg(args), resume=args.resume, progress=not args.no_progress)
     _print(res)
@@ -132,7 +133,7 @@ def _train_mdn(args: argparse.Namespace) -> int:
 
 
 def _train_controller(args: argparse.Namespace) -> int:
-    from agents.pipeline import stage_train_controller
+    from agents.stages import stage_train_controller
 
     over = {k: v for k, v in {"fitness": args.fitness, "generations": args.generations, "popsize": args.popsize,
                               "rollouts": args.rollouts, "sigma0": args.sigma0, "temperature": args.temperature,
@@ -156,7 +157,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if "video" in res:
         print(f"video: {res['video']}")
     print("scores: " + ", ".join(res.get("files", [])))
-    from agents.pipeline import refresh_report
+    from agents.stages import refresh_report
 
     refresh_report(Path(args.run))
     return 0
@@ -170,7 +171,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _dream_video(args: argparse.Namespace) -> int:
-    from agents.pipeline import stage_dream_video
+    from agents.stages import stage_dream_video
 
     p = stage_dream_video(Path(args.run), _cfg(args, write=False), steps=args.steps, seed=args.seed, out=Path(args.out) if args.out else None)
     print(f"wrote {p}")

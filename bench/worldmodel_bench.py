@@ -125,11 +125,12 @@ def ours_dream(dev, p: int, r: int, t: int, graph: bool, amp: bool = True, ensem
 
 
 def ours_collect(workers: int, steps: int, env_id: str, per_worker: int = 1) -> float:
+    from envs import register_all
     from worlds.collect import CollectConfig, collect
 
     with tempfile.TemporaryDirectory() as d:
         res = collect(CollectConfig(out=d, episodes=workers * per_worker, max_steps=steps, workers=workers, env_id=env_id),
-                      progress=False)
+                      progress=False, env_setup=register_all)
     return res["env_steps_per_s"]
 
 

@@ -4,11 +4,13 @@ Every loader returns a dict of tensors for one split: images as float32 in [0, 1
 (N, C, H, W) under "x", integer labels under "y" where the data has them. Splits are deterministic
 ("train", "val", "test"), decoded arrays are cached as .npy under $DREAMLAB_CACHE
 (default ~/.cache/dreamlab), and a missing data package raises a one-line error with the install command.
-Higher layers add their own (procedural faces, rollouts, ...) with `register_dataset`.
+Sets of this package are registered here explicitly (the procedural ones from `dreamlab.procedural`, which knows
+nothing of this registry); higher layers add their own with `register_dataset`.
 """
 from __future__ import annotations
 
 import gzip
+import functools
 import hashlib
 import os
 import struct
@@ -20,7 +22,8 @@ import numpy as np
 import torch
 
 from dreamlab.errors import DreamlabError
-from dreamlab.io import atomic_write_bytes
+from dreamlab import procedural
+from dreamlab.io import cache_dir, cached_array  # noqa: F401  (part of this module's API)
 
 SPLITS = ("train", "val", "test")
 Loader = Callable[[str], dict[str, torch.Tensor]]
@@ -55,29 +58,6 @@ def load_dataset(name: str, split: str = "train") -> dict[str, torch.Tensor]:
     if split not in SPLITS:
         raise DreamlabError(f"unknown split {split!r} for dataset {name!r}; choose one of {', '.join(SPLITS)}")
     return _REGISTRY[name].loader(split)
-
-
-def cache_dir() -> Path:
-    d = Path(os.environ.get("DREAMLAB_CACHE", Path.home() / ".cache" / "dreamlab"))
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
-def cached_array(key: str, build: Callable[[], np.ndarray]) -> np.ndarray:
-    """Load `key`.npy from the cache, or build it and write it atomically (no pickle: allow_pickle=False)."""
-    path = cache_dir() / f"{key}.npy"
-    if path.exists():
-        try:
-            return np.load(path, allow_pickle=False)
-        except (ValueError, OSError, EOFError):
-            path.unlink(missing_ok=True)  # a corrupt cache entry is rebuilt, never trusted
-    arr = build()
-    import io
-
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
-    return arr
 
 
 def split_indices(n: int, n_val: int, seed: int, split: str) -> np.ndarray:
@@ -182,4 +162,8 @@ def load_moons(split: str) -> dict[str, torch.Tensor]:
     ref, _ = make_moons(n_samples=20000, noise=0.05, random_state=123)
     x = (x - ref.mean(0)) / ref.std(0)
     return {"x": torch.from_numpy(x.astype(np.float32)), "y": torch.from_numpy(y.astype(np.int64))}
-from dreamlab import procedural as _procedural  # noqa: E402,F401  (registers the procedural datasets)
+# ----------------------------------------------------------------------------- procedural sets
+
+for _kind in procedural.KINDS:
+    register_dataset(_kind, procedural.DESCRIPTIONS[_kind], "procedural (dreamlab.procedural)")(
+        functools.partial(procedural.load_procedural, _kind))

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from dreamlab.errors import DreamlabError
 
@@ -93,6 +96,31 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise DreamlabError(f"{path} is not a readable safetensors file ({e}); it is corrupt or truncated: re-save it") from e
+
+
+# ----------------------------------------------------------------------------- the cache of decoded data
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("DREAMLAB_CACHE", Path.home() / ".cache" / "dreamlab"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def cached_array(key: str, build: Callable[[], np.ndarray]) -> np.ndarray:
+    """Load `key`.npy from the cache, or build it and write it atomically (no pickle: allow_pickle=False)."""
+    path = cache_dir() / f"{key}.npy"
+    if path.exists():
+        try:
+            return np.load(path, allow_pickle=False)
+        except (ValueError, OSError, EOFError):
+            path.unlink(missing_ok=True)  # a corrupt cache entry is rebuilt, never trusted
+    arr = build()
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+    return arr
+
 
 
 def replace_dir(tmp_dir: Path, final_dir: Path) -> None:

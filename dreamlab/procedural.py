@@ -2,7 +2,7 @@
 
 Everything is deterministic from a seed and drawn with vectorised numpy (soft-edged masks over a
 pixel grid, a chunk of images at a time), so thousands of images take seconds; the splits are cached
-as uint8 .npy through `dreamlab.data.cached_array`.
+as uint8 .npy through `dreamlab.io.cached_array`.
 
 Each set has categorical attributes (`ATTRIBUTES[kind]`: name -> tuple of values). An image's labels
 are the value indices; its captions are generated from them in varied wording (synonyms, prefixes,
@@ -12,8 +12,7 @@ never appear in the train split: the val/test splits are drawn from every combin
 `PARAPHRASE_WORDS` holds wording that appears in *no* training caption (checked by the tests), for
 zero-shot prompts with unseen words.
 
-Only numpy, torch and the standard library are imported here (this module is imported with
-`dreamlab.data`).
+Only numpy, torch and the standard library are imported here; `dreamlab.data` registers these sets by name.
 """
 from __future__ import annotations
 
@@ -23,8 +22,8 @@ import re
 import numpy as np
 import torch
 
-from dreamlab.data import FMNIST_CLASSES, cached_array, load_dataset, register_dataset
 from dreamlab.errors import DreamlabError
+from dreamlab.io import cached_array
 
 KINDS = ("faces", "flowers", "bricks")
 SIZE = 64
@@ -478,33 +477,12 @@ def is_held_out(kind: str, labels: np.ndarray | torch.Tensor) -> np.ndarray:
     return (lab[:, None, :] == held[None]).all(-1).any(-1)
 
 
-def fmnist_rgb(split: str, size: int = 32, max_items: int | None = None) -> dict[str, torch.Tensor]:
-    """Fashion-MNIST as 3-channel images padded to `size` (28 -> 32 by default) for the captioned mix."""
-    d = load_dataset("fashion_mnist", split)
-    x, y = d["x"], d["y"]
-    if max_items:
-        x, y = x[:max_items], y[:max_items]
-    pad = (size - 28) // 2
-    if size >= 28:
-        x = torch.nn.functional.pad(x, (pad, size - 28 - pad, pad, size - 28 - pad))
-    else:
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="area")
-    return {"x": x.expand(-1, 3, -1, -1).contiguous(), "y": y}
+DESCRIPTIONS = {
+    kind: f"procedural 64x64 RGB {what}; 12k train / 1k val / 2k test, held-out combos not in train"
+    for kind, what in (("faces", "faces with hair colour, skin tone, smiling, glasses"),
+                       ("flowers", "flowers with petal count, petal colour, centre colour"),
+                       ("bricks", "toy bricks with size (studs) and colour"))
+}
 
-
-def _register(kind: str) -> None:
-    desc = {"faces": "faces with hair colour, skin tone, smiling, glasses",
-            "flowers": "flowers with petal count, petal colour, centre colour",
-            "bricks": "toy bricks with size (studs) and colour"}[kind]
-
-    @register_dataset(kind, f"procedural 64x64 RGB {desc}; 12k train / 1k val / 2k test, held-out combos not in train",
-                      "procedural (dreamlab.procedural)")
-    def _load(split: str) -> dict[str, torch.Tensor]:
-        return load_procedural(kind, split)
-
-
-for _k in KINDS:
-    _register(_k)
-
-__all__ = ["ATTRIBUTES", "HELD_OUT", "KINDS", "FMNIST_CLASSES", "caption", "captions", "generate", "load_procedural",
-           "prompt_for", "paraphrase_for", "training_vocabulary", "fmnist_captions", "fmnist_rgb"]
+__all__ = ["ATTRIBUTES", "HELD_OUT", "KINDS", "caption", "captions", "generate", "load_procedural",
+           "prompt_for", "paraphrase_for", "training_vocabulary", "fmnist_captions"]

@@ -12,9 +12,8 @@ it is exact or a bound). Everything is trained by the one shared trainer in `gen
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -23,7 +22,7 @@ from torch import nn
 
 from dreamlab.config import apply_overrides, from_dict, to_dict
 from dreamlab.data import load_dataset
-from dreamlab.device import resolve_device
+from dreamlab.device import autocast, resolve_device
 from dreamlab.errors import DreamlabError
 from dreamlab.io import load_json, load_tensors, replace_dir, save_json, save_tensors
 
@@ -94,8 +93,6 @@ class Model(nn.Module):
 
     def train_step(self, batch: Batch, optimizers: list[torch.optim.Optimizer], step: int, tc: TrainConfig) -> Metrics:
         """One optimisation step; adversarial models override this and own their optimiser steps."""
-        from dreamlab.device import autocast
-
         (opt,) = optimizers
         with autocast(self.device, tc.amp):
             loss, metrics = self.loss(batch)
@@ -110,8 +107,6 @@ class Model(nn.Module):
     @torch.no_grad()
     def evaluate(self, split: str = "test", max_items: int | None = None) -> dict[str, float]:
         """Held-out metrics; default: mean loss over the split."""
-        from generators.trainer import iterate_eval
-
         was = self.training
         self.eval()
         tot: dict[str, float] = {}
@@ -190,21 +185,70 @@ class Generator(Model):
     def sample(self, n: int, *, generator: torch.Generator | None = None, **condition: Any) -> torch.Tensor:
         raise NotImplementedError
 
+    #: file suffixes `save_samples` writes (`dreamlab sample --out`); a model with other outputs (MIDI, text) adds its own
+    sample_formats: ClassVar[tuple[str, ...]] = (".png", ".safetensors")
+
+    def save_samples(self, samples: torch.Tensor, path: str | Path) -> list[Path]:
+        """Write what `sample` returned to `path`: an image grid (.png) or the raw tensor (.safetensors). Models whose
+        samples are not images override this (and `sample_formats`), e.g. music as .mid + .wav + .png."""
+        from dreamlab.images import save_grid
+
+        path = Path(path)
+        if path.suffix == ".safetensors":
+            return [save_tensors(path, {"samples": samples})]
+        if path.suffix != ".png" or samples.ndim != 4 or samples.shape[1] not in (1, 3):
+            raise DreamlabError(f"{self.name} samples have shape {tuple(samples.shape)}, not images; "
+                                f"write them to a .safetensors file instead of {path}")
+        return [save_grid(samples, path)]
+
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Per-item log-likelihood in nats (exact, or a lower bound: see `log_prob_kind`)."""
         raise NotImplementedError(f"{self.name} offers no log_prob (it has no tractable likelihood or bound)")
 
 
+# ----------------------------------------------------------------------------- held-out batches
+
+
+def batch_count(data: Any) -> int:
+    return len(next(iter(data.values()))) if isinstance(data, dict) else len(data)
+
+
+def to_device(b: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    """A collated batch (dict, tuple or tensor) as a dict of tensors on `device`."""
+    if isinstance(b, dict):
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+    if isinstance(b, (list, tuple)):
+        keys = ("x", "y", "c", "d")
+        return {keys[i]: v.to(device) for i, v in enumerate(b)}
+    return {"x": b.to(device)}
+
+
+def iterate_eval(model: Model, split: str, batch_size: int = 500,
+                 max_items: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """The items of `split` in order, in batches on the model's device (at most `max_items` of them)."""
+    data = model.train_data(split)
+    dev = model.device
+    if isinstance(data, dict):
+        n = batch_count(data)
+        n = min(n, max_items or n)
+        for i in range(0, n, batch_size):
+            yield {k: v[i:i + batch_size].to(dev) for k, v in data.items()}
+    else:
+        seen = 0
+        for b in torch.utils.data.DataLoader(data, batch_size=batch_size):
+            yield to_device(b, dev)
+            seen += batch_size
+            if max_items and seen >= max_items:
+                break
+
+
 # ----------------------------------------------------------------------------- registry
 
 _REGISTRY: dict[str, type[Model]] = {}
-#: modules whose import registers models; upper layers are named here as strings, never imported eagerly
-_MODEL_MODULES = (
-    "generators.classifiers",
-    "generators.vae",
-    "worlds.models",
-    "multimodal.text2img",
-)
+#: the modules that define models are entry points of this group (pyproject.toml): the registry names no module,
+#: so a model can live in any layer above this one (worlds' V and M, multimodal's pipelines) without an upward import
+ENTRY_POINT_GROUP = "dreamlab.models"
+_OPTIONAL_DEPS = ("diffusers", "open_clip", "transformers", "gymnasium")
 _loaded = False
 
 
@@ -217,15 +261,22 @@ def register(cls: type[Model]) -> type[Model]:
 
 
 def _load_all() -> None:
+    """Import every module listed under the entry-point group (once); their `@register` fills the registry."""
     global _loaded
     if _loaded:
         return
-    for mod in _MODEL_MODULES:
+    from importlib.metadata import entry_points
+
+    eps = list(entry_points(group=ENTRY_POINT_GROUP))
+    if not eps:
+        raise DreamlabError("dreamlab is not installed, so no model is registered; install it with: make install "
+                            "(or pip install -e .)")
+    for ep in eps:
         try:
-            importlib.import_module(mod)
+            ep.load()
         except ModuleNotFoundError as e:
             # an optional layer that is not present (or lacks its optional deps) simply registers nothing
-            if not (e.name and (mod.startswith(e.name) or e.name.split(".")[0] in ("diffusers", "open_clip", "transformers", "gymnasium"))):
+            if not (e.name and (ep.value.startswith(e.name) or e.name.split(".")[0] in _OPTIONAL_DEPS)):
                 raise
     _loaded = True
 

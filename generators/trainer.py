@@ -21,6 +21,7 @@ import math
 import random
 import shutil
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,13 +35,16 @@ from dreamlab.config import apply_overrides, to_dict
 from dreamlab.device import resolve_device, seeded
 from dreamlab.errors import DreamlabError
 from dreamlab.io import atomic_write_text, load_json, load_tensors, replace_dir, save_json, save_tensors
-from generators.base import Model, TrainConfig
+from generators.base import (
+    Model,
+    TrainConfig,
+    batch_count,
+    get_model_class,
+    split_overrides,
+    to_device,
+)
 
 # ----------------------------------------------------------------------------- data iteration
-
-
-def _batch_count(data: Any) -> int:
-    return len(next(iter(data.values()))) if isinstance(data, dict) else len(data)
 
 
 def iterate_train(data: Any, batch_size: int, seed: int, start_step: int, device: torch.device,
@@ -52,8 +56,8 @@ def iterate_train(data: Any, batch_size: int, seed: int, start_step: int, device
         while True:
             loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=num_workers)
             for b in loader:
-                yield _to_device(b, device)
-    n = _batch_count(data)
+                yield to_device(b, device)
+    n = batch_count(data)
     if n < batch_size:
         batch_size = n
     per_epoch = n // batch_size  # drop the ragged last batch: every step sees a full batch
@@ -67,34 +71,8 @@ def iterate_train(data: Any, batch_size: int, seed: int, start_step: int, device
                 yield {k: v[idx].to(device, non_blocking=True) for k, v in data.items()}
             else:
                 items = [data[int(j)] for j in idx]
-                yield _to_device(torch.utils.data.default_collate(items), device)
+                yield to_device(torch.utils.data.default_collate(items), device)
         epoch, offset = epoch + 1, 0
-
-
-def _to_device(b: Any, device: torch.device) -> dict[str, torch.Tensor]:
-    if isinstance(b, dict):
-        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
-    if isinstance(b, (list, tuple)):
-        keys = ("x", "y", "c", "d")
-        return {keys[i]: v.to(device) for i, v in enumerate(b)}
-    return {"x": b.to(device)}
-
-
-def iterate_eval(model: Model, split: str, batch_size: int = 500, max_items: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-    data = model.train_data(split)
-    dev = model.device
-    n = _batch_count(data) if not isinstance(data, torch.utils.data.IterableDataset) else None
-    if isinstance(data, dict):
-        n = min(n, max_items or n)
-        for i in range(0, n, batch_size):
-            yield {k: v[i:i + batch_size].to(dev) for k, v in data.items()}
-    else:
-        seen = 0
-        for b in torch.utils.data.DataLoader(data, batch_size=batch_size):
-            yield _to_device(b, dev)
-            seen += batch_size
-            if max_items and seen >= max_items:
-                break
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -384,16 +362,12 @@ def write_run_report(run_dir: Path, model: Model, result: dict[str, Any], meta: 
 
 
 def _is_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
 def train_from_name(name: str, *, preset: str | None = "quick", overrides: dict[str, Any] | None = None,
                     out: str | Path | None = None, resume: bool = False, progress: bool = True) -> tuple[Model, dict[str, Any], Path]:
     """Build a registered model from preset + overrides and train it; what `dreamlab train` calls."""
-    from generators.base import get_model_class, split_overrides
-
     cls = get_model_class(name)
     merged = {**resolve_preset(cls, preset), **(overrides or {})}
     mo, to = split_overrides(cls, merged)
@@ -412,12 +386,9 @@ def train_from_name(name: str, *, preset: str | None = "quick", overrides: dict[
 
 def load_run(run_dir: str | Path, device: str = "auto") -> Model:
     """Load the final model of a run folder (or its last checkpoint if training was interrupted)."""
-    from generators.base import Model as _M
-    from generators.base import get_model_class
-
     run_dir = Path(run_dir)
     if (run_dir / "model" / "config.json").exists():
-        return _M.from_pretrained(run_dir / "model", device=device)
+        return Model.from_pretrained(run_dir / "model", device=device)
     if (run_dir / "checkpoint" / "model.safetensors").exists():
         meta = load_json(run_dir / "config.json")
         cls = get_model_class(meta["name"])
@@ -425,5 +396,5 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Model:
         m.load_state_dict(load_tensors(run_dir / "checkpoint" / "model.safetensors"))
         return m.to(resolve_device(device)).eval()
     if (run_dir / "config.json").exists() and (run_dir / "model.safetensors").exists():
-        return _M.from_pretrained(run_dir, device=device)
+        return Model.from_pretrained(run_dir, device=device)
     raise DreamlabError(f"{run_dir} is not a run folder (no model/ or checkpoint/); train one with: dreamlab train NAME --out {run_dir}")

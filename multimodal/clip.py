@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from dreamlab import procedural as P
 from dreamlab.config import check_ranges
+from dreamlab.data import load_dataset
 from dreamlab.errors import DreamlabError
 from dreamlab.io import save_json
 from generators.base import Metrics, Model, TrainConfig, register
@@ -40,6 +41,21 @@ from generators.base import Metrics, Model, TrainConfig, register
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 MAX_PROMPT_CHARS = 300
 SETS = ("fashion_mnist", "faces", "flowers", "bricks")
+
+
+def fmnist_rgb(split: str, size: int = 32, max_items: int | None = None) -> dict[str, torch.Tensor]:
+    """Fashion-MNIST as 3-channel images padded to `size` (28 -> 32 by default) for the captioned mix."""
+    d = load_dataset("fashion_mnist", split)
+    x, y = d["x"], d["y"]
+    if max_items:
+        x, y = x[:max_items], y[:max_items]
+    pad = (size - 28) // 2
+    if size >= 28:
+        x = torch.nn.functional.pad(x, (pad, size - 28 - pad, pad, size - 28 - pad))
+    else:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="area")
+    return {"x": x.expand(-1, 3, -1, -1).contiguous(), "y": y}
+
 
 
 def minilm_path() -> str:
@@ -223,7 +239,7 @@ class ClipModel(Model):
         cap = max_items if max_items is not None else (self.config.max_per_set or None)
         for s in self.sets:
             if s == "fashion_mnist":
-                d = P.fmnist_rgb(split, size=32, max_items=cap)
+                d = fmnist_rgb(split, size=32, max_items=cap)
                 x, c = d["x"], d["y"]
             else:
                 d = P.load_procedural(s, split, max_items=cap)
@@ -301,7 +317,7 @@ class ClipModel(Model):
         cap = max_items or (self.config.max_per_set or None)
         for s in self.sets:
             if s == "fashion_mnist":
-                d = P.fmnist_rgb(split, size=32, max_items=cap)
+                d = fmnist_rgb(split, size=32, max_items=cap)
                 train_prompts = [[t.format(w) for t in P.FMNIST_TEMPLATES for w in ws] for ws in P.FMNIST_WORDS]
                 pred = self.zero_shot(d["x"], train_prompts)
                 res[f"{split}_zeroshot_fmnist_acc"] = float((pred == d["y"]).float().mean())

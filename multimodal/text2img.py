@@ -50,7 +50,8 @@ TINY_CLIP = {"sets": "faces", "max_per_set": 64, "image_size": 16, "embed_dim": 
 
 @dataclass
 class Text2ImgConfig:
-    clip_dir: str = DEFAULT_CLIP     # trained CLIP folder; "" = a fresh CLIP (pretrained MiniLM, untrained projection)
+    clip_dir: str = ""               # trained CLIP folder (the presets: runs/clip); "" = a small fresh CLIP (pretrained
+                                     # MiniLM text tower, untrained projection), so the model can be built anywhere
     clip_config: str = ""            # filled in automatically: the CLIP's config as JSON (the weights live in model.safetensors)
     sets: str = "faces"              # procedural sets to train on (comma-separated: faces, flowers, bricks)
     max_per_set: int = 12000
@@ -102,8 +103,8 @@ class Text2ImgPipeline(Generator):
         "tiny": {"clip_dir": "", "max_per_set": 32, "sample_size": 16, "patch_size": 2, "block_out_channels": (16, 32), "layers_per_block": 1,
                  "attention_head_dim": 4, "norm_num_groups": 8, "captions_per_class": 2, "num_inference_steps": 3,
                  "steps": 2, "batch_size": 8, "log_every": 1, "ckpt_every": 100},
-        "quick": {"steps": 800, "batch_size": 32, "lr": 5e-4, "log_every": 25, "ckpt_every": 200, "grad_clip": 1.0},
-        "full": {"sets": "faces,flowers,bricks", "max_per_set": 0, "patch_size": 1, "block_out_channels": (128, 256, 256),
+        "quick": {"clip_dir": DEFAULT_CLIP, "steps": 800, "batch_size": 32, "lr": 5e-4, "log_every": 25, "ckpt_every": 200, "grad_clip": 1.0},
+        "full": {"clip_dir": DEFAULT_CLIP, "sets": "faces,flowers,bricks", "max_per_set": 0, "patch_size": 1, "block_out_channels": (128, 256, 256),
                  "layers_per_block": 2,
                  "steps": 60000, "batch_size": 128, "lr": 2e-4, "ckpt_every": 2000, "grad_clip": 1.0},
     }

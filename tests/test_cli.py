@@ -38,6 +38,9 @@ def test_train_sample_eval_resume(tmp_path: Path, capsys: pytest.CaptureFixture[
     from dreamlab.io import load_tensors
 
     assert load_tensors(tmp_path / "s.safetensors")["samples"].shape == (3, 1, 28, 28)
+    assert main(["sample", str(run), "--out", str(tmp_path / "s.jpg")]) == 2
+    assert "vae writes samples as .png, .safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "s.jpg").exists()
     assert main(["eval", str(run), "--device", "cpu", "--max-items", "100"]) == 0
     assert "test_elbo" in json.loads((run / "eval_test.json").read_text())
     assert main(["train", "vae", "--out", str(run), "--resume", "--set", "steps=5", "--no-progress"]) == 0
@@ -61,7 +64,7 @@ def test_train_sample_eval_resume(tmp_path: Path, capsys: pytest.CaptureFixture[
         (["train", "cnn", "--set", "dropout=1.5"], "dropout=1.5 must be in [0, 1]"),
         (["train", "mlp", "--set", "dataset=foo"], "unknown dataset 'foo'"),   # fails after the run folder was made
         (["sample", "/nonexistent/run"], "is not a run folder"),
-        (["sample", "/nonexistent/run", "--out", "x.jpg"], "must end in .png"),
+        (["sample", "/nonexistent/run", "--out", "x.jpg"], "is not a run folder"),
         (["data", "prepare", "imagenet"], "unknown dataset 'imagenet'"),
     ],
 )

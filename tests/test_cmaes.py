@@ -160,12 +160,14 @@ def test_saved_controller_keeps_the_m_it_was_trained_in(tmp_path: Path) -> None:
     shutil.rmtree(snap)
     with pytest.raises(DreamlabError, match=snap.name):
         controller_mdn(best)
+    from envs import register_all
     from worlds.collect import CollectConfig, collect
 
     # the collector checks a controller policy once, before any worker starts (not a crash per worker)
     with pytest.raises(DreamlabError, match=snap.name):
         collect(CollectConfig(out=str(tmp_path / "roll"), episodes=2, max_steps=5, workers=1, policy="controller",
-                              env_id="dreamlab/CarRacing64-v3", world_model=str(run), controller=str(best)), progress=False)
+                              env_id="dreamlab/CarRacing64-v3", world_model=str(run), controller=str(best)), progress=False,
+                env_setup=register_all)
     assert not (tmp_path / "roll").exists()
 
 
@@ -210,7 +212,7 @@ def test_worst_frac_fitness_is_the_mean_of_the_worst_rollouts(tmp_path: Path) ->
 
     import torch
 
-    from agents.pipeline import make_config
+    from agents.wm_config import make_config
     from worlds.dream import DreamConfig, DreamSimulator, worst_mean
 
     r = torch.tensor([[1.0, 5.0, 3.0, 7.0], [2.0, 2.0, 2.0, 10.0]])

@@ -42,6 +42,14 @@ def test_registry_has_the_foundation_models() -> None:
 
 
 @pytest.mark.parametrize("name", ALL)
+def test_every_registered_name_builds_with_its_defaults(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`make_model(name)` needs no trained files: run from an empty folder, so no runs/ can help it."""
+    monkeypatch.chdir(tmp_path)
+    model = make_model(name)
+    assert model.name == name and model.num_parameters() > 0
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_train_step_gives_finite_loss_and_changes_weights(name: str) -> None:
     model, tc = _tiny(name)
     model.train()

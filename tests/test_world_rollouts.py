@@ -15,6 +15,7 @@ import pytest
 pytest.importorskip("gymnasium")
 
 from dreamlab.errors import DreamlabError  # noqa: E402
+from envs import register_all  # noqa: E402
 from worlds.collect import CollectConfig, collect  # noqa: E402
 from worlds.rollouts import episode_files, load_episode, read_manifest  # noqa: E402
 
@@ -60,7 +61,7 @@ def test_collector_kill_and_resume(tmp_path: Path) -> None:
     assert _listed_ok(run / "rollouts") == list(range(8))
     # an episode depends only on (seed, index): the resumed run equals a fresh in-process collection
     fresh = tmp_path / "fresh"
-    collect(CollectConfig(out=str(fresh), episodes=2, max_steps=30, env_id=FAST, policy="brownian", seed=0), progress=False, inprocess=True)
+    collect(CollectConfig(out=str(fresh), episodes=2, max_steps=30, env_id=FAST, policy="brownian", seed=0), progress=False, inprocess=True, env_setup=register_all)
     for i in (0, 1):
         a, b = load_episode(run / "rollouts" / f"ep_{i:06d}.npz"), load_episode(fresh / f"ep_{i:06d}.npz")
         assert np.array_equal(a.obs, b.obs) and np.array_equal(a.actions, b.actions) and np.array_equal(a.rewards, b.rewards)
@@ -69,7 +70,7 @@ def test_collector_kill_and_resume(tmp_path: Path) -> None:
 def test_crashed_worker_is_restarted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DREAMLAB_COLLECT_CRASH_ONCE", "1")
     out = tmp_path / "r"
-    res = collect(CollectConfig(out=str(out), episodes=3, max_steps=20, workers=2, env_id=FAST), progress=False)
+    res = collect(CollectConfig(out=str(out), episodes=3, max_steps=20, workers=2, env_id=FAST), progress=False, env_setup=register_all)
     assert res["restarts"] >= 1
     assert (out / ".crashed_1").exists()
     assert _listed_ok(out) == [0, 1, 2]
@@ -77,7 +78,7 @@ def test_crashed_worker_is_restarted(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_corrupt_episode_error_names_file(tmp_path: Path) -> None:
     out = tmp_path / "run" / "rollouts"
-    collect(CollectConfig(out=str(out), episodes=2, max_steps=15, env_id=FAST), progress=False, inprocess=True)
+    collect(CollectConfig(out=str(out), episodes=2, max_steps=15, env_id=FAST), progress=False, inprocess=True, env_setup=register_all)
     bad = out / "ep_000001.npz"
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])
@@ -101,7 +102,7 @@ def test_streaming_loader_reads_few_episodes_at_a_time(tmp_path: Path, monkeypat
     import worlds.models as wm
 
     out = tmp_path / "r"
-    collect(CollectConfig(out=str(out), episodes=4, max_steps=10, env_id=FAST), progress=False, inprocess=True)
+    collect(CollectConfig(out=str(out), episodes=4, max_steps=10, env_id=FAST), progress=False, inprocess=True, env_setup=register_all)
     files = episode_files(out)
     loads: list[Path] = []
     real = wm.load_episode
@@ -127,7 +128,8 @@ def test_streaming_loader_reads_few_episodes_at_a_time(tmp_path: Path, monkeypat
 
 def test_pursuit_policy_drives_the_road_and_explore_cycles_policies(tmp_path: Path) -> None:
     """The track follower collects tile rewards (random policies rarely do); `explore` cycles three policies."""
-    from worlds.collect import BrownianPolicy, PursuitPolicy, _make_policy, make_env, run_episode
+    from worlds.collect import _make_policy
+    from worlds.driving import BrownianPolicy, PursuitPolicy, make_env, run_episode
 
     env = make_env("dreamlab/CarRacing64-v3", 150)
     rets = [run_episode(env, PursuitPolicy(np.random.default_rng(s), burst_p=0.0), 1000 + s).ret for s in range(2)]
@@ -139,7 +141,7 @@ def test_pursuit_policy_drives_the_road_and_explore_cycles_policies(tmp_path: Pa
 
 
 def test_pursuit_policy_needs_a_track() -> None:
-    from worlds.collect import PursuitPolicy
+    from worlds.driving import PursuitPolicy
 
     class NoTrack:
         unwrapped = object()

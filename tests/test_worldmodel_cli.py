@@ -187,7 +187,7 @@ def test_bad_later_stage_setting_fails_before_collection(setting: str, tmp_path:
 
 
 def test_paper_preset_has_the_paper_sizes_and_selects_by_real_checks() -> None:
-    from agents.pipeline import make_config
+    from agents.wm_config import make_config
 
     c = make_config("paper")
     assert (c.episodes, c.max_steps, c.z_dim, c.vae_width, c.hidden, c.mixtures, c.popsize, c.rollouts, c.horizon) == \
@@ -201,7 +201,7 @@ def test_paper_preset_has_the_paper_sizes_and_selects_by_real_checks() -> None:
 
 
 def test_cli_offers_every_preset_and_medium_uses_full_length_episodes() -> None:
-    from agents.pipeline import PRESETS, make_config
+    from agents.wm_config import PRESETS, make_config
     from agents.worldmodel_cli import PRESET_NAMES
 
     assert PRESET_NAMES == list(PRESETS)
@@ -267,7 +267,8 @@ def test_a_seeded_pipeline_repeats_on_cpu(tmp_path: Path) -> None:
     V, M and controller weights and the same real-env score; another seed gives other weights."""
     import torch
 
-    from agents.pipeline import make_config, run_pipeline
+    from agents.pipeline import run_pipeline
+    from agents.wm_config import make_config
     from dreamlab.io import load_tensors
 
     res = [run_pipeline(tmp_path / f"r{k}", make_config("tiny", {"seed": s}), preset="tiny", progress=False)

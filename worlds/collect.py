@@ -5,43 +5,37 @@ N worker processes (default: all cores) each run their own env and write one com
 a worker that dies (its episode is re-run) and can `resume` a killed run up to the requested count.
 Episode i is seeded from (seed, i) alone, so which worker runs it does not change it.
 
-Policies:
-  brownian           a_{t+1} = clip(a_t + N(0, sigma^2)), the usual CarRacing exploration noise
+Policies (brownian and pursuit are described in `worlds.driving`):
+  brownian           random-walk actions
   random_controller  the paper's random rollouts: a random-weight linear controller on the features of
                      a random-weight V and M (weights redrawn each episode)
   mixed              even episodes brownian, odd episodes random_controller
-  pursuit            a noisy track follower (CarRacing only; it reads the track's centre line, privileged
-                     information the agent never gets): random target speed, look-ahead and gain per episode,
-                     correlated steering noise and bursts of random actions, so the data show driving along
-                     the road at speed, skids, leaving the road and coming back, with tile rewards all along
+  pursuit            a noisy track follower
   explore            episodes cycle brownian, random_controller, pursuit
   controller         a trained C with its V and M (`world_model` run folder, `controller` file): iterative training
+
+dreamlab's own env ids (dreamlab/...) are registered by the envs package, a layer above: the caller passes
+`env_setup=envs.register_all`, which every worker process runs before it makes its env.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import math
 import os
 import queue
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from dreamlab.errors import DreamlabError
-from worlds.rollouts import (
-    Episode,
-    episode_name,
-    preprocess_frame,
-    read_manifest,
-    save_episode,
-    write_manifest,
-)
+from worlds.driving import BrownianPolicy, PursuitPolicy, episode_seed, make_env, policy_kind, run_episode
+from worlds.rollouts import episode_name, read_manifest, save_episode, write_manifest
 
 Policy = Literal["brownian", "random_controller", "mixed", "pursuit", "explore", "controller"]
+EnvSetup = Callable[[], None]
 
 
 @dataclass
@@ -60,100 +54,7 @@ class CollectConfig:
     max_restarts: int = 8            # crashed workers restarted before giving up
 
 
-def episode_seed(seed: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
-
-
-def make_env(env_id: str, max_steps: int = 0) -> Any:
-    """gymnasium.make with dreamlab's own ids registered on demand (the envs layer is imported by name)."""
-    os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-    try:
-        import gymnasium as gym
-    except ImportError as e:
-        raise DreamlabError("collecting rollouts needs gymnasium; install it with: pip install 'gymnasium[box2d]'") from e
-    if env_id.startswith("dreamlab/"):
-        try:
-            importlib.import_module("envs")
-        except ImportError as e:
-            raise DreamlabError(f"env {env_id!r} needs dreamlab's envs package, which failed to import ({e})") from e
-    kwargs = {"max_episode_steps": max_steps} if max_steps > 0 else {}
-    try:
-        return gym.make(env_id, **kwargs)
-    except gym.error.Error as e:
-        raise DreamlabError(f"env id {env_id!r} cannot be made ({e}); use e.g. --env-id CarRacing-v3") from e
-
-
-# ----------------------------------------------------------------------------- policies
-
-
-class BrownianPolicy:
-    """Random walks for steer, gas and a latent brake in [-1, 1] (brake = max(0, latent)), so the car is
-    off the brake about half the time and the data include high speeds, skids and grass, not only crawling."""
-
-    def __init__(self, rng: np.random.Generator, sigma: float) -> None:
-        self.rng, self.sigma = rng, sigma
-        self.a = np.array([0.0, rng.uniform(0.3, 1.0), -0.5], np.float32)
-
-    def reset(self) -> None:
-        pass
-
-    def __call__(self, frame: np.ndarray) -> np.ndarray:
-        a = self.a.copy()
-        a[2] = max(0.0, a[2])
-        self.a = np.clip(self.a + self.rng.normal(0, self.sigma, 3).astype(np.float32), [-1.0, 0.0, -1.0], [1.0, 1.0, 1.0]).astype(np.float32)
-        return a
-
-
-class PursuitPolicy:
-    """Pure pursuit on CarRacing's track centre line, made deliberately imperfect.
-
-    Per episode: target speed, look-ahead (tiles) and steering gain are drawn at random; each step adds
-    autocorrelated steering noise, and with probability `burst_p` a burst of 5-30 uniformly random actions
-    starts. The car therefore drives the road at many speeds, runs wide in corners, leaves the road and finds
-    it again: the states a controller trained in the dream will visit. It needs the env (`bind`), since it
-    reads `env.unwrapped.track` and the car's pose.
-    """
-
-    def __init__(self, rng: np.random.Generator, burst_p: float = 0.01) -> None:
-        self.rng, self.burst_p = rng, burst_p
-        self.speed = float(rng.uniform(25.0, 90.0))
-        self.look = int(rng.integers(3, 11))
-        self.gain = float(rng.uniform(1.0, 3.0))
-        self.noise = float(rng.uniform(0.0, 0.3))
-        self.env: Any = None
-        self.eps, self.burst = 0.0, 0
-        self.burst_a = np.zeros(3, np.float32)
-
-    def bind(self, env: Any) -> None:
-        u = env.unwrapped
-        if not hasattr(u, "track") or not hasattr(u, "car"):
-            raise DreamlabError(f"policy 'pursuit' follows a CarRacing track, but {u.__class__.__name__} has none; "
-                                "use --policy brownian or random_controller for other envs")
-        self.env = u
-        self.centre = np.asarray([(t[2], t[3]) for t in u.track], np.float64)
-
-    def reset(self) -> None:
-        self.eps, self.burst = 0.0, 0
-
-    def __call__(self, frame: np.ndarray) -> np.ndarray:
-        if self.env is None:
-            raise DreamlabError("PursuitPolicy.bind(env) must be called after env.reset()")
-        if self.burst > 0:
-            self.burst -= 1
-            return self.burst_a.copy()
-        if self.rng.random() < self.burst_p:
-            self.burst = int(self.rng.integers(5, 31))
-            self.burst_a = np.array([self.rng.uniform(-1, 1), self.rng.uniform(0, 1), max(0.0, self.rng.uniform(-1, 1))], np.float32)
-        hull = self.env.car.hull
-        x, y = hull.position
-        i = int(np.argmin(((self.centre - (x, y)) ** 2).sum(1)))
-        tx, ty = self.centre[(i + self.look) % len(self.centre)]
-        # the car's forward axis is its local +y, i.e. at angle hull.angle + pi/2; positive steer turns clockwise
-        err = (math.atan2(ty - y, tx - x) - hull.angle - math.pi / 2 + math.pi) % (2 * math.pi) - math.pi
-        self.eps = 0.9 * self.eps + float(self.rng.normal(0.0, self.noise))
-        v = float(np.hypot(*hull.linearVelocity))
-        steer = float(np.clip(-self.gain * err + self.eps, -1.0, 1.0))
-        return np.array([steer, 0.5 if v < self.speed else 0.0, 0.3 if v > 1.2 * self.speed else 0.0], np.float32)
+# ----------------------------------------------------------------------------- policies that act through V and M
 
 
 class ModelPolicy:
@@ -210,45 +111,6 @@ def random_model_policy(rng: np.random.Generator) -> ModelPolicy:
     return ModelPolicy(vae, mdn, theta)
 
 
-# ----------------------------------------------------------------------------- one episode
-
-
-def run_episode(env: Any, policy: Any, seed: int, frame_size: int = 64, on_steps: Any = None) -> Episode:
-    obs, _ = env.reset(seed=seed)
-    policy.reset()
-    if hasattr(policy, "bind"):
-        policy.bind(env)
-    frames = [preprocess_frame(obs, frame_size)]
-    acts, rews, terms, truncs = [], [], [], []
-    n_report = 0
-    while True:
-        a = np.asarray(policy(frames[-1]), np.float32)
-        obs, r, term, trunc, _ = env.step(a)
-        frames.append(preprocess_frame(obs, frame_size))
-        acts.append(a)
-        rews.append(r)
-        terms.append(term)
-        truncs.append(trunc)
-        n_report += 1
-        if on_steps is not None and n_report >= 50:
-            on_steps(n_report)
-            n_report = 0
-        if term or trunc:
-            break
-    if on_steps is not None and n_report:
-        on_steps(n_report)
-    return Episode(np.stack(frames), np.stack(acts), np.asarray(rews, np.float32), np.asarray(terms, bool), np.asarray(truncs, bool))
-
-
-def policy_kind(policy: str, index: int) -> str:
-    """The policy that drives episode `index` (the mixes alternate by episode index)."""
-    if policy == "mixed":
-        return ("brownian", "random_controller")[index % 2]
-    if policy == "explore":
-        return ("brownian", "random_controller", "pursuit")[index % 3]
-    return policy
-
-
 def _make_policy(cfg: CollectConfig, rng: np.random.Generator, cached: dict[str, Any], index: int = 0) -> Any:
     kind = policy_kind(cfg.policy, index)
     if kind == "brownian":
@@ -272,7 +134,7 @@ def _crash_hook(out: Path, index: int) -> None:
             os._exit(17)
 
 
-def _worker(wid: int, cfg_d: dict[str, Any], tasks: Any, results: Any, parent: int) -> None:
+def _worker(wid: int, cfg_d: dict[str, Any], tasks: Any, results: Any, parent: int, env_setup: EnvSetup | None) -> None:
     """Run the episodes the parent hands over `tasks`; report on `results`, this worker's own pipe (send is
     synchronous and shares no lock with other workers, so a worker that dies mid-message breaks only its pipe)."""
     cfg = CollectConfig(**cfg_d)
@@ -281,6 +143,8 @@ def _worker(wid: int, cfg_d: dict[str, Any], tasks: Any, results: Any, parent: i
 
         torch.set_num_threads(1)  # one worker per core: torch's own threads would oversubscribe
     out = Path(cfg.out)
+    if env_setup is not None:
+        env_setup()
     env = make_env(cfg.env_id, cfg.max_steps)
     cached: dict[str, Any] = {}
     while True:
@@ -316,9 +180,14 @@ def _worker(wid: int, cfg_d: dict[str, Any], tasks: Any, results: Any, parent: i
 # ----------------------------------------------------------------------------- the collector
 
 
-def collect(cfg: CollectConfig, *, resume: bool = False, progress: bool = True, inprocess: bool = False) -> dict[str, Any]:
-    """Collect `cfg.episodes` episodes into `cfg.out`; returns a summary (episodes, steps, env-steps/s, restarts)."""
+def collect(cfg: CollectConfig, *, resume: bool = False, progress: bool = True, inprocess: bool = False,
+            env_setup: EnvSetup | None = None) -> dict[str, Any]:
+    """Collect `cfg.episodes` episodes into `cfg.out`; returns a summary (episodes, steps, env-steps/s, restarts).
+    `env_setup` (a module-level function, e.g. `envs.register_all`) runs in every process before it makes an env."""
     from tqdm.auto import tqdm
+
+    if env_setup is not None:
+        env_setup()
 
     if cfg.episodes < 1:
         raise DreamlabError(f"episodes={cfg.episodes} must be at least 1")
@@ -366,7 +235,7 @@ def collect(cfg: CollectConfig, *, resume: bool = False, progress: bool = True, 
                 record(idx, {"steps": ep.steps, "return": ep.ret, "terminated": bool(ep.terminated[-1]), "seed": seed})
             env.close()
         else:
-            _run_pool(cfg, todo, record, bar, summary)
+            _run_pool(cfg, todo, record, bar, summary, env_setup)
     finally:
         bar.close()
     summary["episodes"] = len(manifest["episodes"])
@@ -375,7 +244,8 @@ def collect(cfg: CollectConfig, *, resume: bool = False, progress: bool = True, 
     return summary
 
 
-def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summary: dict[str, Any]) -> None:
+def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summary: dict[str, Any],
+              env_setup: EnvSetup | None) -> None:
     """Run episodes on worker processes. The parent hands each worker one episode at a time through the
     worker's own queue, so it always knows what a worker was doing: when a worker dies (even before any of
     its messages got out), its episode is handed to the restarted worker. Each worker reports on its own pipe:
@@ -399,7 +269,7 @@ def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summar
     def spawn(wid: int) -> Any:
         queues[wid] = ctx.Queue()
         recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_worker, args=(wid, cfg_d, queues[wid], send, parent), daemon=True, name=f"collect-{wid}")
+        p = ctx.Process(target=_worker, args=(wid, cfg_d, queues[wid], send, parent, env_setup), daemon=True, name=f"collect-{wid}")
         p.start()
         send.close()  # the worker holds the only write end: its death reads as EOF here
         conns[wid] = recv
@@ -481,14 +351,3 @@ def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summar
         for c in conns.values():
             if c is not None:
                 c.close()
-
-
-def demo_rollouts() -> Path:
-    """A tiny cached CarRacing sample (4 brownian episodes x 40 steps, seed 0) for tests and demos."""
-    from dreamlab.data import cache_dir
-
-    out = cache_dir() / "wm_demo_rollouts_v1"
-    m = read_manifest(out, must_exist=False)
-    if len(m["episodes"]) < 4:
-        collect(CollectConfig(out=str(out), episodes=4, max_steps=40, seed=0), resume=True, progress=False, inprocess=True)
-    return out

@@ -28,6 +28,7 @@ from dreamlab.device import rand, randn
 from dreamlab.errors import DreamlabError
 from generators.base import Batch, Generator, Metrics, register
 from generators.vae import ConvVAE, ConvVAEConfig
+from worlds.driving import demo_rollouts
 from worlds.rollouts import episode_files, load_episode, split_files
 
 LOG2PI = math.log(2 * math.pi)
@@ -110,8 +111,6 @@ class WorldVAE(ConvVAE):
     def _files(self, split: str) -> list[Path]:
         folder = self.config.rollouts
         if not folder:
-            from worlds.collect import demo_rollouts
-
             folder = str(demo_rollouts())
         files = episode_files(folder)
         return split_files(files, split, self.config.val_every)
