@@ -378,49 +378,68 @@ def _asset_hash(d: Path) -> str:
     return hashlib.sha1((d / "model.safetensors").read_bytes()).hexdigest()[:12]
 
 
-def reference_stats(set_name: str, split: str = "test", size: int | None = None,
-                    max_items: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of the features of a split (first `max_items`, 0 = all), seen at `size` x `size`.
+def reference_images(set_name: str, split: str = "test", combos: str = "train") -> torch.Tensor:
+    """The images of a split; for a procedural set with `combos="train"` only those whose attribute combination
+    occurs in the train split (the held-out ones removed: they are not in the distribution a generator learns)."""
+    s = image_set(set_name)
+    if combos not in ("train", "all"):
+        raise DreamlabError(f"combos={combos!r} must be 'train' (the train split's attribute combinations) or 'all'")
+    if split not in ("train", "val", "test"):
+        raise DreamlabError(f"reference={split!r} must be a split (train, val, test) or an image tensor")
+    d = load_dataset(s.dataset, split)
+    if combos == "train" and "attrs" in d:
+        return d["x"][~torch.from_numpy(P.is_held_out(s.name, d["attrs"]))]
+    return d["x"]
+
+
+def reference_stats(set_name: str, split: str = "test", size: int | None = None, max_items: int = 0,
+                    combos: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of the features of `reference_images` (a fixed random `max_items` of them, 0 = all), seen
+    at `size` x `size`.
 
     Cached in memory and in the data cache; the key holds the asset's hash, so a rebuilt net never reuses them."""
     s = image_set(set_name)
     size = size or s.size
-    key = (s.name, split, size, max_items)
+    combos = combos if s.name in P.KINDS else "all"
+    key = (s.name, split, size, max_items, combos)
     if key not in _STATS:
         j = judge(s.name)
 
         def build() -> np.ndarray:
-            x = load_dataset(s.dataset, split)["x"]
-            x = x[:max_items] if max_items else x
+            x = reference_images(s.name, split, combos)
+            if 0 < max_items < len(x):  # a fixed random subset: a split may be ordered (mnist5k's are sorted by digit)
+                x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:max_items]]
             mu, cov = gaussian_stats(j.features(resize(x, size).clamp_(0, 1)))
             return np.concatenate([mu[None], cov])
 
-        arr = cached_array(f"fd_ref_{s.name}_{split}_{max_items or 'all'}_{size}px_{_asset_hash(j.directory)}", build)
+        name = f"fd_ref_{s.name}_{split}_{combos}_{max_items or 'all'}_{size}px_{_asset_hash(j.directory)}"
+        arr = cached_array(name, build)
         _STATS[key] = (arr[0], arr[1:])
     return _STATS[key]
 
 
 def frechet_distance(set_name: str, images: torch.Tensor, reference: str | torch.Tensor = "test",
-                     max_reference: int = 0) -> float:
+                     max_reference: int = 0, combos: str = "train") -> float:
     """Fréchet distance of `images` (float (N, C, H, H) in [0, 1], N >= 2) to `reference`: a split name of the set
-    ("test", "val", "train"; its first `max_reference` images, 0 = all) or another image tensor.
+    ("test", "val", "train"; a fixed random `max_reference` of its images, 0 = all) or another image tensor.
 
+    For the procedural sets a split reference keeps, by default (`combos="train"`), only the attribute combinations
+    of the train split, which is what an unconditional generator trained on it can learn (`combos="all"` keeps the
+    held-out ones too: it adds a constant to every value, up to 30x the floor for bricks).
     Our features, not Inception: compare only on the same set at the same N (see docs/metrics.md for the floor)."""
     s = image_set(set_name)
     x = check_images(s, images)
     if len(x) < 2:
         raise DreamlabError(f"a Fréchet distance needs at least 2 images, got {len(x)} (thousands give a stable value)")
     j = judge(s.name)
-    mu, cov = gaussian_stats(j.features(x))
     if isinstance(reference, str):
-        if reference not in ("train", "val", "test"):
-            raise DreamlabError(f"reference={reference!r} must be a split (train, val, test) or an image tensor")
-        mu_r, cov_r = reference_stats(s.name, reference, x.shape[-1], max_reference)
+        mu_r, cov_r = reference_stats(s.name, reference, x.shape[-1], max_reference, combos)
     else:
         r = check_images(s, reference, "reference images")
         if len(r) < 2:
             raise DreamlabError(f"a Fréchet distance needs at least 2 reference images, got {len(r)}")
         mu_r, cov_r = gaussian_stats(j.features(resize(r, x.shape[-1]).clamp_(0, 1)))
+    mu, cov = gaussian_stats(j.features(x))
     return _frechet(mu, cov, mu_r, cov_r)
 
 
@@ -439,16 +458,18 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def floor_and_ceiling(set_name: str, n: int = 2000, seed: int = 0) -> dict[str, float]:
-    """FD to the whole test split of: n train images (the floor; also at n/4), the same images heavily blurred
-    (sigma = 1/16 of the width) and n uniform-noise images (the ceilings)."""
+    """FD to the test split (default reference) of: n train images (the floor; also at n/4, and against every
+    combination of the test split), the same images heavily blurred (sigma = 1/16 of the width) and n images of
+    uniform noise (the ceilings)."""
     s = image_set(set_name)
     train = load_dataset(s.dataset, "train")["x"]
     if len(train) < n:
         raise DreamlabError(f"{s.name} has {len(train)} train images, fewer than n={n}")
     x = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]]
     noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(seed))
-    return {"n": n, "n_test": len(load_dataset(s.dataset, "test")["x"]),
+    return {"n": n, "n_ref": len(reference_images(s.name, "test")),
             "floor": frechet_distance(s.name, x), f"floor_n{n // 4}": frechet_distance(s.name, x[: n // 4]),
+            "floor_all_combos": frechet_distance(s.name, x, combos="all") if s.name in P.KINDS else float("nan"),
             "blur": frechet_distance(s.name, gaussian_blur(x, s.size / 16).clamp(0, 1)),
             "noise": frechet_distance(s.name, noise)}
 
@@ -534,11 +555,13 @@ def build(set_names: list[str], runs: Path, preset: str = "quick", progress: boo
 
 
 def table(set_names: list[str], n: int) -> str:
-    lines = ["| set | images (N) | test images | floor: N train vs test | floor at N/4 | ceiling: N blurred train | "
-             "ceiling: N uniform noise |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| set | N | reference: test images | floor: N train vs test | floor at N/4 | floor vs every test "
+             "combination | ceiling: N train blurred | ceiling: N uniform noise |", "|---|" + "---:|" * 7]
+    print(*lines, sep="\n", flush=True)
     for name in set_names:
         r = floor_and_ceiling(name, n)
-        lines.append(f"| {name} | {r['n']} | {r['n_test']} | {r['floor']:.3f} | {r[f'floor_n{n // 4}']:.3f} | "
+        allc = "—" if math.isnan(r["floor_all_combos"]) else f"{r['floor_all_combos']:.3f}"
+        lines.append(f"| {name} | {r['n']} | {r['n_ref']} | {r['floor']:.3f} | {r[f'floor_n{n // 4}']:.3f} | {allc} | "
                      f"{r['blur']:.2f} | {r['noise']:.2f} |")
         print(lines[-1], flush=True)
     return "\n".join(lines)

@@ -21,12 +21,14 @@ MIN_ACC = {"faces": 0.9, "flowers": 0.9, "bricks": 0.9, "mnist": 0.9, "fashion_m
 
 
 def _images(set_name: str, n: int, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random n of a split's images and labels (mnist5k's splits are sorted by digit: not the first n)."""
     s = FT.image_set(set_name)
-    if set_name in P.KINDS:  # only the first n are turned into float (a whole train split is 600 MB of floats)
-        d = P.load_procedural(set_name, split, max_items=n)
+    if set_name in P.KINDS:  # only these n are turned into float (a whole train split is 600 MB of floats)
+        d = P.load_procedural(set_name, split, max_items=n)  # drawn in random order
         return d["x"], d["attrs"]
     d = load_dataset(s.dataset, split)
-    return d["x"][:n], d["y"][:n, None]
+    idx = torch.randperm(len(d["y"]), generator=torch.Generator().manual_seed(0))[:n]
+    return d["x"][idx], d["y"][idx, None]
 
 
 @pytest.fixture(autouse=True)
@@ -68,12 +70,12 @@ def test_frechet_distance_puts_real_test_images_below_noise(set_name: str) -> No
 
 
 def test_a_reference_tensor_gives_the_cached_split_statistics_number() -> None:
-    train = load_dataset("mnist5k", "train")["x"][:150]
-    ref = load_dataset("mnist5k", "test")["x"][:300]
-    by_split = FT.frechet_distance("mnist", train, max_reference=300)
-    assert FT.frechet_distance("mnist", train, reference=ref) == pytest.approx(by_split, rel=1e-4)
+    x = _images("mnist", 150, "train")[0]
+    ref = load_dataset("mnist5k", "test")["x"]
+    by_split = FT.frechet_distance("mnist", x)
+    assert FT.frechet_distance("mnist", x, reference=ref) == pytest.approx(by_split, rel=1e-4)
     # blurring moves a set away from the reference
-    assert FT.frechet_distance("mnist", FT.gaussian_blur(train, 28 / 16), max_reference=300) > 2 * by_split
+    assert FT.frechet_distance("mnist", FT.gaussian_blur(x, 28 / 16)) > 2 * by_split
 
 
 def test_other_sizes_are_resized_and_measured_against_a_reference_at_that_size() -> None:
@@ -81,7 +83,7 @@ def test_other_sizes_are_resized_and_measured_against_a_reference_at_that_size()
     x, y = _images("mnist", 300)
     x32 = FT.resize(x, 32)
     assert FT.judge("mnist").accuracy(x32, y)["digit"] >= 0.9
-    train32 = FT.resize(load_dataset("mnist5k", "train")["x"][:150], 32)
+    train32 = FT.resize(_images("mnist", 150, "train")[0], 32)
     assert FT.frechet_distance("mnist", train32, max_reference=300) < FT.frechet_distance(
         "mnist", torch.rand_like(train32), max_reference=300)
     fx, fy = _images("faces", 200)
@@ -101,6 +103,7 @@ def test_bad_inputs_give_one_line_errors(tmp_path: Path, monkeypatch: pytest.Mon
         (lambda: FT.frechet_distance("faces", (x * 255).to(torch.uint8)), "divide uint8 by 255"),
         (lambda: FT.frechet_distance("faces", x[:1]), "at least 2 images"),
         (lambda: FT.frechet_distance("faces", x, reference="holdout"), "holdout"),
+        (lambda: FT.frechet_distance("faces", x, combos="seen"), "combos='seen'"),
         (lambda: FT.frechet_distance("faces", x.numpy()), "torch tensor"),
         (lambda: FT.judge("faces").accuracy(x, torch.zeros(4, 2)), "must have shape (4, 4)"),
         (lambda: FT.FeatureNetConfig(dataset="fashion_mnist"), "faces, flowers, bricks, mnist5k"),

@@ -22,7 +22,8 @@ def run(tmp_path_factory):
 
 def _gen(pipe, seed=0, **kw):
     g = torch.Generator().manual_seed(seed)
-    return pipe(["a smiling face with red hair", "a serious face with glasses"], generator=g, num_images_per_prompt=2, **kw).images
+    prompts = ["a smiling face with red hair", "a serious face with glasses"]
+    return pipe(prompts, generator=g, num_images_per_prompt=2, **kw).images
 
 
 def test_tiny_end_to_end(run):
@@ -44,7 +45,8 @@ def test_save_load_gives_identical_images(run, tmp_path):
     model, _, run_dir = run
     a = _gen(model, guidance_scale=2.0, clip_guidance_scale=50.0)
     model.save_pretrained(tmp_path / "pipe")
-    b = _gen(Text2ImgPipeline.from_pretrained(tmp_path / "pipe", device="cpu"), guidance_scale=2.0, clip_guidance_scale=50.0)
+    b = _gen(Text2ImgPipeline.from_pretrained(tmp_path / "pipe", device="cpu"), guidance_scale=2.0,
+             clip_guidance_scale=50.0)
     c = _gen(load_pipeline(run_dir, device="cpu"), guidance_scale=2.0, clip_guidance_scale=50.0)
     assert torch.equal(a, b) and torch.equal(a, c)
     assert not torch.equal(a, _gen(model, seed=1, guidance_scale=2.0, clip_guidance_scale=50.0))
@@ -82,7 +84,8 @@ def test_guidance_changes_the_images(run):
     assert (sim(x0 + 1e-2 * g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)) > sim(x0)).all()
 
 
-@pytest.mark.parametrize("bad,match", [("", "empty"), (7, "must be a string"), ("y" * 1000, "shorten"), ([], "non-empty")])
+@pytest.mark.parametrize("bad,match", [("", "empty"), (7, "must be a string"), ("y" * 1000, "shorten"),
+                                       ([], "non-empty")])
 def test_prompt_validation(run, bad, match):
     model, _, _ = run
     with pytest.raises(DreamlabError, match=match):
@@ -106,8 +109,8 @@ def test_cli_text2img(run, tmp_path, capsys):
 
     _, _, run_dir = run
     out = tmp_path / "out.png"
-    assert main(["text2img", "a smiling face with blonde hair and glasses", "-n", "2", "--out", str(out), "--run", str(run_dir),
-                 "--steps", "2", "--no-progress"]) == 0
+    assert main(["text2img", "a smiling face with blonde hair and glasses", "-n", "2", "--out", str(out),
+                 "--run", str(run_dir), "--steps", "2", "--no-progress"]) == 0
     assert out.exists() and out.stat().st_size > 100
     assert main(["text2img", "a face", "--run", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
