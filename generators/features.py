@@ -348,10 +348,6 @@ class Judge:
 _JUDGES: dict[tuple[str, str], Judge] = {}
 
 
-def asset_dir(set_name: str) -> Path:
-    return ASSETS / image_set(set_name).asset
-
-
 def judge(set_name: str, device: str | torch.device = "cpu") -> Judge:
     """The shipped classifier of `set_name` (loaded once per device; offline)."""
     s = image_set(set_name)
@@ -371,7 +367,7 @@ def features(set_name: str, images: torch.Tensor) -> torch.Tensor:
     return judge(set_name).features(images)
 
 
-_STATS: dict[tuple[str, str, int, int], tuple[np.ndarray, np.ndarray]] = {}
+_STATS: dict[tuple[str, str, int, int, str], tuple[np.ndarray, np.ndarray]] = {}
 
 
 def _asset_hash(d: Path) -> str:
