@@ -160,8 +160,7 @@ class RealEvaluator:
         wm = _load_wm(world_model, mdn_dir)   # V and M go to the tasks from here: the nodes need no run folder
         with contextlib.ExitStack() as stack:
             ray = stack.enter_context(ray_session(self.backend, self.workers))
-            slots = self.requested or cluster_cpus(ray)
-            in_flight = self.requested if self.backend.address and self.requested else 2 * slots
+            in_flight = self.requested or 2 * cluster_cpus(ray)  # 0 workers: every CPU, a task queued behind each
             self.ray = (stack.pop_all(), remote(real_episode), [ray.put((env_id, max_steps, wm))], in_flight)
 
     def _start(self) -> None:

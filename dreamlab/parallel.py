@@ -33,6 +33,7 @@ from dreamlab.errors import DreamlabError
 BACKENDS = ("local", "ray")
 RAY_PIP = "pip install 'dreamlab[scale]'  (or: pip install ray)"
 TASK_RETRIES = 8       # times Ray re-runs a task whose worker or node died (the local collector's MAX_RESTARTS)
+_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch of cluster mode (off: a node on loopback only)
 _SOCKET_ROOM = 70      # characters Ray appends to its temp dir for a socket path (AF_UNIX paths: at most 107)
 
 
@@ -92,6 +93,26 @@ def _short_temp_dir(temp_dir: Path, stack: contextlib.ExitStack) -> str:
 
 
 @contextlib.contextmanager
+def _loopback_only(ray: Any) -> Iterator[None]:
+    """An embedded instance on 127.0.0.1 only. Ray gives a new local instance the host's network address (so that other
+    nodes could join it) unless cluster mode is off, as it is on macOS and Windows: turned off here, for this process
+    (Ray reads the flag when it picks the address) and for the processes Ray starts (the environment variable)."""
+    from ray._private import ray_constants
+
+    env, flag = os.environ.get(_CLUSTER_ENV), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[_CLUSTER_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = flag
+        if env is None:
+            os.environ.pop(_CLUSTER_ENV, None)
+        else:
+            os.environ[_CLUSTER_ENV] = env
+
+
+@contextlib.contextmanager
 def ray_session(backend: Backend, num_cpus: int) -> Iterator[Any]:
     """Ray, ready to take tasks: connected to `backend.address`, or an embedded instance with `num_cpus` CPUs started
     here and stopped on exit. A Ray already initialised in this process (a notebook, a test fixture) is used as it
@@ -100,7 +121,6 @@ def ray_session(backend: Backend, num_cpus: int) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # an embedded instance on loopback: no token files in ~/.ray
     with contextlib.ExitStack() as stack:
         kw: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False,
                               "configure_logging": True}
@@ -112,6 +132,8 @@ def ray_session(backend: Backend, num_cpus: int) -> Iterator[Any]:
                                     "start it with `ray start --head` (and `ray start --address=HEAD:6379` on the "
                                     "workers), or leave --ray-address empty for an embedded instance") from e
         else:
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # on loopback, ours alone: no token file in ~/.ray
+            stack.enter_context(_loopback_only(ray))
             if backend.temp_dir:
                 kw["_temp_dir"] = _short_temp_dir(Path(backend.temp_dir), stack)
             ray.init(address="local", num_cpus=max(1, num_cpus), **kw)

@@ -173,6 +173,7 @@ def test_ray_collect_and_resume_equal_the_local_pool(tmp_path: Path, ray_here) -
     res = collect(cfg, far, seed=3, workers=2, progress=False, env_setup=register_all, resume=True,
                   backend=Backend("ray"))
     assert res["new_episodes"] == 2 and res["episodes"] == 4
+    assert {n["NodeManagerAddress"] for n in ray_here.nodes()} == {"127.0.0.1"}  # embedded: on loopback only
     _same_episodes(local, far)
     assert _manifest_without_timings(local) == _manifest_without_timings(far)
 
@@ -203,54 +204,64 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
+class _Killer:
+    """SIGKILLs one Ray worker of this process while it runs the task `title`, once `ready()` says the run is under
+    way (a thread; `killed` holds the pid and the title the process had just before)."""
+
+    def __init__(self, title: str, ready) -> None:
+        self.title, self.ready, self.killed = title, ready, []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.done.is_set() and not self.killed:
+            if self.ready():
+                for pid in _our_ray_workers(self.title):
+                    title = _cmdline(pid)
+                    if title.startswith(self.title):  # still running the task, not idle
+                        os.kill(pid, signal.SIGKILL)
+                        self.killed.append((pid, title))
+                        break
+            time.sleep(0.01)
+
+    def __enter__(self) -> _Killer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join(5)
+
+
 @has_ray
 def test_a_ray_worker_killed_mid_run_does_not_stop_the_collection(tmp_path: Path, ray_here) -> None:
     cfg = CollectConfig(env_id=FAST, episodes=6, max_steps=120, policy="brownian")
     out = tmp_path / "ray"
-    killed: list[tuple[int, str]] = []
-    done = threading.Event()
 
-    def killer() -> None:  # once an episode is listed, SIGKILL a Ray worker while it drives one
-        while not done.is_set() and not killed:
-            if (out / "manifest.json").exists() and read_manifest(out)["episodes"]:
-                for pid in _our_ray_workers("ray::collect_episode"):
-                    title = _cmdline(pid)
-                    if title.startswith("ray::collect_episode"):
-                        os.kill(pid, signal.SIGKILL)
-                        killed.append((pid, title))
-                        break
-            time.sleep(0.01)
+    def under_way() -> bool:  # an episode is listed: the run is past its start, the workers are driving
+        return (out / "manifest.json").exists() and bool(read_manifest(out)["episodes"])
 
-    t = threading.Thread(target=killer, daemon=True)
-    t.start()
-    try:
+    with _Killer("ray::collect_episode", under_way) as k:
         res = collect(cfg, out, seed=5, workers=2, progress=False, env_setup=register_all, backend=Backend("ray"))
-    finally:
-        done.set()
-        t.join(5)
-    assert killed, "no Ray worker was caught driving an episode"
+    assert k.killed, "no Ray worker was caught driving an episode"
     assert res["episodes"] == 6
     ref = tmp_path / "ref"
     collect(cfg, ref, seed=5, progress=False, inprocess=True, env_setup=register_all)
     _same_episodes(out, ref)  # the episode whose worker died was re-run from its seed: the same episode
 
 
-def _tiny_run(run: Path) -> None:
-    """A world-model run folder with untrained V, M and a random controller: enough to drive real episodes."""
-    import torch
-
+def _tiny_run(run: Path, controller: bool = True) -> None:
+    """A world-model run folder with untrained V and M (and a random controller): enough to drive real episodes."""
     from agents.wm_config import config_json, make_config
     from dreamlab.io import save_json
-    from worlds.models import MDNRNN, MDNRNNConfig, WorldVAE, WorldVAEConfig
+    from worlds.dream import tiny_world_model, write_world_run
     from worlds.policies import num_params, save_controller
 
-    run.mkdir(parents=True)
+    write_world_run(run, *tiny_world_model(seed=0))
     save_json(run / "config.json", config_json(make_config("tiny", {"collect.env_id": FAST}), "tiny"))
-    torch.manual_seed(0)
-    WorldVAE(WorldVAEConfig(z_dim=8, width=4)).save_pretrained(run / "vae" / "model")
-    MDNRNN(MDNRNNConfig(z_dim=8, hidden=16, mixtures=2)).save_pretrained(run / "mdn" / "model")
-    theta = np.random.default_rng(0).normal(0, 0.5, num_params(8, 16))
-    save_controller(run / "controller" / "best.safetensors", theta, 8, 16)
+    if controller:
+        theta = np.random.default_rng(0).normal(0, 0.5, num_params(8, 16))
+        save_controller(run / "controller" / "best.safetensors", theta, 8, 16)
 
 
 @has_ray
@@ -275,15 +286,41 @@ def test_cli_evaluate_with_ray_gives_the_local_scores(tmp_path: Path, ray_here,
 
 
 @has_ray
-def test_real_evaluator_on_ray_returns_in_task_order_and_reports_task_errors(ray_here) -> None:
+def test_real_evaluator_on_ray_survives_a_killed_worker_and_reports_task_errors(ray_here) -> None:
     from agents.evaluate import RealEvaluator
 
-    tasks = [("random", None, s, False) for s in (9, 3, 7, 1, 5)]
-    with RealEvaluator(None, FAST, workers=1, max_steps=20) as ev:
+    tasks = [("random", None, s, False) for s in (9, 3, 7, 1, 5, 2)]
+    with RealEvaluator(None, FAST, workers=1, max_steps=60) as ev:
         ref = ev.run(tasks, progress=False)
-    with RealEvaluator(None, FAST, workers=2, max_steps=20, backend=Backend("ray")) as ev:
-        got = ev.run(tasks, progress=False)
-        assert [r["seed"] for r in got] == [9, 3, 7, 1, 5]
+    with RealEvaluator(None, FAST, workers=2, max_steps=60, backend=Backend("ray")) as ev:
+        with _Killer("ray::real_episode", lambda: True) as k:
+            got = ev.run(tasks, progress=False)
+        assert k.killed, "no Ray worker was caught driving an episode"
+        assert [r["seed"] for r in got] == [9, 3, 7, 1, 5, 2]  # in task order
         assert [(r["return"], r["steps"]) for r in got] == [(r["return"], r["steps"]) for r in ref]
         with pytest.raises(DreamlabError, match="world model"):  # a controller task with no V and M: the task's error
             ev.run([("controller", np.zeros(3, np.float32), 0, False)], progress=False)
+
+
+@has_ray
+def test_cmaes_with_real_fitness_and_checks_on_ray_repeats_the_local_search(tmp_path: Path, ray_here,
+                                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """`train-controller --fitness real --backend ray`: every candidate's real episodes and the periodic real checks
+    run as Ray tasks; the seeded search gives the same generations and the same kept controller as locally."""
+    from worlds.policies import controller_metadata, load_controller
+
+    rows = {}
+    for backend, workers in (("local", "1"), ("ray", "2")):
+        run = tmp_path / backend
+        _tiny_run(run, controller=False)
+        assert main(["worldmodel", "train-controller", str(run), "--fitness", "real", "--generations", "2",
+                     "--popsize", "4", "--rollouts", "2", "--eval-every", "1", "--set", "dream.horizon=25",
+                     "--set", "selection.check_episodes=2", "--set", f"workers={workers}", "--backend", backend,
+                     "--no-progress"]) == 0
+        fit = [json.loads(x) for x in (run / "controller" / "fitness.jsonl").read_text().splitlines()]
+        best = run / "controller" / "best.safetensors"
+        rows[backend] = ([{k: v for k, v in r.items() if k != "seconds"} for r in fit],
+                         load_controller(best)[0].tolist(), controller_metadata(best))
+        assert json.loads((run / "config.json").read_text())["config"]["backend"] == backend  # remembered
+    assert len(rows["ray"][0]) == 2 and "real_mean" in rows["ray"][0][-1]
+    assert rows["ray"] == rows["local"]

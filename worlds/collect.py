@@ -253,11 +253,10 @@ def _run_ray(job: _Job, workers: int, todo: list[int], record: Any, bar: Any, ba
     t0 = time.perf_counter()
     with ray_session(backend, workers or os.cpu_count() or 1) as ray:
         started = round(time.perf_counter() - t0, 2)
-        slots = workers or cluster_cpus(ray)
         if not bar.disable:
             bar.write(describe(ray, backend), file=sys.stderr)
         bar.reset(total=bar.total)  # the rate counts from here, not from Ray's start-up
-        in_flight = workers if backend.address and workers else 2 * slots  # a queued task per CPU: no idle gaps
+        in_flight = workers or 2 * cluster_cpus(ray)  # 0 workers: every CPU busy, with a task queued behind each
         fn = remote(collect_episode)
         token, shared = uuid.uuid4().hex, [ray.put(model) if model is not None else None]
         args = {i: (job, i, token, shared, env_setup) for i in todo}
