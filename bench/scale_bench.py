@@ -42,10 +42,14 @@ def measure(backend: Backend, workers: int, episodes: int, max_steps: int, polic
     landed: list[tuple[float, int]] = []  # (time, steps) of each episode as the manifest lists it
     record = C.write_manifest
 
-    def timed_write(folder, manifest):  # every landed episode rewrites the manifest: its time is the landing time
-        n = len(manifest["episodes"])
-        if n > len(landed):  # the first write, before any episode, lists none
-            landed.append((time.perf_counter(), int(manifest["episodes"][-1]["steps"])))
+    seen: set[int] = set()
+
+    def timed_write(folder, manifest):  # episodes land in the manifest: the time of the write is their landing time
+        now = time.perf_counter()
+        for e in manifest["episodes"]:
+            if e["index"] not in seen:
+                seen.add(e["index"])
+                landed.append((now, int(e["steps"])))
         return record(folder, manifest)
 
     out = Path(tempfile.mkdtemp(prefix="dl-scale-"))

@@ -176,7 +176,9 @@ def ray_unordered(fn: Any, todo: deque[tuple[Any, tuple[Any, ...]]], in_flight: 
                   ) -> Iterator[tuple[Any, Any]]:
     """Run `fn.remote(*args)` for each `(key, args)` taken from `todo` (the caller may append to it meanwhile: a retry),
     at most `in_flight` at once. Yields `(key, result)` as tasks finish, in any order (result: the task's return value,
-    or `Failed`), and `(None, None)` after `poll` seconds with nothing finished (time to refresh a progress bar).
+    or `Failed`), in batches: every task finished by now, then `(None, None)`; `(None, None)` also after `poll` seconds
+    with nothing finished. So `(None, None)` is the moment to write what the batch changed and to refresh a progress
+    bar: on a large cluster many tasks finish while the caller writes, and the next batch takes them all at once.
     Tasks still running when the caller stops are cancelled."""
     ray = import_ray()
     from ray.exceptions import RayTaskError
@@ -188,9 +190,8 @@ def ray_unordered(fn: Any, todo: deque[tuple[Any, tuple[Any, ...]]], in_flight: 
                 key, args = todo.popleft()
                 running[fn.remote(*args)] = key
             ready, _ = ray.wait(list(running), num_returns=1, timeout=poll)
-            if not ready:
-                yield None, None
-                continue
+            if ready and len(running) > 1:  # and every other one finished by now
+                ready, _ = ray.wait(list(running), num_returns=len(running), timeout=0)
             for ref in ready:
                 key = running.pop(ref)
                 try:
@@ -201,6 +202,7 @@ def ray_unordered(fn: Any, todo: deque[tuple[Any, tuple[Any, ...]]], in_flight: 
                 except ray.exceptions.RayError as e:  # worker or node lost more often than Ray retries, ...
                     value = Failed(e, lost=True)
                 yield key, value
+            yield None, None
     finally:
         for ref in running:
             with contextlib.suppress(Exception):
