@@ -105,7 +105,7 @@ class WorldModelConfig:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     seed: int = 0
-    workers: int = 0         # worker processes for collection and real-env episodes (0 = all cores)
+    workers: int = 0         # worker processes for collection and real-env episodes (0 = all cores; Ray: every CPU)
     device: str = "auto"
     threads: int = 0         # torch CPU threads in this process (0 = torch's default); 1 avoids OpenMP
                              # oversubscription on a busy machine (measured 7x faster there)

@@ -225,7 +225,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     common(p)
     p.add_argument("--episodes", type=int, help="total episodes wanted (resume continues up to it)")
     p.add_argument("--max-steps", type=int, help="steps per episode (default from the preset)")
-    p.add_argument("--workers", type=int, help="worker processes (0 = all cores)")
+    p.add_argument("--workers", type=int, help="worker processes (0 = all cores); with --backend ray: episodes at "
+                   "once (0 = every CPU of the cluster)")
     p.add_argument("--policy", default=None, choices=["brownian", "random_controller", "mixed", "pursuit", "explore", "controller"])
     p.add_argument("--controller", help="controller .safetensors for --policy controller (default RUN/controller/best.safetensors)")
     p.add_argument("--env-id", help="gymnasium env id (default CarRacing-v3; e.g. dreamlab/CarRacing-v3)")
