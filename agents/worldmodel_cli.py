@@ -47,9 +47,11 @@ def _cfg(args: argparse.Namespace, write: bool = True, flags: dict[str, Any] | N
 
 def _backend_flags(args: argparse.Namespace) -> dict[str, Any]:
     """--backend and --ray-address as the run's settings `backend` and `ray_address` (saved like --set: the run
-    folder remembers where its episodes run)."""
-    return {k: v for k, v in {"backend": getattr(args, "backend", None),
-                              "ray_address": getattr(args, "ray_address", None)}.items() if v is not None}
+    folder remembers where its episodes run); `--backend local` also clears a saved cluster address."""
+    backend, address = getattr(args, "backend", None), getattr(args, "ray_address", None)
+    if backend == "local" and address is None:
+        address = ""
+    return {k: v for k, v in {"backend": backend, "ray_address": address}.items() if v is not None}
 
 
 def _print(d: Any) -> None:

@@ -6,6 +6,7 @@ One embedded 2-CPU Ray instance (about 4 s and 760 MB to start on an idle machin
 Ray (`ray_here`); the CLI test that starts and stops its own instance runs before it, so two never run at once."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -62,7 +63,7 @@ def _manifest_without_timings(folder: Path) -> dict:
 
 
 def test_backend_settings_are_checked() -> None:
-    from agents.wm_config import make_config
+    from agents.wm_config import apply_settings, make_config
 
     assert Backend("ray", "auto").is_ray and Backend("ray", "10.0.0.1:6379").address == "10.0.0.1:6379"
     for kind, address, needle in (("spark", "", "backend='spark'"), ("local", "auto", "--backend ray"),
@@ -71,6 +72,10 @@ def test_backend_settings_are_checked() -> None:
             Backend(kind, address)
     cfg = make_config("tiny", {"backend": "ray", "ray_address": "auto"})
     assert cfg.parallel("RUN") == Backend("ray", "auto", str(Path("RUN") / "ray"))
+    from agents.worldmodel_cli import _backend_flags  # `--backend local` on a run saved with a cluster address
+
+    back = apply_settings(cfg, _backend_flags(argparse.Namespace(backend="local", ray_address=None)))
+    assert back.parallel("RUN") == Backend("local", "", str(Path("RUN") / "ray"))
     with pytest.raises(DreamlabError, match="backend"):
         make_config("tiny", {"backend": "dask"})
 
