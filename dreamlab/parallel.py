@@ -184,16 +184,21 @@ def ray_unordered(fn: Any, todo: deque[tuple[Any, tuple[Any, ...]]], in_flight: 
     from ray.exceptions import RayTaskError
 
     running: dict[Any, Any] = {}  # ObjectRef -> key
+
+    def refill() -> None:
+        while todo and len(running) < in_flight:
+            key, args = todo.popleft()
+            running[fn.remote(*args)] = key
+
     try:
         while todo or running:
-            while todo and len(running) < in_flight:
-                key, args = todo.popleft()
-                running[fn.remote(*args)] = key
+            refill()
             ready, _ = ray.wait(list(running), num_returns=1, timeout=poll)
             if ready and len(running) > 1:  # and every other one finished by now
                 ready, _ = ray.wait(list(running), num_returns=len(running), timeout=0)
-            for ref in ready:
-                key = running.pop(ref)
+            done = [(running.pop(ref), ref) for ref in ready]
+            refill()  # the freed workers get their next tasks before the caller spends time on these results
+            for key, ref in done:
                 try:
                     value = ray.get(ref)
                 except RayTaskError as e:  # the task's own exception
