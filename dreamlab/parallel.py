@@ -79,10 +79,7 @@ def import_ray() -> Any:
 def _short_temp_dir(temp_dir: Path, stack: contextlib.ExitStack) -> str:
     """`temp_dir`, or a short symlink to it: Ray puts its sockets under the temp dir and AF_UNIX socket paths are
     limited to 107 bytes, which a run folder deep in a home directory exceeds."""
-    temp_dir.mkdir(parents=True, exist_ok=True)
-    for old in temp_dir.glob("session_*"):  # earlier sessions' logs: only the last one is kept
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
+    temp_dir.mkdir(parents=True, exist_ok=True)  # earlier sessions stay (another command may be using one)
     path = str(temp_dir.resolve())
     if len(path) + _SOCKET_ROOM <= 107:
         return path
