@@ -28,6 +28,7 @@ from dreamlab.io import atomic_write_text, load_json, save_json
 from dreamlab.parallel import Backend
 
 _G: dict[str, Any] = {}
+MAX_EPISODES = 1_000_000  # an evaluation lists every episode's task and score
 
 
 def _make_env(env_id: str, max_steps: int) -> Any:
@@ -328,8 +329,12 @@ def evaluate_run(run_dir: str | Path, *, episodes: int = 100, seed: int = 0, wor
     from worlds.policies import controller_mdn, load_controller
 
     run_dir = Path(run_dir)
-    if episodes < 1:
-        raise DreamlabError(f"--episodes {episodes} must be at least 1")
+    if not 1 <= episodes <= MAX_EPISODES:
+        raise DreamlabError(f"--episodes {episodes} must be from 1 to {MAX_EPISODES:,}")
+    if seed < 0:  # gymnasium refused it deep in a worker, with a traceback
+        raise DreamlabError(f"--seed {seed} must be >= 0 (episode i drives env seed SEED + i; env seeds are >= 0)")
+    if max_steps < 0 or workers < 0:
+        raise DreamlabError(f"--max-steps {max_steps} and --workers {workers} must be >= 0")
     ctrl = Path(controller) if controller else run_dir / "controller" / "best.safetensors"
     if not ctrl.exists():
         raise DreamlabError(f"{ctrl} does not exist; train a controller first: dreamlab worldmodel train-controller {run_dir}")

@@ -109,10 +109,53 @@ def _pictures(run: Path) -> list[str]:
     return lines
 
 
+# what a world-model run folder holds (agents.pipeline); a folder holding only these may become one
+PARTS = {"config.json", "rollouts", "vae", "latents", "mdn", "controller", "eval", "summary.json", "report.md",
+         "rounds.json", "dream.mp4", "dream.gif", "ray"}
+
+
+def not_a_world_model_run(run_dir: str | Path) -> str | None:
+    """None if RUN is a world-model run folder (or an empty or new one, or one holding only its parts, with no
+    config.json yet: a stage may start it); else a sentence saying what the folder is, for the one-line error of a
+    world-model command pointed at it (a model's run folder, a PPO run, ...)."""
+    run = Path(run_dir)
+    p = run / "config.json"
+    if not p.is_file():
+        if not run.is_dir():
+            return None
+        other = sorted(x.name for x in run.iterdir() if x.name not in PARTS and not x.name.startswith("."))
+        if not other:
+            return None
+        shown = ", ".join(other[:3]) + (", ..." if len(other) > 3 else "")
+        return (f"{run} is not a world-model run: it has no config.json and holds other files ({shown}); give a new "
+                "or empty folder")
+    try:
+        d = load_json(p)
+    except DreamlabError:
+        return None  # damaged: the stage that reads it says so, naming the file
+    if isinstance(d, dict) and isinstance(d.get("config"), dict) and "name" not in d:
+        return None
+    if isinstance(d, dict) and isinstance(d.get("name"), str):
+        what = f"a {d['name']!r} model's run folder (dreamlab train)"
+        if run.name in ("vae", "mdn") and (run.parent / "config.json").is_file():
+            what += f"; the world-model run is probably {run.parent}"
+    elif isinstance(d, dict) and isinstance(d.get("kind"), str):
+        what = f"a {d['kind']!r} run folder"
+    else:
+        what = "not a world-model run"
+    return (f"{run} is {what}, not a world-model run ({p} has no world-model settings); world-model commands take a "
+            "folder made by: dreamlab worldmodel run --out RUN")
+
+
 def render_report(run_dir: str | Path) -> str:
     run = Path(run_dir)
     if not run.is_dir():
         raise DreamlabError(f"run folder {run} does not exist")
+    why = not_a_world_model_run(run)
+    if why is None and not (run / "config.json").is_file() and not any(run.iterdir()):
+        why = f"{run} is empty: no world-model run to report on; start one with: dreamlab worldmodel run --out {run}"
+    if why:  # the page would be empty, and another kind of run's report.md overwritten with it
+        raise DreamlabError(why)
     cfgd = _load(run / "config.json") or {}
     cfg = cfgd.get("config", {}) if isinstance(cfgd, dict) else {}
     s = _load(run / "summary.json") or {}

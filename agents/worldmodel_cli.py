@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dreamlab.config import finite_float  # standard library only, like this module
+
 # agents.wm_config.PRESETS' keys, spelled out so that --help needs no torch import (a test keeps them equal)
 PRESET_NAMES = ["quick", "medium", "paper", "tiny"]
 
@@ -28,11 +30,16 @@ def _cfg(args: argparse.Namespace, write: bool = True, flags: dict[str, Any] | N
     fails here, before anything is written. --set changes are saved into an existing run's config.json; a new folder
     gets one only with `create` (collect, the first stage: a later stage pointed at a folder that does not exist fails
     with its own error and leaves nothing behind)."""
+    from agents.report import not_a_world_model_run
     from agents.wm_config import apply_settings, config_json, load_config, make_config
     from dreamlab.config import parse_set_args
+    from dreamlab.errors import DreamlabError
     from dreamlab.io import load_json, save_json
 
     run = Path(args.run)
+    why = not_a_world_model_run(run)  # another kind of run, or a folder of other files: say what it is, write nothing
+    if why:
+        raise DreamlabError(why)
     over = {**parse_set_args(getattr(args, "set", None)), **_backend_flags(args)}
     exists = (run / "config.json").exists()
     cfg = apply_settings(load_config(run), over) if exists else make_config(args.preset, over)
@@ -100,16 +107,27 @@ def _run(args: argparse.Namespace) -> int:
 
 def _collect(args: argparse.Namespace) -> int:
     from agents.stages import stage_collect
+    from dreamlab.config import parse_set_args
+    from worlds.collect import collected_settings
 
     flags = {k: v for k, v in {"collect.episodes": args.episodes, "collect.max_steps": args.max_steps,
-                               "workers": args.workers, "collect.env_id": args.env_id, "seed": args.seed}.items()
-             if v is not None}
-    cfg = _cfg(args, flags=flags, create=True)
+                               "workers": args.workers, "collect.env_id": args.env_id, "seed": args.seed,
+                               "collect.policy": args.policy}.items() if v is not None}
     run = Path(args.run)
+    if args.resume and args.policy != "controller":
+        # --resume continues the folder's collection with its recorded settings (episodes, max_steps, policy, seed,
+        # env): the flags of the first command are not in config.json. A setting this command gives explicitly is
+        # checked against the recorded one by the collector (an error naming both).
+        given = set(flags) | set(parse_set_args(getattr(args, "set", None)))
+        old = collected_settings(run / "rollouts")
+        flags = {**{k: old[k.split(".")[-1]] for k in ("collect.episodes", "collect.max_steps", "collect.env_id",
+                                                       "collect.policy", "seed")
+                    if k.split(".")[-1] in old and k not in given}, **flags}
+    cfg = _cfg(args, flags=flags, create=True)
     ctrl = ""
     if args.policy == "controller":
         ctrl = args.controller or str(run / "controller" / "best.safetensors")
-    res = stage_collect(run, cfg, resume=args.resume, progress=not args.no_progress, policy=args.policy,
+    res = stage_collect(run, cfg, resume=args.resume, progress=not args.no_progress, policy=cfg.collect.policy,
                         controller=ctrl)
     _print(res)
     return 0
@@ -252,8 +270,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--generations", type=int)
     p.add_argument("--popsize", type=int)
     p.add_argument("--rollouts", type=int)
-    p.add_argument("--sigma0", type=float)
-    p.add_argument("--temperature", type=float)
+    p.add_argument("--sigma0", type=finite_float("--sigma0", above=0))
+    p.add_argument("--temperature", type=finite_float("--temperature", above=0))
     p.add_argument("--eval-every", type=int, help="real-env check of the search's best every N generations")
     p.add_argument("--restart-every", type=int, help="a fresh search every N generations; the checks and the playoff choose among them")
     backend(p)

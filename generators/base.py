@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from dreamlab.config import apply_overrides, from_dict, to_dict
+from dreamlab.config import apply_overrides, check_ranges, from_dict, to_dict
 from dreamlab.data import load_dataset
 from dreamlab.device import autocast, resolve_device
 from dreamlab.errors import DreamlabError
@@ -53,6 +53,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # a bad --set fails here, before any data loads (a negative lr or a zero batch used to end in a traceback)
+        check_ranges(self)  # NaN/inf in any float setting (lr=inf trained to NaN; nan passed every `< 0` check)
         for name in ("steps", "batch_size", "log_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise DreamlabError(f"{name}={getattr(self, name)} must be at least 1")
@@ -65,6 +66,16 @@ class TrainConfig:
             raise DreamlabError(f"lr={self.lr} must be > 0")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise DreamlabError(f"betas={tuple(self.betas)} must be two numbers in [0, 1), e.g. --set betas=0.9,0.999")
+
+
+def check_weights(model: nn.Module, path: Path) -> None:
+    """Loaded weights must be numbers: NaN anywhere, or inf in a parameter (a buffer may hold -inf, e.g. an attention
+    mask), is the trace of a training that diverged; samples would be NaN (black images) without an error."""
+    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+    bad = bad or next((n for n, b in model.named_buffers() if b.is_floating_point() and b.isnan().any()), None)
+    if bad is not None:
+        raise DreamlabError(f"{path} holds NaN/inf in {bad!r}: the training that saved it diverged; train it again "
+                            "(e.g. with a lower lr)")
 
 
 class Model(nn.Module):
@@ -158,7 +169,10 @@ class Model(nn.Module):
         target = get_model_class(name) if cls in (Model, Generator) else cls
         if target.name != name:
             raise DreamlabError(f"{directory} holds a {name!r} model, not {target.name!r}")
-        cfg = from_dict(target.config_class, meta["config"], what=f"{name} config")
+        try:
+            cfg = from_dict(target.config_class, meta["config"], what=f"{name} config")
+        except DreamlabError as e:  # a NaN, a size out of range, an unknown key: name the file that holds it
+            raise DreamlabError(f"{directory / 'config.json'}: {e}") from e
         model = target(cfg)
         state = load_tensors(directory / "model.safetensors")
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -167,6 +181,7 @@ class Model(nn.Module):
                 f"{directory / 'model.safetensors'} does not match {name!r} with its config.json "
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
+        check_weights(model, directory / "model.safetensors")
         return model.to(resolve_device(device)).eval()
 
     def num_parameters(self) -> int:

@@ -35,8 +35,8 @@ def _nonneg_float(what: str):
             v = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{what} {s!r} is not a number") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{what} {v} must be >= 0")
+        if not v >= 0 or v == float("inf"):  # NaN passed `v < 0` and wrote black images
+            raise argparse.ArgumentTypeError(f"{what} {v} must be a finite number >= 0")
         return v
 
     return parse

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -75,6 +76,13 @@ def validate_prompt(prompt: Any, *, what: str = "prompt") -> str:
         raise DreamlabError(f"{what} is empty; pass text such as 'a smiling face with glasses'")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise DreamlabError(f"{what} has {len(prompt)} characters; shorten it to at most {MAX_PROMPT_CHARS}")
+    # bytes that were not UTF-8 on the command line arrive as lone surrogates: printing or saving the prompt failed
+    bad = next((i for i, ch in enumerate(prompt) if "\ud800" <= ch <= "\udfff"
+                or (unicodedata.category(ch) == "Cc" and ch not in "\t\n\r")), None)
+    if bad is not None:
+        kind = "a byte that is not UTF-8" if "\ud800" <= prompt[bad] <= "\udfff" else "a control character"
+        raise DreamlabError(f"{what} holds {kind} at position {bad} ({prompt[bad]!a}); pass plain text such as "
+                            "'a smiling face with glasses'")
     return prompt
 
 

@@ -172,6 +172,10 @@ class MDNRNNConfig:
     done_weight: float = 1.0
     temperature: float = 1.0    # default tau for `sample`
 
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("z_dim", "action_dim", "hidden", "mixtures", "seq_len", "val_every"),
+                     nonneg=("reward_weight", "done_weight"), above_zero=("temperature",))
+
 
 @register
 class MDNRNN(Generator):
