@@ -77,9 +77,15 @@ def load_json(path: str | os.PathLike) -> Any:
     if not path.exists():
         raise DreamlabError(f"{path} does not exist")
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_bytes().decode("utf-8"))
     except json.JSONDecodeError as e:
-        raise DreamlabError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); the file is corrupt or truncated") from e
+        raise DreamlabError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); the file is corrupt or "
+                            "truncated") from e
+    except UnicodeDecodeError as e:  # a binary file (a pickle, an image) where JSON belongs
+        raise DreamlabError(f"{path} is not JSON text (byte {e.start} is not UTF-8); the file is corrupt or another "
+                            "kind of file") from e
+    except IsADirectoryError as e:
+        raise DreamlabError(f"{path} is a folder, not a JSON file") from e
 
 
 def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
@@ -113,6 +119,16 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
         raise DreamlabError(f"{path} is not a readable safetensors file ({e}); it is corrupt or truncated: re-save it") from e
+
+
+def check_finite_weights(model: Any, path: str | os.PathLike) -> None:
+    """Loaded weights must be numbers: NaN anywhere, or inf in a parameter (a buffer may hold -inf, e.g. an attention
+    mask), is the trace of a training that diverged, and every output would be NaN (black frames) without an error."""
+    bad = next((n for n, p in model.named_parameters() if not p.isfinite().all()), None)
+    bad = bad or next((n for n, b in model.named_buffers() if b.is_floating_point() and b.isnan().any()), None)
+    if bad is not None:
+        raise DreamlabError(f"{path} holds NaN/inf in {bad!r}: the training that saved it diverged; train it again "
+                            "(e.g. with a lower lr)")
 
 
 # ----------------------------------------------------------------------------- the cache of decoded data

@@ -68,16 +68,6 @@ class TrainConfig:
             raise DreamlabError(f"betas={tuple(self.betas)} must be two numbers in [0, 1), e.g. --set betas=0.9,0.999")
 
 
-def check_weights(model: nn.Module, path: Path) -> None:
-    """Loaded weights must be numbers: NaN anywhere, or inf in a parameter (a buffer may hold -inf, e.g. an attention
-    mask), is the trace of a training that diverged; samples would be NaN (black images) without an error."""
-    bad = next((n for n, p in model.named_parameters() if not torch.isfinite(p).all()), None)
-    bad = bad or next((n for n, b in model.named_buffers() if b.is_floating_point() and b.isnan().any()), None)
-    if bad is not None:
-        raise DreamlabError(f"{path} holds NaN/inf in {bad!r}: the training that saved it diverged; train it again "
-                            "(e.g. with a lower lr)")
-
-
 class Model(nn.Module):
     """Base of every registered model (generators and the ch2 classifiers)."""
 
@@ -169,10 +159,7 @@ class Model(nn.Module):
         target = get_model_class(name) if cls in (Model, Generator) else cls
         if target.name != name:
             raise DreamlabError(f"{directory} holds a {name!r} model, not {target.name!r}")
-        try:
-            cfg = from_dict(target.config_class, meta["config"], what=f"{name} config")
-        except DreamlabError as e:  # a NaN, a size out of range, an unknown key: name the file that holds it
-            raise DreamlabError(f"{directory / 'config.json'}: {e}") from e
+        cfg = from_dict(target.config_class, meta["config"], what=f"{name} config")
         model = target(cfg)
         state = load_tensors(directory / "model.safetensors")
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -181,7 +168,6 @@ class Model(nn.Module):
                 f"{directory / 'model.safetensors'} does not match {name!r} with its config.json "
                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
             )
-        check_weights(model, directory / "model.safetensors")
         return model.to(resolve_device(device)).eval()
 
     def num_parameters(self) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dreamlab.config import finite_float
 from dreamlab.errors import DreamlabError
 
 
@@ -113,9 +112,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                    help="a .png grid (images), .safetensors (any samples) or the model's own format (e.g. .mid, .md)")
     s.add_argument("--prompt", help="text prompt (text-conditioned and language models)")
     s.add_argument("--label", help="class or attribute label(s) of a conditional model, e.g. 3 or 'hair=blonde'")
-    s.add_argument("--truncation", type=finite_float("--truncation"),
-                   help="truncation psi of a style-based GAN (1 = none)")
-    s.add_argument("--temperature", type=finite_float("--temperature", above=0), help="sampling temperature")
+    s.add_argument("--truncation", type=float, help="truncation psi of a style-based GAN (1 = none)")
+    s.add_argument("--temperature", type=float, help="sampling temperature")
     s.add_argument("--steps", type=int, help="sampling steps (diffusion: num_inference_steps)")
     s.add_argument("--cond", action="append", metavar="KEY=VALUE",
                    help="any other keyword of the model's sample(), e.g. --cond top_k=50 (repeatable)")

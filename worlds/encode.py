@@ -91,7 +91,10 @@ def load_latents(path: str | Path) -> dict[str, torch.Tensor]:
     fix = f"delete it and encode again: {_encode_hint(path.parent)}"
     if not path.exists():
         raise DreamlabError(f"latent file {path} is missing; {fix}")
-    t = load_tensors(path)
+    try:
+        t = load_tensors(path)
+    except DreamlabError as e:  # truncated, empty, not safetensors: what to do is to encode it again
+        raise DreamlabError(f"latent file {str(e).split('; it is corrupt')[0]}; {fix}") from e
     missing = [k for k in LATENT_KEYS if k not in t]
     if missing:
         raise DreamlabError(f"latent file {path} lacks {missing[0]!r}; {fix}")
@@ -100,6 +103,9 @@ def load_latents(path: str | Path) -> dict[str, torch.Tensor]:
             or t["action"].ndim != 2 or t["reward"].shape != (n,) or t["done"].shape != (n,)):
         raise DreamlabError(f"latent file {path} has inconsistent shapes (mu {tuple(t['mu'].shape)}, "
                             f"action {tuple(t['action'].shape)}); {fix}")
+    if not (t["mu"].is_floating_point() and t["logvar"].is_floating_point()):
+        raise DreamlabError(f"latent file {path} holds mu/logvar of dtype {t['mu'].dtype}/{t['logvar'].dtype}, not "
+                            f"floats; {fix}")
     out = {k: t[k].float() for k in LATENT_KEYS}
     if not all(torch.isfinite(v).all() for v in out.values()):
         raise DreamlabError(f"latent file {path} contains NaN/inf; if V diverged, retrain it (lower vae.lr) and encode "
