@@ -61,9 +61,18 @@ def stage_collect(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = True, 
     """Collect into RUN/rollouts (`episodes` and `policy` override the collect stage's: iterative rounds add
     controller episodes); `record=False` keeps the result out of RUN/summary.json (the rounds record their own)."""
     over = {k: v for k, v in {"episodes": episodes, "policy": policy}.items() if v is not None}
-    res = collect(dataclasses.replace(cfg.collect, **over), run_dir / "rollouts", seed=cfg.seed if seed is None else seed,
-                  workers=cfg.workers, world_model=str(run_dir) if controller else "", controller=controller,
-                  resume=resume, progress=progress, env_setup=register_all, backend=cfg.parallel(run_dir))
+    res = collect(
+        dataclasses.replace(cfg.collect, **over),
+        run_dir / "rollouts",
+        seed=cfg.seed if seed is None else seed,
+        workers=cfg.workers,
+        world_model=str(run_dir) if controller else "",
+        controller=controller,
+        resume=resume,
+        progress=progress,
+        env_setup=register_all,
+        backend=cfg.parallel(run_dir),
+    )
     if record:
         record_summary(run_dir, "collect", res)
     return res
