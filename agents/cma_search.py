@@ -128,11 +128,24 @@ class Search:
 # adaptation, TPA, from 300 dimensions: every real controller) and the cma version, so the state is every numeric
 # leaf reachable from the strategy object through cma's own classes, not a hand-picked list: a hand-picked list
 # missed TPA's state and resumed a paper-size search on different samples.
-_CMA_SKIP = {"logger", "timer", "opts", "inopts", "_stopdict", "callbackstop", "gp", "boundary_handler", "noise_handler",
-             "sp", "sp0"}  # sp/sp0: parameters derived from the options, rebuilt by the constructor
+_CMA_SKIP = {
+    "logger",
+    "timer",
+    "opts",
+    "inopts",
+    "_stopdict",
+    "callbackstop",
+    "gp",
+    "boundary_handler",
+    "noise_handler",
+    "sp",
+    "sp0",
+}  # sp/sp0: parameters derived from the options, rebuilt by the constructor
 
 
-def _cma_leaves(obj: Any, prefix: str = "", seen: set[int] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _cma_leaves(
+    obj: Any, prefix: str = "", seen: set[int] | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Numeric state of a cma object: arrays (for safetensors) and JSON scalars/lists, keyed by attribute path."""
     seen = set() if seen is None else seen
     seen.add(id(obj))
@@ -175,10 +188,17 @@ def save_cma_state(folder: Path, es: Any, extra: dict[str, Any]) -> None:
     rng = np.random.get_state()  # cma samples from numpy's global RNG
     meta = {"format": 2, "cma_version": _cma_version(), "plain": plain,
             "numpy_rng": [rng[0], rng[1].tolist(), int(rng[2]), int(rng[3]), float(rng[4])], **extra}
-    tensors = {k: torch.from_numpy(np.array(v, dtype=np.float64 if v.dtype.kind == "f" else np.int64, order="C")) for k, v in arrays.items()}
-    save_tensors(folder / "cma_state.safetensors", tensors, metadata={"cma_state": json.dumps(meta, default=_json_float)})
+    tensors = {
+        k: torch.from_numpy(np.array(v, dtype=np.float64 if v.dtype.kind == "f" else np.int64, order="C"))
+        for k, v in arrays.items()
+    }
+    save_tensors(
+        folder / "cma_state.safetensors", tensors, metadata={"cma_state": json.dumps(meta, default=_json_float)}
+    )
     readable = {k: plain[k] for k in ("sigma", "countiter", "countevals") if k in plain}
-    save_json(folder / "cma_state.json", {**readable, **{k: v for k, v in meta.items() if k not in ("plain", "numpy_rng")}})
+    save_json(
+        folder / "cma_state.json", {**readable, **{k: v for k, v in meta.items() if k not in ("plain", "numpy_rng")}}
+    )
 
 
 def _json_float(x: Any) -> Any:
@@ -242,8 +262,11 @@ def load_cma_state(folder: Path, n: int, cfg: SearchConfig, seed: int) -> tuple[
     if meta.get("cma_version") != _cma_version():
         import warnings
 
-        warnings.warn(f"{path} was written with cma {meta.get('cma_version')}, this is cma {_cma_version()}: the resumed "
-                      "search may not replay the uninterrupted one exactly", stacklevel=2)
+        warnings.warn(
+            f"{path} was written with cma {meta.get('cma_version')}, this is cma {_cma_version()}: the resumed "
+            "search may not replay the uninterrupted one exactly",
+            stacklevel=2,
+        )
     es = _fresh_es(path, t["mean"], n, cfg, seed)
     shapes = {**dict.fromkeys(("C", "B", "sm.C", "sm.B"), (n, n)),
               **dict.fromkeys(("D", "pc", "sm.D", "mean_old"), (n,))}

@@ -196,11 +196,22 @@ def plot_fitness(folder: Path) -> Path | None:
     ax.plot(g, [r["mean"] for r in rows], label="dream: population mean", alpha=0.6)
     ax.plot(g, [r["mean_candidate"] for r in rows], label="dream: distribution mean", lw=1)
     if any("mean_candidate_val" in r for r in rows):
-        ax.plot([r["generation"] for r in rows if "mean_candidate_val" in r], [r["mean_candidate_val"] for r in rows if "mean_candidate_val" in r],
-                label="dream: distribution mean, fixed validation rollouts", lw=2)
+        ax.plot(
+            [r["generation"] for r in rows if "mean_candidate_val" in r],
+            [r["mean_candidate_val"] for r in rows if "mean_candidate_val" in r],
+            label="dream: distribution mean, fixed validation rollouts",
+            lw=2,
+        )
     real = [(r["generation"], r["real_mean"], r.get("real_std", 0.0)) for r in rows if "real_mean" in r]
     if real:
-        ax.errorbar([x[0] for x in real], [x[1] for x in real], yerr=[x[2] for x in real], fmt="o-", color="k", label="real env: best controller")
+        ax.errorbar(
+            [x[0] for x in real],
+            [x[1] for x in real],
+            yerr=[x[2] for x in real],
+            fmt="o-",
+            color="k",
+            label="real env: best controller",
+        )
     starts = [b["generation"] - 1 for a, b in zip(rows, rows[1:]) if "search" in b and b["search"] != a.get("search")]
     for i, x in enumerate(starts):  # restart_every: where each fresh search began
         ax.axvline(x + 0.5, color="grey", ls=":", lw=1, label="fresh search" if i == 0 else None)

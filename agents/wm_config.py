@@ -88,8 +88,10 @@ class RoundsConfig:
     episodes: int = 1000     # new episodes per round
     mdn_steps: int = 5000    # M's extra steps per round
     generations: int = 100   # CMA-ES generations per round
-    restart: bool = False    # a fresh CMA-ES search in each round's new dream (the kept controllers stay)
-    collect: Literal["best", "dream", "both"] = "both"  # who drives the new episodes: the kept C, the dream-best C, both
+    restart: bool = False  # a fresh CMA-ES search in each round's new dream (the kept controllers stay)
+    collect: Literal["best", "dream", "both"] = (
+        "both"  # who drives the new episodes: the kept C, the dream-best C, both
+    )
     check_episodes: int = 0  # episodes of the full-length check that compares the rounds' controllers (0 = selection's)
 
     def __post_init__(self) -> None:

@@ -88,7 +88,9 @@ def load_json(path: str | os.PathLike) -> Any:
         raise DreamlabError(f"{path} is a folder, not a JSON file") from e
 
 
-def save_tensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+def save_tensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
     """Save a flat dict of tensors as safetensors, atomically. Shared storage is cloned (safetensors refuses it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -118,7 +120,9 @@ def load_tensors(path: str | os.PathLike, device: str | torch.device = "cpu") ->
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, OSError, ValueError) as e:
-        raise DreamlabError(f"{path} is not a readable safetensors file ({e}); it is corrupt or truncated: re-save it") from e
+        raise DreamlabError(
+            f"{path} is not a readable safetensors file ({e}); it is corrupt or truncated: re-save it"
+        ) from e
 
 
 def check_finite_weights(model: Any, path: str | os.PathLike) -> None:

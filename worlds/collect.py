@@ -66,7 +66,8 @@ MAX_STEPS = 100_000
 
 @dataclass
 class CollectConfig:
-    """What to collect (the `collect` stage of a world-model run); `collect` takes where to, the seed and the workers."""
+    """What to collect (the `collect` stage of a world-model run); `collect` takes where to, the seed and the
+    workers."""
 
     env_id: str = "CarRacing-v3"     # any gymnasium id; dreamlab/CarRacing64-v3 is the same physics drawn ~10x faster
     episodes: int = 16
@@ -128,8 +129,10 @@ def load_model_policy(world_model: str, controller: str) -> ModelPolicy:
     theta, z_dim, hidden = load_controller(controller)
     vae, mdn = load_world_model(world_model, device="cpu", mdn_dir=controller_mdn(controller))
     if (z_dim, hidden) != (mdn.config.z_dim, mdn.config.hidden):
-        raise DreamlabError(f"controller {controller} expects z_dim={z_dim}, hidden={hidden} but {world_model} has "
-                            f"z_dim={mdn.config.z_dim}, hidden={mdn.config.hidden}: train the controller on this world model")
+        raise DreamlabError(
+            f"controller {controller} expects z_dim={z_dim}, hidden={hidden} but {world_model} has "
+            f"z_dim={mdn.config.z_dim}, hidden={mdn.config.hidden}: train the controller on this world model"
+        )
     return ModelPolicy(vae, mdn, theta)
 
 
@@ -356,7 +359,14 @@ def collect(cfg: CollectConfig, out: str | Path, *, seed: int = 0, workers: int 
     first = int(own.get("episodes", 0)) if cfg.policy == "controller" and own.get("policy") != "controller" else 0
     todo = [i for i in range(min(first, cfg.episodes), cfg.episodes) if i not in done]
     write_manifest(out, manifest)
-    summary = {"episodes": len(done), "new_episodes": 0, "steps": 0, "restarts": 0, "seconds": 0.0, "env_steps_per_s": 0.0}
+    summary = {
+        "episodes": len(done),
+        "new_episodes": 0,
+        "steps": 0,
+        "restarts": 0,
+        "seconds": 0.0,
+        "env_steps_per_s": 0.0,
+    }
     if not todo:
         return summary
     bar = tqdm(total=len(todo) * (cfg.max_steps or 1000), desc=f"collect {cfg.policy}", unit="step", unit_scale=True,
@@ -367,7 +377,10 @@ def collect(cfg: CollectConfig, out: str | Path, *, seed: int = 0, workers: int 
         """List episode idx (its file is written); `write=False` leaves writing the manifest to a later record()
         or flush (the Ray driver writes once per batch of episodes that landed together)."""
         manifest["episodes"] = [e for e in manifest["episodes"] if e["index"] != idx]
-        who = {"policy": policy_kind(cfg.policy, idx), **({"controller": controller} if cfg.policy == "controller" else {})}
+        who = {
+            "policy": policy_kind(cfg.policy, idx),
+            **({"controller": controller} if cfg.policy == "controller" else {}),
+        }
         manifest["episodes"].append({"index": idx, "file": episode_name(idx), **info, **who})
         if write:
             write_manifest(out, manifest)
@@ -545,12 +558,16 @@ def _run_pool(job: _Job, workers: int, todo: list[int], record: Any, bar: Any, s
             for wid, p in list(procs.items()):
                 if p.is_alive():
                     continue
-                while conns[wid] is not None and receive(wid):  # messages it sent before dying (it may have finished its episode)
+                while conns[wid] is not None and receive(
+                    wid
+                ):  # messages it sent before dying (it may have finished its episode)
                     pass
                 summary["restarts"] += 1
                 if summary["restarts"] > MAX_RESTARTS:
-                    raise DreamlabError(f"collector workers crashed {summary['restarts']} times (last exit code {p.exitcode}); "
-                                        "see the messages above, fix the env, then rerun with --resume")
+                    raise DreamlabError(
+                        f"collector workers crashed {summary['restarts']} times (last exit code {p.exitcode}); "
+                        "see the messages above, fix the env, then rerun with --resume"
+                    )
                 lost = assigned.get(wid)
                 bar.write(f"worker {wid} died (exit code {p.exitcode}); restarted it"
                           + (f", re-running episode {lost}" if lost is not None and lost in remaining else ""))

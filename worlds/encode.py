@@ -19,7 +19,9 @@ from worlds.rollouts import episode_files, load_episode
 LATENT_KEYS = ("mu", "logvar", "action", "reward", "done")
 
 
-def encode_rollouts(vae: Any, rollouts: str | Path, out: str | Path, *, progress: bool = True, vae_id: str = "") -> dict[str, Any]:
+def encode_rollouts(
+    vae: Any, rollouts: str | Path, out: str | Path, *, progress: bool = True, vae_id: str = ""
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     rollouts, out = Path(rollouts), Path(out)
@@ -43,12 +45,23 @@ def encode_rollouts(vae: Any, rollouts: str | Path, out: str | Path, *, progress
             continue
         ep = load_episode(f)
         mu, logvar = vae.encode_frames(ep.obs)
-        save_tensors(out / name, {"mu": mu.half(), "logvar": logvar.half(), "action": torch.from_numpy(ep.actions),
-                                  "reward": torch.from_numpy(ep.rewards), "done": torch.from_numpy(ep.terminated.astype("uint8"))})
+        save_tensors(
+            out / name,
+            {
+                "mu": mu.half(),
+                "logvar": logvar.half(),
+                "action": torch.from_numpy(ep.actions),
+                "reward": torch.from_numpy(ep.rewards),
+                "done": torch.from_numpy(ep.terminated.astype("uint8")),
+            },
+        )
         entries.append({"file": name, "source": f.name, "steps": ep.steps})
         frames += len(ep.obs)
         bar.set_postfix(frames_per_s=f"{frames / max(time.perf_counter() - start, 1e-9):.0f}")
-        save_json(out / "manifest.json", {"vae": vae_id, "rollouts": str(rollouts), "z_dim": int(mu.shape[1]), "episodes": entries})
+        save_json(
+            out / "manifest.json",
+            {"vae": vae_id, "rollouts": str(rollouts), "z_dim": int(mu.shape[1]), "episodes": entries},
+        )
     save_json(out / "manifest.json", {"vae": vae_id, "rollouts": str(rollouts), "z_dim": vae.config.z_dim,
                                       "episodes": sorted(entries, key=lambda e: e["file"])})
     return {"episodes": len(entries), "encoded_frames": frames, "seconds": round(time.perf_counter() - start, 2)}

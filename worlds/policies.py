@@ -24,11 +24,15 @@ def num_params(z_dim: int, hidden: int, action_dim: int = ACTION_DIM) -> int:
     return action_dim * (z_dim + hidden) + action_dim
 
 
-def unflatten(theta: torch.Tensor, z_dim: int, hidden: int, action_dim: int = ACTION_DIM) -> tuple[torch.Tensor, torch.Tensor]:
+def unflatten(
+    theta: torch.Tensor, z_dim: int, hidden: int, action_dim: int = ACTION_DIM
+) -> tuple[torch.Tensor, torch.Tensor]:
     """theta (..., P) -> W (..., Z+H, A), b (..., A)."""
     n = num_params(z_dim, hidden, action_dim)
     if theta.shape[-1] != n:
-        raise DreamlabError(f"controller has {theta.shape[-1]} parameters, but z_dim={z_dim}, hidden={hidden} needs {n}")
+        raise DreamlabError(
+            f"controller has {theta.shape[-1]} parameters, but z_dim={z_dim}, hidden={hidden} needs {n}"
+        )
     k = action_dim * (z_dim + hidden)
     w = theta[..., :k].reshape(*theta.shape[:-1], z_dim + hidden, action_dim)
     return w, theta[..., k:]
@@ -50,7 +54,11 @@ def save_controller(path: str | Path, theta: np.ndarray | torch.Tensor, z_dim: i
     from dreamlab.io import save_tensors
 
     t = torch.as_tensor(np.asarray(theta, dtype=np.float32))
-    return save_tensors(path, {"theta": t}, metadata={"z_dim": str(z_dim), "hidden": str(hidden), **{k: str(v) for k, v in meta.items()}})
+    return save_tensors(
+        path,
+        {"theta": t},
+        metadata={"z_dim": str(z_dim), "hidden": str(hidden), **{k: str(v) for k, v in meta.items()}},
+    )
 
 
 def retrain_hint(path: str | Path) -> str:
@@ -116,5 +124,7 @@ def controller_mdn(path: str | Path) -> Path | None:
         return None
     d = Path(os.path.normpath(path.parent / rel))  # checks/gen_*.safetensors name ../mdn_<hash>
     if not (d / "model.safetensors").exists():
-        raise DreamlabError(f"{path} was trained with the M in {d}, which is missing; restore it or retrain the controller")
+        raise DreamlabError(
+            f"{path} was trained with the M in {d}, which is missing; restore it or retrain the controller"
+        )
     return d

@@ -136,7 +136,9 @@ def read_manifest(folder: str | Path, *, must_exist: bool = True) -> dict[str, A
     if not p.exists():
         if must_exist:
             run = folder.parent if folder.name == "rollouts" else "RUN"
-            raise DreamlabError(f"{folder} has no {MANIFEST}; collect rollouts first: dreamlab worldmodel collect {run}")
+            raise DreamlabError(
+                f"{folder} has no {MANIFEST}; collect rollouts first: dreamlab worldmodel collect {run}"
+            )
         return {"version": FORMAT_VERSION, "episodes": []}
     m = load_json(p)
     if not isinstance(m, dict) or not isinstance(m.get("episodes"), list) or not all(
@@ -158,7 +160,9 @@ def episode_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     m = read_manifest(folder)
     if not m["episodes"]:
-        raise DreamlabError(f"{folder / MANIFEST} lists no episodes; collect some first: dreamlab worldmodel collect --out {folder}")
+        raise DreamlabError(
+            f"{folder / MANIFEST} lists no episodes; collect some first: dreamlab worldmodel collect --out {folder}"
+        )
     return [folder / e["file"] for e in m["episodes"]]
 
 
