@@ -194,7 +194,8 @@ def _pipeline() -> Any:
         from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
         from tokenizers.models import WordLevel
     except ImportError as e:
-        raise DreamlabError("the text models need the tokenizers package; install it with: pip install tokenizers") from e
+        raise DreamlabError("the text models need the tokenizers package; install it with: "
+                            "pip install tokenizers") from e
     tok = Tokenizer(WordLevel({s: i for i, s in enumerate(SPECIALS)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     punct = Regex("[" + re.escape(PUNCTUATION) + "]")
@@ -241,7 +242,8 @@ class WordTokenizer:
     def from_file(cls, path: str | os.PathLike) -> WordTokenizer:
         path = Path(path)
         if not path.exists():
-            raise DreamlabError(f"{path} does not exist: a text model folder keeps its tokenizer there; re-save the model")
+            raise DreamlabError(f"{path} does not exist: a text model folder keeps its tokenizer there; "
+                                "re-save the model")
         try:
             return cls.from_str(path.read_text(encoding="utf-8"))
         except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own exception types

@@ -106,7 +106,8 @@ class GPT(TextLM):
         self.check_sampling(temperature, new, top_k, top_p)
         ids = self.encode_prompt(prompt)
         if len(ids) >= self.config.max_len:
-            raise DreamlabError(f"the prompt has {len(ids)} tokens; the context holds {self.config.max_len}: shorten it")
+            raise DreamlabError(f"the prompt has {len(ids)} tokens; the context holds {self.config.max_len}: "
+                                "shorten it")
         new = min(new, self.config.max_len - len(ids))
         was = self.training
         self.eval()

@@ -268,10 +268,10 @@ class TextLM(TokenizerMixin, Generator):
         top1, top2 = p1.topk(k), p2.topk(k)
         tok = self.tokenizer.tokens
         w1, w2 = tok(top1.indices.tolist()), tok(top2.indices.tolist())
-        lines = [f"`{prompt or '[BOS]'}` …", "", f"| rank | word (temperature {t1}) | p | word (temperature {t2}) | p |",
-                 "|---:|---|---:|---|---:|"]
-        lines += [f"| {i + 1} | `{_md(w1[i])}` | {float(top1.values[i]):.2%} | `{_md(w2[i])}` | {float(top2.values[i]):.2%} |"
-                  for i in range(k)]
+        lines = [f"`{prompt or '[BOS]'}` …", "",
+                 f"| rank | word (temperature {t1}) | p | word (temperature {t2}) | p |", "|---:|---|---:|---|---:|"]
+        lines += [f"| {i + 1} | `{_md(w1[i])}` | {float(top1.values[i]):.2%} | `{_md(w2[i])}` | "
+                  f"{float(top2.values[i]):.2%} |" for i in range(k)]
         return lines + [""]
 
     def write_sweep_page(self, path: Path) -> Path:

@@ -62,7 +62,8 @@ class TextRNNConfig:
     bidirectional: bool = False      # refused: see the module docstring
 
     def __post_init__(self) -> None:
-        check_ranges(self, positive=("vocab_size", "max_len", "embedding_dim", "hidden", "layers"), fraction=("dropout",))
+        check_ranges(self, positive=("vocab_size", "max_len", "embedding_dim", "hidden", "layers"),
+                     fraction=("dropout",))
         check_corpus(self)
         if self.bidirectional:
             raise DreamlabError(
@@ -133,14 +134,15 @@ class RecipeClassifierConfig:
     bidirectional: bool = True
 
     def __post_init__(self) -> None:
-        check_ranges(self, positive=("vocab_size", "max_len", "embedding_dim", "hidden", "layers"), fraction=("dropout",))
+        check_ranges(self, positive=("vocab_size", "max_len", "embedding_dim", "hidden", "layers"),
+                     fraction=("dropout",))
         if self.vocab_size <= len(T.SPECIALS):
             raise DreamlabError(f"vocab_size={self.vocab_size} must be more than the {len(T.SPECIALS)} special tokens")
 
 
 @register
 class RecipeClassifier(TokenizerMixin, Model):
-    """Bidirectional LSTM encoder naming a recipe's kind from its ingredients and steps (book ch. 5's bidirectional cells)."""
+    """Bidirectional LSTM naming a recipe's kind from its ingredients and steps (ch. 5, bidirectional cells)."""
 
     name = "recipe_classifier"
     kind = "classifier"

@@ -357,7 +357,8 @@ def write_run_report(run_dir: Path, model: Model, result: dict[str, Any], meta: 
     if getattr(model, "kind", "") == "generator":
         formats = getattr(model, "sample_formats", (".png",))
         # image grids, the model's own format (e.g. text as .md), or raw tensors (e.g. latent sequences)
-        ext = "png" if (run_dir / "samples.png").exists() else formats[0][1:] if ".png" not in formats else "safetensors"
+        ext = ("png" if (run_dir / "samples.png").exists() else formats[0][1:] if ".png" not in formats
+               else "safetensors")
         lines.append(f"dreamlab sample {run_dir} -n 64 --out {run_dir}/more_samples.{ext}")
     lines += [f"dreamlab eval {run_dir}",
               f"dreamlab train {model.name} --out {run_dir} --resume --set steps={int(result.get('step') or 0) * 2}   # train on",
