@@ -238,7 +238,7 @@ def iterate_eval(model: Model, split: str, batch_size: int = 500,
         n = batch_count(data)
         n = min(n, max_items or n)
         for i in range(0, n, batch_size):
-            yield {k: v[i:i + batch_size].to(dev) for k, v in data.items()}
+            yield {k: v[i:min(i + batch_size, n)].to(dev) for k, v in data.items()}  # at most max_items in all
     else:
         seen = 0
         for b in torch.utils.data.DataLoader(data, batch_size=batch_size):

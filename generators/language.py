@@ -33,6 +33,9 @@ TABLE_PROMPTS = {
 #: temperatures of the run folder's samples.md, and of its sweep
 SAMPLE_TEMPERATURES = (0.2, 0.5, 1.0)
 SWEEP_TEMPERATURES = (0.2, 0.5, 0.8, 1.0, 1.2, 1.5)
+#: sizes of the run folder's pages: samples per temperature and new tokens, in samples.md and in the sweep
+PAGE_SAMPLES, PAGE_TOKENS = 5, 120
+SWEEP_SAMPLES, SWEEP_TOKENS = 32, 100
 
 
 def check_corpus(cfg: Any) -> None:
@@ -134,6 +137,7 @@ class TextLM(TokenizerMixin, Generator):
         loss = nll.sum() / mask.sum().clamp_min(1)
         return loss, {"ppl": loss.detach().exp()}
 
+    @torch.no_grad()
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Log-likelihood (nats) of each row of token windows (B, L+1), given its first token ([BOS] for a document's
         first window): the sum over its non-[PAD] tokens of log p(token | the tokens before it)."""
@@ -220,9 +224,10 @@ class TextLM(TokenizerMixin, Generator):
         out.append(self.plot_next_token(run_dir / "next_token.png"))
         return out
 
-    def write_samples_page(self, path: Path, n: int = 5, max_tokens: int = 120) -> Path:
+    def write_samples_page(self, path: Path, n: int | None = None, max_tokens: int | None = None) -> Path:
         """samples.md: `n` samples from the default prompt at each of three temperatures (seeded)."""
         prompt = self.default_prompt()
+        n, max_tokens = n or PAGE_SAMPLES, max_tokens or PAGE_TOKENS
         lines = [f"# `{self.name}` samples ({self.config.corpus})", "",
                  f"Prompt `{prompt or '(none: from [BOS])'}`, up to {max_tokens} new tokens, seed 0. "
                  f"More: `dreamlab sample RUN --prompt \"...\" --temperature T --out samples.md`.", ""]
@@ -233,12 +238,13 @@ class TextLM(TokenizerMixin, Generator):
         return atomic_write_text(path, "\n".join(lines))
 
     @torch.no_grad()
-    def sweep(self, temperatures: tuple[float, ...] = SWEEP_TEMPERATURES, n: int = 32,
-              max_tokens: int = 100) -> list[dict[str, float]]:
+    def sweep(self, temperatures: tuple[float, ...] | None = None, n: int | None = None,
+              max_tokens: int | None = None) -> list[dict[str, float]]:
         """What temperature does to samples, measured: per temperature, `n` samples from the default prompt; their mean
         length, how many end by themselves ([EOS]), distinct bigrams / all bigrams, [UNK] rate, and the model's own
         NLL of the sampled words at temperature 1 (low: safe and repetitive; high: unlikely words)."""
         rows = []
+        temperatures, n, max_tokens = temperatures or SWEEP_TEMPERATURES, n or SWEEP_SAMPLES, max_tokens or SWEEP_TOKENS
         plen = len(self.encode_prompt(self.default_prompt()))
         for t in temperatures:
             ids = self.sample(n, generator=torch.Generator().manual_seed(0), prompt=self.default_prompt(),
@@ -283,12 +289,12 @@ class TextLM(TokenizerMixin, Generator):
         except DreamlabError:
             pass
         rows = self.sweep()
+        where = f" (its test-split NLL is {test_loss:.3f}: samples near it read like the data to the model)"
         lines = [f"# `{self.name}`: temperature sweep and next-word tables ({self.config.corpus})", "",
-                 f"32 samples per temperature from `{self.default_prompt() or '[BOS]'}` (seed 0, up to 100 new "
-                 "tokens). `ended`: share that produced [EOS] by themselves; `distinct bigrams`: distinct word pairs / "
-                 "all word pairs over the 32 (low = repetitive); `NLL`: the model's own nats per sampled word at "
-                 "temperature 1" + (f" (its test-split NLL is {test_loss:.3f}: samples near it read like the data "
-                                    "to the model)" if test_loss else "") + ".", "",
+                 f"{SWEEP_SAMPLES} samples per temperature from `{self.default_prompt() or '[BOS]'}` (seed 0, up to "
+                 f"{SWEEP_TOKENS} new tokens). `ended`: share that produced [EOS] by themselves; `distinct bigrams`: "
+                 f"distinct word pairs / all word pairs over the {SWEEP_SAMPLES} (low = repetitive); `NLL`: the "
+                 "model's own nats per sampled word at temperature 1" + (where if test_loss else "") + ".", "",
                  "| temperature | mean new tokens | ended | distinct bigrams | [UNK] rate | NLL (nats/token) |",
                  "|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['temperature']} | {r['mean_tokens']:.1f} | {r['ended']:.0%} | {r['distinct_bigrams']:.2f} | "
@@ -331,17 +337,16 @@ def sample_loop(step: Any, state: Any, prompt: list[int], n: int, *, generator: 
     is fed the prompt once, then one token at a time; each row stops at [EOS] (kept) or after `max_tokens`."""
     ids = torch.tensor([prompt] * n, device=device)
     logits, state = step(ids, state)
-    seqs = [list(prompt) for _ in range(n)]
-    alive = torch.ones(n, dtype=torch.bool)
-    for _ in range(max_tokens):
-        nxt = pick(logits.float(), temperature, top_k, generator)
-        for i in alive.nonzero().flatten().tolist():
-            seqs[i].append(int(nxt[i]))
-        alive &= nxt.cpu() != T.EOS
-        if not alive.any():
+    new = torch.full((n, max_tokens), T.PAD, dtype=torch.long, device=device)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    for t in range(max_tokens):
+        nxt = pick(logits.float(), temperature, top_k, generator).masked_fill(done, T.PAD)
+        new[:, t] = nxt
+        done |= nxt == T.EOS
+        if bool(done.all()):
             break
-        logits, state = step(nxt.view(n, 1).to(device), state)
-    return seqs
+        logits, state = step(nxt.view(n, 1), state)
+    return [list(prompt) + [int(i) for i in row if i != T.PAD] for row in new.tolist()]
 
 
 def pick(logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator | None) -> torch.Tensor:
