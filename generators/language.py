@@ -168,13 +168,14 @@ class TextLM(TokenizerMixin, Generator):
         return torch.softmax(logits / max(temperature, 1e-6), -1).cpu()
 
     def _finish(self, seqs: list[list[int]], settings: dict[str, Any]) -> torch.Tensor:
-        """Right-pad sampled sequences with [PAD] into one (n, L) long tensor; keep the settings for save_samples."""
+        """Right-pad sampled sequences with [PAD] into one (n, L) long tensor on the model's device; keep the settings
+        for save_samples."""
         width = max(len(s) for s in seqs)
         out = torch.full((len(seqs), width), T.PAD, dtype=torch.long)
         for i, s in enumerate(seqs):
             out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
         self._last_sample = settings
-        return out
+        return out.to(self.device)  # beside the model, as image generators return theirs
 
     @staticmethod
     def check_sampling(temperature: float, max_tokens: int, top_k: int = 0, top_p: float = 1.0) -> None:
