@@ -210,20 +210,48 @@ class TextLM(TokenizerMixin, Generator):
         return DEFAULT_PROMPTS[self.config.corpus]
 
     def write_artifacts(self, run_dir: Path) -> list[Path]:
-        from dreamlab.images import plot_curves
         from generators.trainer import read_metrics
 
         run_dir = Path(run_dir)
         self.eval()
         out: list[Path] = []
-        p = plot_curves(read_metrics(run_dir), ["loss", "val_loss", "val_ppl"], run_dir / "loss_curves.png",
-                        f"{self.name}: nats per token (train), held-out perplexity")
+        p = self.plot_curves(read_metrics(run_dir), run_dir / "loss_curves.png")
         if p:
             out.append(p)
         out.append(self.write_samples_page(run_dir / "samples.md"))
         out.append(self.write_sweep_page(run_dir / "temperature_sweep.md"))
         out.append(self.plot_next_token(run_dir / "next_token.png"))
         return out
+
+    def plot_curves(self, rows: list[dict[str, float]], path: Path) -> Path | None:
+        """loss_curves.png: nats per token on the train batches, the val split and the test split on one axis, and the
+        held-out perplexity beside it."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from dreamlab.images import save_figure
+
+        def pts(key: str) -> tuple[list[float], list[float]]:
+            got = [(r["step"], r[key]) for r in rows if key in r]
+            return [a for a, _ in got], [b for _, b in got]
+
+        if not pts("loss")[0]:
+            return None
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.6))
+        ax.plot(*pts("loss"), label="train batches")
+        for key, style, colour, label in (("val", "o-", "C1", "val split"), ("test", "*", "C2", "test split")):
+            for axis, what in ((ax, "loss"), (bx, "ppl")):
+                axis.plot(*pts(f"{key}_{what}"), style, color=colour, ms=9 if key == "test" else 5, label=label)
+        ax.set(title="nats per token", xlabel="step")
+        bx.set(title="held-out perplexity per token", xlabel="step")
+        for a in (ax, bx):
+            a.grid(alpha=0.3)
+            a.legend(fontsize=8)
+        fig.suptitle(f"{self.name} ({self.config.corpus})")
+        fig.tight_layout()
+        return save_figure(fig, path)
 
     def write_samples_page(self, path: Path, n: int | None = None, max_tokens: int | None = None) -> Path:
         """samples.md: `n` samples from the default prompt at each of three temperatures (seeded)."""
