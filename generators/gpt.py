@@ -140,7 +140,7 @@ class GPT(TextLM):
         impl = self.gpt.config._attn_implementation
         self.gpt.set_attn_implementation("eager")  # sdpa returns no weights
         try:
-            att = self.gpt(ids, output_attentions=True).attentions
+            att = self.gpt(ids, attention_mask=torch.ones_like(ids), output_attentions=True).attentions
         finally:
             self.gpt.set_attn_implementation(impl)
         self.train(was)
