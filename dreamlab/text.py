@@ -297,10 +297,11 @@ class WordTokenizer:
 
 def detokenize(s: str) -> str:
     """Re-attach punctuation to standardised text for reading: `stir , then add ( 2 ) eggs .` -> `stir, then add (2)
-    eggs.`; `can ' t` -> `can't`; `1 / 2` -> `1/2`."""
+    eggs.`; `can ' t` -> `can't`; `1 / 2` -> `1/2`; `- - twain` -> `-- twain`."""
     s = re.sub(r" ([,.;:!?)\]}%])", r"\1", s)
     s = re.sub(r"([(\[{$]) ", r"\1", s)
     s = re.sub(r"(\w) ([’'/-]) (?=\w)", r"\1\2", s)
+    s = re.sub(r"- (?=-)", "-", s)  # a fortune's "-- Author"
     return s
 
 

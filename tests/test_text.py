@@ -44,6 +44,7 @@ def test_tokenizer_round_trips_a_recipe() -> None:
     # the book's standardisation: lower case, every punctuation character its own token
     assert tok.standardize("Mix (gently), then bake!") == "mix ( gently ) , then bake !"
     assert tok.decode(tok.encode("Mix (gently), then bake!")) == "mix (gently), then bake!"
+    assert T.detokenize("it ' s 1 / 2 . - - mark twain") == "it's 1/2. -- mark twain"
     assert tok.encode("zzyzx-unheard", bos=False, eos=False) == [T.UNK, tok.tok.token_to_id("-"), T.UNK]
     again = T.WordTokenizer.from_str(tok.to_str())
     assert again.encode(r) == ids and again.vocab_size == tok.vocab_size
