@@ -120,13 +120,15 @@ class GPT(TextLM):
                                                                                        device=self.device),
                 do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
                 top_k=top_k if temperature > 0 else None, top_p=top_p if temperature > 0 else None,
-                max_new_tokens=new, eos_token_id=T.EOS, pad_token_id=T.PAD)
+                # finished rows are filled with [EOS], never [PAD]: each row is cut after its first [EOS] below, and
+                # transformers warns whenever the pad id shows up in inputs it is given no mask for
+                max_new_tokens=new, eos_token_id=T.EOS, pad_token_id=T.EOS)
         self.train(was)
         seqs = []
         for row in out.tolist():
             gen = row[len(ids):]
             cut = gen.index(T.EOS) + 1 if T.EOS in gen else len(gen)
-            seqs.append(ids + gen[:cut])  # generate pads a finished row after its [EOS]
+            seqs.append(ids + gen[:cut])
         return self._finish(seqs, {"prompt": self.tokenizer.decode(ids), "temperature": temperature,
                                    "top_k": top_k or None, "top_p": top_p if top_p < 1 else None,
                                    "max_new_tokens": new})
