@@ -33,20 +33,61 @@ from generators.language import TextLM, TokenizerMixin, check_corpus, sample_loo
 
 
 class RNNEncoder(nn.Module):
-    """Word embedding then a (stacked, optionally bidirectional) LSTM or GRU, batch first."""
+    """Word embedding then a (stacked) LSTM or GRU, batch first, left to right."""
 
-    def __init__(self, vocab: int, emb: int, hidden: int, layers: int, cell: str, dropout: float,
-                 bidirectional: bool) -> None:
+    def __init__(self, vocab: int, emb: int, hidden: int, layers: int, cell: str, dropout: float) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, emb, padding_idx=T.PAD)
         rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
-        self.rnn = rnn(emb, hidden, num_layers=layers, batch_first=True, bidirectional=bidirectional,
+        self.rnn = rnn(emb, hidden, num_layers=layers, batch_first=True,
                        dropout=dropout if layers > 1 else 0.0)  # torch applies dropout between stacked layers only
         self.drop = nn.Dropout(dropout)
 
     def forward(self, ids: torch.Tensor, state: Any = None) -> tuple[torch.Tensor, Any]:
         out, state = self.rnn(self.drop(self.embed(ids)), state)
         return self.drop(out), state
+
+
+class BiRNNEncoder(nn.Module):
+    """Word embedding then stacked LSTM/GRU layers, each with a forward cell and (bidirectional) a backward cell whose
+    outputs are concatenated, as `nn.LSTM(bidirectional=True)` stacks them, for right-padded batches.
+
+    The backward cell reads each recipe from its own last word: every row's real words are reversed in place (the
+    padding stays on the right), so both cells run unpacked, which on a CPU is several times faster than a packed
+    bidirectional `nn.LSTM`, with the same result."""
+
+    def __init__(self, vocab: int, emb: int, hidden: int, layers: int, cell: str, dropout: float,
+                 bidirectional: bool) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, emb, padding_idx=T.PAD)
+        rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell]
+        width = 2 * hidden if bidirectional else hidden
+        self.fwd = nn.ModuleList(rnn(emb if i == 0 else width, hidden, batch_first=True) for i in range(layers))
+        self.bwd = nn.ModuleList(rnn(emb if i == 0 else width, hidden, batch_first=True)
+                                 for i in range(layers)) if bidirectional else None
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) right-padded ids -> (B, hidden x directions): the forward cell's output at each row's last word,
+        beside the backward cell's at its first word (it has read the row from the end)."""
+        lengths = (ids != T.PAD).sum(1).clamp_min(1)
+        pos = torch.arange(ids.shape[1], device=ids.device)[None]
+        # a permutation of each row that reverses its real words and leaves its padding where it is (its own inverse)
+        rev = torch.where(pos < lengths[:, None], lengths[:, None] - 1 - pos, pos)
+        last = (lengths - 1)[:, None, None]
+        x = self.drop(self.embed(ids))
+        for i, f in enumerate(self.fwd):
+            out = f(x)[0]
+            if self.bwd is not None:
+                flip = rev[:, :, None].expand(-1, -1, x.shape[2])
+                back = self.bwd[i](x.gather(1, flip))[0]
+                out = torch.cat([out, back.gather(1, rev[:, :, None].expand(-1, -1, back.shape[2]))], 2)
+            x = self.drop(out)
+        h = x.gather(1, last.expand(-1, 1, x.shape[2]))[:, 0]  # each row's state after its last word
+        if self.bwd is None:
+            return h
+        half = x.shape[2] // 2
+        return torch.cat([h[:, :half], x[:, 0, half:]], 1)  # the backward half is complete at the first word
 
 
 @dataclass
@@ -90,7 +131,7 @@ class TextRNN(TextLM):
     def __init__(self, config: TextRNNConfig) -> None:
         super().__init__(config)
         c = config
-        self.encoder = RNNEncoder(c.vocab_size, c.embedding_dim, c.hidden, c.layers, c.cell, c.dropout, False)
+        self.encoder = RNNEncoder(c.vocab_size, c.embedding_dim, c.hidden, c.layers, c.cell, c.dropout)
         self.head = nn.Linear(c.hidden, c.vocab_size)
 
     def features(self, ids: torch.Tensor) -> torch.Tensor:
@@ -149,8 +190,9 @@ class RecipeClassifier(TokenizerMixin, Model):
     config_class = RecipeClassifierConfig
     presets = {
         "tiny": {"embedding_dim": 8, "hidden": 8, "steps": 2, "batch_size": 8},
-        "quick": {"steps": 400, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.01, "grad_clip": 1.0, "log_every": 20,
-                  "eval_every": 100, "ckpt_every": 200},
+        # about 13 epochs of the 614 labelled train recipes
+        "quick": {"steps": 250, "batch_size": 32, "lr": 2e-3, "weight_decay": 0.01, "grad_clip": 1.0, "log_every": 10,
+                  "eval_every": 50, "ckpt_every": 250},
         "full": {"embedding_dim": 128, "hidden": 256, "layers": 2, "steps": 1500, "batch_size": 32, "lr": 2e-3,
                  "weight_decay": 0.01, "grad_clip": 1.0, "eval_every": 100},
     }
@@ -158,7 +200,8 @@ class RecipeClassifier(TokenizerMixin, Model):
     def __init__(self, config: RecipeClassifierConfig) -> None:
         super().__init__(config)
         c = config
-        self.encoder = RNNEncoder(c.vocab_size, c.embedding_dim, c.hidden, c.layers, c.cell, c.dropout, c.bidirectional)
+        self.encoder = BiRNNEncoder(c.vocab_size, c.embedding_dim, c.hidden, c.layers, c.cell, c.dropout,
+                                    c.bidirectional)
         self.head = nn.Linear(c.hidden * (2 if c.bidirectional else 1), len(T.GROUP_NAMES))
 
     def train_data(self, split: str) -> dict[str, torch.Tensor]:
@@ -167,14 +210,8 @@ class RecipeClassifier(TokenizerMixin, Model):
 
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Class logits from the final states: the forward cell's after the last real word and, when bidirectional,
-        the backward cell's after the first (it has read the recipe from the end). Padding is packed away."""
-        lengths = (ids != T.PAD).sum(1).clamp_min(1).cpu()
-        emb = self.encoder.drop(self.encoder.embed(ids))
-        packed = nn.utils.rnn.pack_padded_sequence(emb, lengths, batch_first=True, enforce_sorted=False)
-        _, h = self.encoder.rnn(packed)
-        h = h[0] if isinstance(h, tuple) else h  # LSTM: (h, c)
-        last = torch.cat([h[-2], h[-1]], 1) if self.config.bidirectional else h[-1]
-        return self.head(self.encoder.drop(last))
+        the backward cell's after the first (it has read the recipe from the end). Padding never reaches either."""
+        return self.head(self.encoder(ids))
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         logits = self.logits(batch["x"]).float()

@@ -13,7 +13,6 @@ from dreamlab.errors import DreamlabError
 from generators.base import Generator, make_model
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """Tiny models: one thread is much faster than two on a shared 2-core machine."""
@@ -177,20 +176,42 @@ def test_bidirectional_language_model_is_refused_with_the_reason() -> None:
         make_model("gpt", corpus="wine")
 
 
-def test_classifier_ignores_padding_and_reads_both_ways() -> None:
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_bidirectional_encoder_equals_torchs_packed_bidirectional_rnn(cell: str) -> None:
+    """The classifier's unpacked encoder gives what a packed `nn.LSTM/GRU(bidirectional=True, num_layers=2)` gives."""
+    from generators.text_rnn import BiRNNEncoder
+
+    torch.manual_seed(0)
+    enc = BiRNNEncoder(50, 6, 5, layers=2, cell=cell, dropout=0.0, bidirectional=True).eval()
+    ref = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell](6, 5, num_layers=2, batch_first=True, bidirectional=True)
+    with torch.no_grad():
+        for k in range(2):
+            for mine, suffix in ((enc.fwd[k], ""), (enc.bwd[k], "_reverse")):
+                for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                    getattr(ref, f"{name}_l{k}{suffix}").copy_(getattr(mine, f"{name}_l0"))
+    ids = torch.randint(4, 50, (4, 9), generator=torch.Generator().manual_seed(1))
+    for row, n in ((1, 6), (2, 1), (3, 8)):
+        ids[row, n:] = T.PAD
+    lengths = (ids != T.PAD).sum(1)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(enc.embed(ids), lengths, batch_first=True, enforce_sorted=False)
+    with torch.no_grad():
+        h = ref(packed)[1]
+        h = h[0] if cell == "lstm" else h
+        assert torch.allclose(enc(ids), torch.cat([h[-2], h[-1]], 1), atol=1e-6)
+        # padding changes nothing; the first word reaches the output through the backward cell
+        assert torch.allclose(enc(torch.cat([ids, torch.full((4, 3), T.PAD)], 1)), enc(ids), atol=1e-6)
+
+
+def test_classifier_reads_both_ways() -> None:
     torch.manual_seed(0)
     clf = make_model("recipe_classifier", embedding_dim=8, hidden=8).eval()
+    one_way = make_model("recipe_classifier", embedding_dim=8, hidden=8, bidirectional=False).eval()
     x = torch.randint(4, 5000, (3, 9), generator=torch.Generator().manual_seed(0))
-    x[1, 6:] = T.PAD
-    padded = torch.cat([x, torch.full((3, 4), T.PAD)], 1)
+    first = x.clone()
+    first[0, 0] = 99
     with torch.no_grad():
-        a, b = clf.logits(x), clf.logits(padded)
-        first = x.clone()
-        first[0, 0] = 99  # the first word reaches the output through the backward cell's final state
-        c = clf.logits(first)
-    assert torch.allclose(a, b, atol=1e-6)
-    assert not torch.allclose(a[0], c[0])
-    assert clf.head.in_features == 16  # both directions' final states
+        assert not torch.allclose(clf.logits(x)[0], clf.logits(first)[0])
+    assert clf.head.in_features == 16 and one_way.head.in_features == 8  # both directions' final states, or one
     assert len(clf.predict(["1 cup sugar ; 2 eggs | beat and bake .", "water | boil ."])) == 2
 
 
