@@ -109,7 +109,7 @@ def run_plain(name: str, steps: int, device: str, textbook: bool) -> tuple[float
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
         opt.step()
-        float(loss)  # one host read per step, as a loop that prints would do
+        float(loss.detach())  # one host read per step, as a loop that prints would do
     if dev.type == "cuda":
         torch.cuda.synchronize()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
