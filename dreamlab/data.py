@@ -23,6 +23,7 @@ import torch
 
 from dreamlab.errors import DreamlabError
 from dreamlab import procedural
+from dreamlab import text as _text
 from dreamlab.io import cache_dir, cached_array  # noqa: F401  (part of this module's API)
 
 SPLITS = ("train", "val", "test")
@@ -167,3 +168,9 @@ def load_moons(split: str) -> dict[str, torch.Tensor]:
 for _kind in procedural.KINDS:
     register_dataset(_kind, procedural.DESCRIPTIONS[_kind], "procedural (dreamlab.procedural)")(
         functools.partial(procedural.load_procedural, _kind))
+
+# ----------------------------------------------------------------------------- text corpora (dreamlab.text)
+
+for _corpus in _text.CORPORA:
+    register_dataset(_corpus, _text.DESCRIPTIONS[_corpus], _text.SOURCES[_corpus])(
+        functools.partial(_text.load_text_windows, _corpus))

@@ -151,6 +151,9 @@ class Model(nn.Module):
     def save_extra(self, directory: Path) -> None:
         """Hook: write other libraries' files (open_clip's, diffusers') beside dreamlab's in a model folder."""
 
+    def load_extra(self, directory: Path) -> None:
+        """Hook: read back what `save_extra` wrote (e.g. a text model's tokenizer), before the weights load."""
+
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "auto") -> Model:
         directory = Path(directory)
@@ -161,6 +164,7 @@ class Model(nn.Module):
             raise DreamlabError(f"{directory} holds a {name!r} model, not {target.name!r}")
         cfg = from_dict(target.config_class, meta["config"], what=f"{name} config")
         model = target(cfg)
+        model.load_extra(directory)
         state = load_tensors(directory / "model.safetensors")
         missing, unexpected = model.load_state_dict(state, strict=False)
         if missing or unexpected:
@@ -182,6 +186,8 @@ class Generator(Model):
     example_condition: ClassVar[dict[str, Any]] = {}
     #: range every sample lies in (images: [0, 1]); None for unbounded outputs such as latent sequences
     sample_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)
+    #: dtype of what `sample` returns: float32 values, or integer token ids (language models: torch.long)
+    sample_dtype: ClassVar[torch.dtype] = torch.float32
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, **condition: Any) -> torch.Tensor:
         raise NotImplementedError
@@ -233,7 +239,7 @@ def iterate_eval(model: Model, split: str, batch_size: int = 500,
         n = batch_count(data)
         n = min(n, max_items or n)
         for i in range(0, n, batch_size):
-            yield {k: v[i:i + batch_size].to(dev) for k, v in data.items()}
+            yield {k: v[i:min(i + batch_size, n)].to(dev) for k, v in data.items()}  # at most max_items in all
     else:
         seen = 0
         for b in torch.utils.data.DataLoader(data, batch_size=batch_size):

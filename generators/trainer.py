@@ -352,9 +352,15 @@ def write_run_report(run_dir: Path, model: Model, result: dict[str, Any], meta: 
         lines += ["## Pictures", ""]
         for n in pics:
             lines += [f"**{n[:-4].replace('_', ' ')}**", "", f"![{n}]({n})", ""]
+    pages = sorted(p.name for p in run_dir.glob("*.md") if p.name != "report.md")
+    if pages:  # text the model wrote (e.g. a language model's samples.md)
+        lines += ["## Pages", "", *[f"- [{n}]({n})" for n in pages], ""]
     lines += ["## Use it", "", "```bash"]
     if getattr(model, "kind", "") == "generator":
-        ext = "png" if (run_dir / "samples.png").exists() else "safetensors"  # image grids, or raw tensors (e.g. latent sequences)
+        formats = getattr(model, "sample_formats", (".png",))
+        # image grids, the model's own format (e.g. text as .md), or raw tensors (e.g. latent sequences)
+        ext = ("png" if (run_dir / "samples.png").exists() else formats[0][1:] if ".png" not in formats
+               else "safetensors")
         lines.append(f"dreamlab sample {run_dir} -n 64 --out {run_dir}/more_samples.{ext}")
     lines += [f"dreamlab eval {run_dir}",
               f"dreamlab train {model.name} --out {run_dir} --resume --set steps={int(result.get('step') or 0) * 2}   # train on",
