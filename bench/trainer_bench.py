@@ -12,8 +12,8 @@ Each measurement is its own process (OpenMP reads its wait policy once, when tor
 the start of step `--warmup` to the start of the last step, so data loading, evaluation and pictures are left out
 and everything the trainer does between steps is in.
 
-    python bench/trainer_bench.py                 # about 5 minutes on 2 cores
-    python bench/trainer_bench.py --steps 40 --reps 1   # a smoke run
+    python bench/trainer_bench.py                          # about 5 minutes on 2 idle cores
+    python bench/trainer_bench.py --steps 30 --warmup 5 --reps 2   # what docs/scale.md shows (a loaded machine)
 """
 from __future__ import annotations
 
@@ -114,8 +114,8 @@ def main() -> None:
     print(f"machine: {os.cpu_count()} CPU cores; torch threads default to the core count; "
           "wall times include whatever else runs on the machine\n")
     if args.only != "overhead":
-        print("| setting | alone (steps/s) | beside a busy process (steps/s) | ratio |")
-        print("|---|---:|---:|---:|")
+        print("| setting | alone (steps/s) | beside a busy process (steps/s) | ratio | load average |")
+        print("|---|---:|---:|---:|---:|")
         for name, env in SETTINGS.items():
             alone = measure("trainer", args.steps, args.warmup, env)["rate"]
             b = busy()
@@ -125,7 +125,8 @@ def main() -> None:
             finally:
                 b.kill()
                 b.wait()
-            print(f"| {name} | {alone:.2f} | {loaded:.2f} | {loaded / alone:.2f} |", flush=True)
+            print(f"| {name} | {alone:.2f} | {loaded:.2f} | {loaded / alone:.2f} | {os.getloadavg()[0]:.1f} |",
+                  flush=True)
         print()
     if args.only != "load":
         rates: dict[str, list[float]] = {"trainer": [], "plain": [], "plain+heap": []}
@@ -134,6 +135,7 @@ def main() -> None:
             for mode in rates:
                 rates[mode].append(measure(mode, args.steps, args.warmup, env)["rate"])
         best = {m: max(r) for m, r in rates.items()}
+        print(f"load average {os.getloadavg()[0]:.1f}\n")
         print("| loop (1 thread, VAE batch 128) | steps/s, each repetition | best | trainer / this |")
         print("|---|---|---:|---:|")
         names = {"trainer": "shared trainer (`generators.trainer.train`)", "plain": "plain PyTorch loop",

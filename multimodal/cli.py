@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from dreamlab.errors import DreamlabError
@@ -53,8 +54,9 @@ def _train(name: str, args: argparse.Namespace, extra: dict[str, str] | None = N
     preset = args.preset if args.resume else (args.preset or "quick")  # --resume: the run's own preset
     _, res, run_dir = train_from_name(name, preset=preset, overrides=overrides, out=args.out, resume=args.resume,
                                       progress=not args.no_progress)
-    print(f"run folder: {run_dir}")
-    print(" ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in res.items()))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process reports
+        print(f"run folder: {run_dir}")
+        print(" ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in res.items()))
     return 0 if res.get("status") == "finished" else 130
 
 
