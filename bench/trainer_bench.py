@@ -37,11 +37,13 @@ if os.environ.get("BENCH_THREADS"):
 import dreamlab.runtime
 from generators.base import TrainConfig
 from generators.vae import VAE, VAEConfig
-stamps = []
+import resource
+stamps, faults = [], []
 
 class TimedVAE(VAE):
     def train_step(self, *a, **k):
         stamps.append(time.perf_counter())
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
         return super().train_step(*a, **k)
     def evaluate(self, split, max_items=None):
         return {}
@@ -68,16 +70,19 @@ else:  # the plain loop: what a PyTorch user writes
     perm = torch.randperm(len(x), generator=g)
     for i in range(steps):
         stamps.append(time.perf_counter())
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
         batch = {"x": x[perm[i * 128:(i + 1) * 128]]}
         loss, _ = model.loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     stamps.append(time.perf_counter())
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
 rate = (len(stamps) - 1 - warmup) / (stamps[-1] - stamps[warmup])
+fps = (faults[-1] - faults[warmup]) / (len(faults) - 1 - warmup)  # minor page faults per step
 cpu = time.process_time()
-json.dump({"rate": rate, "threads": torch.get_num_threads(), "omp": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
-           "cpu_s": cpu}, open(out, "w"))
+json.dump({"rate": rate, "faults": fps, "threads": torch.get_num_threads(),
+           "omp": os.environ.get("OMP_WAIT_POLICY", "(unset)"), "cpu_s": cpu}, open(out, "w"))
 '''
 
 
@@ -130,19 +135,23 @@ def main() -> None:
         print()
     if args.only != "load":
         rates: dict[str, list[float]] = {"trainer": [], "plain": [], "plain+heap": []}
+        flts: dict[str, list[float]] = {m: [] for m in rates}
         env = {"OMP_WAIT_POLICY": "PASSIVE", "BENCH_THREADS": "1"}
         for _ in range(args.reps):
             for mode in rates:
-                rates[mode].append(measure(mode, args.steps, args.warmup, env)["rate"])
+                r = measure(mode, args.steps, args.warmup, env)
+                rates[mode].append(r["rate"])
+                flts[mode].append(r["faults"])
         best = {m: max(r) for m, r in rates.items()}
         print(f"load average {os.getloadavg()[0]:.1f}\n")
-        print("| loop (1 thread, VAE batch 128) | steps/s, each repetition | best | trainer / this |")
-        print("|---|---|---:|---:|")
+        print("| loop (1 thread, VAE batch 128) | steps/s, each repetition | best | trainer / this "
+              "| page faults/step |")
+        print("|---|---|---:|---:|---:|")
         names = {"trainer": "shared trainer (`generators.trainer.train`)", "plain": "plain PyTorch loop",
                  "plain+heap": "plain loop + keep_freed_memory()"}
         for m, r in rates.items():
             print(f"| {names[m]} | {', '.join(f'{v:.2f}' for v in r)} | {best[m]:.2f} | "
-                  f"{best['trainer'] / best[m]:.2f} |")
+                  f"{best['trainer'] / best[m]:.2f} | {sum(flts[m]) / len(flts[m]):,.0f} |")
     print(f"\n({time.time() - t0:.0f} s wall)")
 
 
