@@ -2,17 +2,18 @@
 setting must be in the environment before torch loads its thread pool, so it is applied when `dreamlab` is imported
 (`dreamlab/__init__.py`, which every package of ours imports before torch) and again by the CLI.
 
-Two defaults, both measured by `bench/under_load_bench.py` and `bench/trainer_overhead_bench.py`:
+Two defaults, both measured by `bench/trainer_bench.py` (tables in docs/scale.md):
 
 * `OMP_WAIT_POLICY=PASSIVE`: torch keeps one OpenMP thread per core, but a thread that finishes its share of an
   operation sleeps instead of spinning. With the runtime's default spin, two threads of one process burn whole time
-  slices waiting for each other whenever any other process holds a core: `train vae` on 2 shared cores fell to a
-  fifth of its rate while using five times the CPU. Passive threads cost a futex wake per parallel region (a few
-  microseconds) on an idle machine. An explicit `OMP_WAIT_POLICY` (or `OMP_NUM_THREADS`, `--set threads=N`) wins.
+  slices waiting for each other whenever any other process holds a core: training the VAE on 2 shared cores ran at
+  0.14-0.19 steps/s with the default policy and 1.11-1.20 with PASSIVE. Waking a sleeping thread costs a little
+  per parallel region on an idle machine (not measured: no idle machine was available). An explicit
+  `OMP_WAIT_POLICY` wins; `OMP_NUM_THREADS` or `--set threads=N` set the thread count.
 * glibc keeps freed memory (`mallopt`): by default a freed block above a moving threshold (128 KiB to 32 MiB) goes
-  back to the kernel, and the next step's tensors fault it in again page by page: 20,000 to 40,000 page faults per
-  VAE step, 15-30 % of the step's CPU time in the kernel, and which of the two amounts a process paid depended on
-  its allocation history. Blocks up to 32 MiB now stay in the heap and up to 1 GiB of free heap is kept, as
+  back to the kernel, and the next step's tensors fault it in again page by page: 31,508 page faults per VAE step
+  in a plain loop against 31 with this setting (1.7x the steps/s in that run), an amount that depends on the
+  process's allocation history. Blocks up to 32 MiB now stay in the heap and up to 1 GiB of free heap is kept, as
   PyTorch's CUDA allocator keeps GPU memory. Explicit `MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_` win.
 """
 from __future__ import annotations
