@@ -1,6 +1,6 @@
 """Every benchmark in bench/, one after another, each printing its own table (`make bench`).
 
-    python bench/run_all.py                 # envs, world models, text-to-image, fid_fmnist, scale, text models
+    python bench/run_all.py                 # envs, world models, text-to-image, fid_fmnist, scale, text models, trainer
     python bench/run_all.py --only envs wm  # a subset
     python bench/run_all.py --quick         # fewer repetitions (a smoke run, not figures to quote)
 
@@ -30,6 +30,7 @@ BENCHES = {
     "fid": "bench/fid_fmnist.py",
     "scale": "bench/scale_bench.py",
     "text": "bench/text_bench.py",
+    "trainer": "bench/trainer_bench.py",
 }
 QUICK = {  # smoke sizes: the scripts' own defaults are the figures' sizes
     "envs": ["--reps", "1", "--steps", "60", "--vec-steps", "30", "--vec-reps", "1"],
@@ -38,6 +39,7 @@ QUICK = {  # smoke sizes: the scripts' own defaults are the figures' sizes
     "fid": [],
     "scale": ["--reps", "1", "--max-steps", "100", "--episodes-per-worker", "2", "--policy", "brownian"],
     "text": ["--steps", "3", "--reps", "1"],
+    "trainer": ["--steps", "30", "--warmup", "5", "--reps", "1"],
 }
 FID_RUNS = ["runs/vae-quick", "runs/autoencoder-quick"]
 
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "fid":
             runs = [r for r in FID_RUNS if (ROOT / r).is_dir()]
             if not runs:
-                note = f"fid: skipped, no run folder among {FID_RUNS} (train them with `dreamlab train vae --preset quick`)"
+                note = (f"fid: skipped, no run folder among {FID_RUNS} "
+                        "(train them with `dreamlab train vae --preset quick`)")
                 print(note, flush=True)
                 report.append(note)
                 continue
