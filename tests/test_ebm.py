@@ -76,9 +76,10 @@ def test_images_are_padded_to_32_and_scaled_to_minus_one_one() -> None:
     assert torch.allclose(y[:, :, 2:30, 2:30], x * 2 - 1)
 
 
-def test_evaluate_gives_aurocs_and_energies() -> None:
+def test_evaluate_gives_aurocs_energies_and_a_frechet_distance() -> None:
     torch.manual_seed(0)
-    m = make_generator("ebm", channels=(4, 4, 8, 8), hidden=8, buffer_size=32)
+    m = make_generator("ebm", channels=(4, 4, 8, 8), hidden=8, buffer_size=32, sample_steps=3)
     res = m.evaluate(max_items=50)
     assert {"auroc_fashion_mnist", "auroc_noise", "energy_mnist", "energy_noise"} <= set(res)
     assert all(0.0 <= res[k] <= 1.0 for k in ("auroc_fashion_mnist", "auroc_noise"))
+    assert res["fd_mnist_50"] > 10  # 3 Langevin steps from uniform noise are nothing like digits
