@@ -123,3 +123,12 @@ def test_bad_inputs_name_the_fix() -> None:
         m.sample(1, temperature=0, progress=False)
     with pytest.raises(DreamlabError, match="levels=1 must be in 2..256"):
         make_generator("pixelcnn", levels=1)
+
+
+def test_evaluate_reports_bits_per_dim_beside_the_baseline_and_mnist() -> None:
+    torch.manual_seed(0)
+    m = make_generator("pixelcnn", size=8, filters=4, blocks=1)
+    res = m.evaluate(max_items=40)
+    assert set(res) == {"test_bpd", "test_bpd_independent", "test_nll_nats", "mnist_bpd", "mnist_bpd_independent"}
+    assert 0 < res["test_bpd_independent"] < 2 and 0 < res["test_bpd"] < 2.5  # 4 levels: 2 bits is uniform
+    assert math.isclose(res["test_nll_nats"], res["test_bpd"] * 64 * math.log(2), rel_tol=1e-6)
