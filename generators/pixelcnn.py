@@ -423,7 +423,7 @@ class PixelCNNMixture(_PixelCNNBase):
     config_class = PixelCNNMixtureConfig
     presets = {
         "tiny": {"size": 8, "filters": 8, "blocks": 1, "mixtures": 2, "steps": 3, "batch_size": 8, "eval_items": 32},
-        "quick": {"filters": 64, "blocks": 4, "steps": 1000, "batch_size": 64, "lr": 1e-3, "eval_items": 0},
+        "quick": {"filters": 64, "blocks": 4, "steps": 400, "batch_size": 64, "lr": 1e-3, "eval_items": 0},
         "full": {"steps": 40000, "batch_size": 64, "lr": 5e-4},
     }
     def __init__(self, config: PixelCNNMixtureConfig) -> None:
