@@ -161,8 +161,8 @@ def sampling_rates(n: int, ebm_steps: int) -> list[tuple[str, float, float]]:
     model, _ = build("ebm")
     t = time.perf_counter()
     model.sample(n, generator=torch.Generator().manual_seed(0), steps=ebm_steps, progress=False)
-    rows.append((f"ebm sample, {ebm_steps} Langevin steps from noise, {n} images at once", n / (time.perf_counter() - t),
-                 float("nan")))
+    rate = n / (time.perf_counter() - t)
+    rows.append((f"ebm sample, {ebm_steps} Langevin steps from noise, {n} images at once", rate, float("nan")))
     return rows
 
 
