@@ -1,6 +1,6 @@
 """Every benchmark in bench/, one after another, each printing its own table (`make bench`).
 
-    python bench/run_all.py                 # envs, world models, text-to-image, fid_fmnist, scale, text models, trainer
+    python bench/run_all.py                 # every script in BENCHES below
     python bench/run_all.py --only envs wm  # a subset
     python bench/run_all.py --quick         # fewer repetitions (a smoke run, not figures to quote)
 
@@ -31,6 +31,7 @@ BENCHES = {
     "scale": "bench/scale_bench.py",
     "text": "bench/text_bench.py",
     "trainer": "bench/trainer_bench.py",
+    "likelihood": "bench/likelihood_bench.py",
 }
 QUICK = {  # smoke sizes: the scripts' own defaults are the figures' sizes
     "envs": ["--reps", "1", "--steps", "60", "--vec-steps", "30", "--vec-reps", "1"],
@@ -40,6 +41,7 @@ QUICK = {  # smoke sizes: the scripts' own defaults are the figures' sizes
     "scale": ["--reps", "1", "--max-steps", "100", "--episodes-per-worker", "2", "--policy", "brownian"],
     "text": ["--steps", "3", "--reps", "1"],
     "trainer": ["--steps", "30", "--warmup", "5", "--reps", "1"],
+    "likelihood": ["--steps", "2", "--reps", "1", "--sample-n", "2", "--ebm-steps", "2"],
 }
 FID_RUNS = ["runs/vae-quick", "runs/autoencoder-quick"]
 
