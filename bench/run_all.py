@@ -1,6 +1,6 @@
 """Every benchmark in bench/, one after another, each printing its own table (`make bench`).
 
-    python bench/run_all.py                 # envs, world models, text-to-image, fid_fmnist
+    python bench/run_all.py                 # envs, world models, text-to-image, fid_fmnist, ddpm
     python bench/run_all.py --only envs wm  # a subset
     python bench/run_all.py --quick         # fewer repetitions (a smoke run, not figures to quote)
 
@@ -28,12 +28,14 @@ BENCHES = {
     "wm": "bench/worldmodel_bench.py",
     "t2i": "bench/text2img_bench.py",
     "fid": "bench/fid_fmnist.py",
+    "ddpm": "bench/ddpm_bench.py",
 }
 QUICK = {  # smoke sizes: the scripts' own defaults are the figures' sizes
     "envs": ["--reps", "1", "--steps", "60", "--vec-steps", "30", "--vec-reps", "1"],
     "wm": ["--steps", "60", "--workers", "1"],
     "t2i": ["--n", "2", "--steps", "2"],
     "fid": [],
+    "ddpm": ["--preset", "tiny", "--steps", "5", "--reps", "1", "--n", "2", "--sample-steps", "2", "--ddpm-steps", "5"],
 }
 FID_RUNS = ["runs/vae-quick", "runs/autoencoder-quick"]
 

@@ -202,14 +202,14 @@ class DDPM(Generator):
                  "num_train_timesteps": 20, "num_inference_steps": 3, "max_items": 64, "eval_samples": 0,
                  "eval_bound_items": 8, "eval_bound_timesteps": 4, "steps": 2, "batch_size": 8, "log_every": 1},
         # flowers at 32x32 (area-downsampled from 64), a 3-level UNet: minutes on 2 CPU cores
-        "quick": {**_SMALL_FLOWERS, "steps": 3000, "batch_size": 32, "lr": 1e-3, "grad_clip": 1.0,
+        "quick": {**_SMALL_FLOWERS, "steps": 2000, "batch_size": 32, "lr": 1e-3, "grad_clip": 1.0,
                   "log_every": 50, "ckpt_every": 500},
         # the book's: 64x64 flowers, widths 32/64/96/128, two residual blocks per level, AdamW 1e-3, wd 1e-4
         "full": {"steps": 10000, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4, "grad_clip": 1.0,
                  "ckpt_every": 1000, "eval_samples": 2000, "eval_bound_items": 500},
         # Fashion-MNIST at its own 28x28 (two halvings: 28 -> 14 -> 7), the quick budget
         "fashion_mnist": {"dataset": "fashion_mnist", "image_size": 28, "channels": 1,
-                          "block_out_channels": (32, 64, 64), "layers_per_block": 1, "steps": 3000, "batch_size": 32,
+                          "block_out_channels": (32, 64, 64), "layers_per_block": 1, "steps": 2000, "batch_size": 32,
                           "lr": 1e-3, "grad_clip": 1.0, "log_every": 50, "ckpt_every": 500},
     }
 
