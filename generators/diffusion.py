@@ -317,15 +317,18 @@ class DDPM(Generator):
     @torch.no_grad()
     def sample(self, n: int, *, generator: torch.Generator | None = None, num_inference_steps: int | None = None,
                scheduler: str = "ddim", eta: float = 0.0, noise: torch.Tensor | None = None, ema: bool = True,
-               progress: bool = False, **condition: Any) -> torch.Tensor:
+               progress: bool | None = None, **condition: Any) -> torch.Tensor:
         """n images in [0, 1]: DDIM (`num_inference_steps`, default the config's 50; eta 0 = deterministic) or DDPM
-        (default 1000 steps). The seed of `generator` fixes the initial noise (and DDPM's noise at every step)."""
+        (default 1000 steps). The seed of `generator` fixes the initial noise (and DDPM's noise at every step).
+        `progress` None shows a bar only for long runs (n x steps >= 5,000, e.g. `dreamlab sample` with DDPM)."""
         if condition:
             raise DreamlabError(f"ddpm is unconditional; it takes no {', '.join(sorted(condition))}")
         if noise is None:
             noise = randn((n, *self.image_shape), generator=generator, device=self.device)
         elif tuple(noise.shape) != (n, *self.image_shape):
             raise DreamlabError(f"noise has shape {tuple(noise.shape)}, not {(n, *self.image_shape)}")
+        if progress is None:
+            progress = n * self._steps(scheduler, num_inference_steps) >= 5000
         x = self.denoise(noise, scheduler=scheduler, num_inference_steps=num_inference_steps, generator=generator,
                          eta=eta, ema=ema, progress=progress)
         return ((x.clamp(-1, 1) + 1) / 2).float()
