@@ -49,9 +49,10 @@ def train_all(out: Path, steps: int | None) -> None:
         resume = (run / "checkpoint" / "state.json").exists()
         over = {"schedule": s, "threads": 1, **({"steps": steps} if steps else {})}
         print(f"[train] {run}: {'resuming' if resume else 'training'} ddpm --preset quick {over}", flush=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         _, res, _ = train_from_name("ddpm", preset="quick", overrides=over, out=run, resume=resume)
-        print(f"[train] {run}: {res} in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"[train] {run}: {res} in {time.perf_counter() - t0:.0f} s wall, {time.process_time() - c0:.0f} s CPU "
+              f"(load {os.getloadavg()[0]:.1f})", flush=True)
 
 
 def sample_all(out: Path, n: int) -> None:

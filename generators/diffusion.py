@@ -202,7 +202,7 @@ class DDPM(Generator):
                  "num_train_timesteps": 20, "num_inference_steps": 3, "max_items": 64, "eval_samples": 0,
                  "eval_bound_items": 8, "eval_bound_timesteps": 4, "steps": 2, "batch_size": 8, "log_every": 1},
         # flowers at 32x32 (area-downsampled from 64), a 3-level UNet: minutes on 2 CPU cores
-        "quick": {**_SMALL_FLOWERS, "steps": 2000, "batch_size": 32, "lr": 1e-3, "grad_clip": 1.0,
+        "quick": {**_SMALL_FLOWERS, "steps": 1500, "batch_size": 32, "lr": 1e-3, "grad_clip": 1.0,
                   "log_every": 50, "ckpt_every": 500},
         # the book's: 64x64 flowers, widths 32/64/96/128, two residual blocks per level, AdamW 1e-3, wd 1e-4
         "full": {"steps": 10000, "batch_size": 64, "lr": 1e-3, "weight_decay": 1e-4, "grad_clip": 1.0,
