@@ -2,10 +2,11 @@
 
 `DDPM` ("ddpm") is a diffusers `UNet2DModel` trained to predict the noise ε that was mixed into an image at a random
 step t (epsilon prediction, the MSE of Ho et al. 2020's L_simple), with an exponential moving average of its weights
-(decay 0.999, the book's): the average is what samples. The maths of the forward and reverse processes is diffusers'
-own: `DDPMScheduler.add_noise` makes the training inputs, `DDPMScheduler.step` is ancestral sampling (1000 steps by
-default) and `DDIMScheduler.step` the deterministic sampler (eta 0, any number of steps, "trailing" spacing, so the
-first step starts from pure noise at t = T - 1). The schedules (`schedule=`):
+(decay 0.999, the book's, reached after diffusers' EMA warm-up: `ema_update`): the average is what samples. The
+maths of the forward and reverse processes is diffusers' own: `DDPMScheduler.add_noise` makes the training inputs,
+`DDPMScheduler.step` is ancestral sampling (1000 steps by default) and `DDIMScheduler.step` the deterministic sampler
+(eta 0, any number of steps, "trailing" spacing, so the first step starts from pure noise at t = T - 1). The
+schedules (`schedule=`):
 
 * `linear`: β_t from 1e-4 to 0.02 (Ho et al.), diffusers' "linear".
 * `cosine`: ᾱ(t) = f(t + 1) / f(0), f(u) = cos²((u / T + s) / (1 + s) · π / 2), s = 0.008, each β capped at 0.999
@@ -109,6 +110,22 @@ def make_scheduler(kind: str, schedule: str, T: int = 1000, clip_sample: bool = 
     raise DreamlabError(f"scheduler={kind!r} is not one of {', '.join(SAMPLERS)}; e.g. --cond scheduler=ddpm")
 
 
+def ema_update(decay: float):
+    """The EMA step for `torch.optim.swa_utils.AveragedModel`, with diffusers' `EMAModel` warm-up: after n updates
+    the decay is min(decay, (1 + n) / (10 + n)). A plain 0.999 from the first step (the book's, over its 6,400
+    steps) would leave 0.999^1500 = 22 % of the *initial* weights in the average of a 1,500-step run; the warm-up
+    forgets them within a few hundred steps and reaches 0.999 after about 9,000. The decay stays a device tensor
+    (no host sync per step)."""
+
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], n: torch.Tensor) -> None:
+        n = n.to(torch.float32)
+        d = torch.clamp((1 + n) / (10 + n), max=decay)
+        torch._foreach_mul_(ema_params, d)
+        torch._foreach_add_(ema_params, torch._foreach_mul(params, 1 - d))
+
+    return update
+
+
 def slerp(a: torch.Tensor, b: torch.Tensor, w: float) -> torch.Tensor:
     """Spherical interpolation between two batches of noise (per item): keeps the norm that a Gaussian sample of
     this size has, which a straight line through the middle would shrink by up to √2."""
@@ -157,7 +174,7 @@ class DDPMConfig:
     schedule: Literal["linear", "cosine", "offset_cosine"] = "offset_cosine"  # the book's
     num_train_timesteps: int = 1000
     clip_sample: bool = True            # samplers clip the predicted clean image to [-1, 1] (and so does the bound)
-    ema_decay: float = 0.999            # the book's EMA of the weights; the average samples
+    ema_decay: float = 0.999            # the book's EMA of the weights (after a warm-up: `ema_update`); it samples
     num_inference_steps: int = 50       # DDIM steps when `sample` is not told
     eval_samples: int = 500             # samples for the Fréchet distance in `evaluate` (0 = skip it)
     eval_bound_items: int = 200         # test images for the bits/dim bound in `evaluate` (0 = skip it)
@@ -216,7 +233,7 @@ class DDPM(Generator):
     def __init__(self, config: DDPMConfig) -> None:
         super().__init__(config)
         from diffusers import UNet2DModel
-        from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+        from torch.optim.swa_utils import AveragedModel
 
         c = config
         n = len(c.block_out_channels)
@@ -225,8 +242,8 @@ class DDPM(Generator):
             block_out_channels=tuple(c.block_out_channels), layers_per_block=c.layers_per_block,
             down_block_types=("DownBlock2D",) * n, up_block_types=("UpBlock2D",) * n, norm_num_groups=c.norm_num_groups,
         )
-        # torch's own EMA wrapper: a module, so the average is in every checkpoint and in model.safetensors
-        self.ema = AveragedModel(self.unet, multi_avg_fn=get_ema_multi_avg_fn(c.ema_decay), use_buffers=True)
+        # torch's own averaging wrapper: a module, so the average is in every checkpoint and in model.safetensors
+        self.ema = AveragedModel(self.unet, multi_avg_fn=ema_update(c.ema_decay), use_buffers=True)
         self.ema.requires_grad_(False)
         self.noise_scheduler = make_scheduler("ddpm", c.schedule, c.num_train_timesteps, c.clip_sample)
 

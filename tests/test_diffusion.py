@@ -147,8 +147,9 @@ def test_interpolation_rows_start_and_end_at_their_own_samples(offline_small_pro
 # ----------------------------------------------------------------------------- training and EMA
 
 
-def test_ema_follows_the_weights_at_0999_and_is_what_samples(offline_small_procedural) -> None:
-    m, tc = _tiny()
+@pytest.mark.parametrize("cap", [0.999, 0.2])
+def test_ema_warms_up_to_its_decay_and_is_what_samples(offline_small_procedural, cap: float) -> None:
+    m, tc = _tiny(ema_decay=cap)
     m.train()
     opts = m.configure_optimizers(tc)
     x = m.train_data("train")["x"]
@@ -158,13 +159,26 @@ def test_ema_follows_the_weights_at_0999_and_is_what_samples(offline_small_proce
         m.train_step({"x": x[i * 8:(i + 1) * 8]}, opts, i, tc)
         w.append(dict(m.unet.named_parameters())[name].detach().clone())
     ema = dict(m.ema.module.named_parameters())[name]
-    expect = 0.999 * (0.999 * w[0] + 0.001 * w[1]) + 0.001 * w[2]  # the first update copies, then lerps
+    d1, d2 = min(cap, 2 / 11), min(cap, 3 / 12)  # the first update copies; then min(cap, (1 + n) / (10 + n))
+    expect = d2 * (d1 * w[0] + (1 - d1) * w[1]) + (1 - d2) * w[2]
     assert torch.allclose(ema, expect, atol=1e-7)
+    assert not torch.allclose(ema, w[2])
     assert all(id(p) not in {id(q) for g in opts for q in g.param_groups[0]["params"]} for p in m.ema.parameters())
     m.eval()
     z = torch.randn(2, *m.image_shape)
     assert not torch.equal(m.sample(2, noise=z, num_inference_steps=3), m.sample(2, noise=z, num_inference_steps=3,
                                                                                  ema=False))
+
+
+def test_ema_decay_reaches_its_cap() -> None:
+    from generators.diffusion import ema_update
+
+    e, p = [torch.ones(2)], [torch.zeros(2)]
+    ema_update(0.999)(e, p, torch.tensor(20_000))
+    assert torch.allclose(e[0], torch.full((2,), 0.999))
+    e = [torch.ones(2)]
+    ema_update(0.999)(e, p, torch.tensor(90))
+    assert torch.allclose(e[0], torch.full((2,), 0.91))
 
 
 # ----------------------------------------------------------------------------- the bound
