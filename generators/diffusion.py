@@ -562,7 +562,8 @@ def frechet_fn(dataset: str):
 
 
 def plot_schedules(path: Path, T: int = 1000, highlight: str | None = None) -> Path:
-    """ᾱ_t of each schedule, and its signal rate √ᾱ against its noise rate √(1 - ᾱ) (the book's figure 8-4)."""
+    """Each schedule's ᾱ_t, its signal rate √ᾱ_t (solid) and noise rate √(1 - ᾱ_t) (dashed) as in the book's
+    figure 8-4, and its log signal-to-noise ratio log(ᾱ_t / (1 - ᾱ_t))."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -570,17 +571,22 @@ def plot_schedules(path: Path, T: int = 1000, highlight: str | None = None) -> P
 
     from dreamlab.images import save_figure
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for s in SCHEDULES:
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    t = np.arange(T)
+    for i, s in enumerate(SCHEDULES):
         ab = alpha_bar(s, T)
-        lw = 2.5 if s == highlight else 1.2
-        axes[0].plot(np.arange(T), ab, lw=lw, label=s + (" (this run)" if s == highlight else ""))
-        axes[1].plot(np.sqrt(ab), np.sqrt(1 - ab), lw=lw, label=s)
-    axes[0].set(xlabel="t", ylabel="ᾱ_t (signal variance)", title="ᾱ_t by schedule")
-    axes[1].set(xlabel="signal rate √ᾱ_t", ylabel="noise rate √(1-ᾱ_t)", title="signal vs noise rate")
+        lw, col = (2.5 if s == highlight else 1.3), f"C{i}"
+        label = s + (" (this run)" if s == highlight else "")
+        axes[0].plot(t, ab, lw=lw, color=col, label=label)
+        axes[1].plot(t, np.sqrt(ab), lw=lw, color=col, label=f"{s}: signal")
+        axes[1].plot(t, np.sqrt(1 - ab), lw=lw, color=col, ls="--", label=f"{s}: noise")
+        axes[2].plot(t, np.log(ab / (1 - ab)), lw=lw, color=col, label=label)
+    axes[0].set(xlabel="t", ylabel="ᾱ_t", title="ᾱ_t (signal variance)")
+    axes[1].set(xlabel="t", ylabel="rate", title="signal rate √ᾱ_t and noise rate √(1-ᾱ_t)")
+    axes[2].set(xlabel="t", ylabel="log SNR", title="log(ᾱ_t / (1-ᾱ_t))")
     for ax in axes:
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     return save_figure(fig, path)
 
 
