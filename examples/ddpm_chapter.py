@@ -86,24 +86,24 @@ def sample_all(out: Path, n: int) -> None:
 def measure(out: Path, n: int, docs: Path | None) -> str:
     from dreamlab.io import atomic_write_text, load_json, load_tensors
     from generators.diffusion import labelled_grid
-    from generators.features import frechet_distance, resize
+    from generators.features import frechet_distance, reference_images
+    from generators.trainer import load_run
 
     d = out / "samples"
     timings = load_json(d / "timings.json")
     sets = {name: load_tensors(d / f"{name}.safetensors")["samples"][:n].float() / 255
             for name in (f"{s}_{p}{k}" for s, p, k in settings())}
     size = next(iter(sets.values())).shape[-1]
-    from dreamlab.data import load_dataset
-
-    train = load_dataset("flowers", "train")["x"][:n]
-    floor = frechet_distance("flowers", resize(train, size).mul(255).round().div(255))
+    floor = load_run(out / BOOK, device="cpu").fd_floor(n)  # n random training images at the model's size
     evals = {s: load_json(out / s / "eval.json") for s in SCHEDULES}
     steps = load_json(out / BOOK / "config.json")["train"]["steps"]
-    lines = [f"Flowers at {size}x{size}, `ddpm --preset quick` ({steps} steps of batch 32, EMA 0.999), {n} samples per "
-             f"row from the same seeded noises; Fréchet distance to the {len(load_dataset('flowers', 'test')['x'])} "
-             "test images on the flowers feature network (lower is better). Floor: "
-             f"{n} training images at {size}x{size} vs the same test images = **{floor:.2f}**.", "",
-             "| schedule | sampler | steps | Fréchet distance | × floor | bound (bits/dim) | CPU s/image |",
+    n_ref = len(reference_images("flowers", "test"))
+    lines = [f"Flowers at {size}x{size}, `ddpm --preset quick` ({steps} steps of batch 32, EMA 0.999 after warm-up), "
+             f"{n} samples per row, the same seeded initial noises in every row; Fréchet distance to the {n_ref} "
+             "flowers test images of the train split's combinations on the flowers feature network "
+             f"(`generators.features`, lower is better). Floor: {n} random training images at {size}x{size} vs the "
+             f"same test images = **{floor:.3f}**. The bound is `test_nll_bound_bpd` of each run's eval.json.", "",
+             "| schedule | sampler | steps | Fréchet distance | × floor | bound (bits/dim) | CPU s per image |",
              "|---|---|---:|---:|---:|---:|---:|"]
     for s, p, k in settings():
         name = f"{s}_{p}{k}"
@@ -111,7 +111,7 @@ def measure(out: Path, n: int, docs: Path | None) -> str:
         t = timings[name]
         bpd = evals[s].get("test_nll_bound_bpd")
         shown = f"{bpd:.3f}" if bpd is not None and (p, k) == ("ddim", 50) else ""  # one bound per trained run
-        lines.append(f"| {s} | {p.upper()} | {k} | {fd:.2f} | {fd / floor:.1f} | {shown} | {t['cpu_s'] / t['n']:.3f} |")
+        lines.append(f"| {s} | {p.upper()} | {k} | {fd:.3f} | {fd / floor:.1f} | {shown} | {t['cpu_s'] / t['n']:.3f} |")
     table = "\n".join(lines) + "\n"
     atomic_write_text(out / "table.md", table)
     if docs is not None:

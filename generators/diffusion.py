@@ -446,25 +446,33 @@ class DDPM(Generator):
                                     generator=g)
             res[f"{split}_nll_bound_bpd"] = float(bpd.mean())
         if c.eval_samples:
-            fd = self.frechet(split, n=c.eval_samples)
-            if fd:
-                res.update(fd)
+            res.update({f"{split}_{k}": v for k, v in self.frechet(split, n=c.eval_samples).items()})
         return res
 
     def frechet(self, split: str = "test", n: int = 500, *, scheduler: str = "ddim",
                 num_inference_steps: int | None = None, seed: int = 0,
                 samples: torch.Tensor | None = None) -> dict[str, float]:
-        """{"fd": Fréchet distance of n samples to n `split` images, "fd_floor": n train images vs the same n}, on
-        the dataset's feature network; {} when the dataset has none."""
-        fd_fn = frechet_fn(self.config.dataset)
-        if fd_fn is None:
+        """{"fd": Fréchet distance of n samples to the `split` images, "fd_floor": the same for n random training
+        images at this model's resolution, "fd_n": n} on the dataset's feature network (`generators.features`,
+        our features, not Inception); {} when the dataset has none."""
+        set_name = feature_set(self.config.dataset)
+        if set_name is None:
             return {}
-        ref = self.train_data(split)["x"][:n]
+        from generators.features import frechet_distance
+
         if samples is None:
-            samples = self.sample_many(len(ref), seed=seed, scheduler=scheduler,
-                                       num_inference_steps=num_inference_steps)
-        floor = fd_fn(self.train_data("train")["x"][: len(ref)], ref)
-        return {"fd": fd_fn(samples[: len(ref)], ref), "fd_floor": floor}
+            samples = self.sample_many(n, seed=seed, scheduler=scheduler, num_inference_steps=num_inference_steps)
+        return {"fd": frechet_distance(set_name, samples[:n].float().clamp(0, 1), reference=split),
+                "fd_floor": self.fd_floor(n, split=split, seed=seed), "fd_n": float(min(n, len(samples)))}
+
+    def fd_floor(self, n: int, *, split: str = "test", seed: int = 0) -> float:
+        """The Fréchet distance of n random training images, at this model's size and 8-bit grid, to `split`: what a
+        perfect generator would score with n samples (FD grows as n shrinks)."""
+        from generators.features import frechet_distance
+
+        train = self.train_data("train")["x"]
+        idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+        return frechet_distance(feature_set(self.config.dataset), train[idx], reference=split)
 
     @torch.no_grad()
     def sample_many(self, n: int, *, seed: int = 0, batch: int = 100, progress: bool = False,
@@ -549,13 +557,15 @@ def _dv() -> str:
 # ----------------------------------------------------------------------------- feature networks for Fréchet distances
 
 
-def frechet_fn(dataset: str):
-    """fd(images_a, images_b) -> float on the dataset's own feature network, or None when there is none."""
-    if dataset == "fashion_mnist":
-        from generators.classifiers import FEATURE_NET_DIR, fid_fmnist
+def feature_set(dataset: str) -> str | None:
+    """The `generators.features` image set that measures `dataset`, or None when it has no feature network."""
+    from generators.features import image_set
 
-        return fid_fmnist if (FEATURE_NET_DIR / "model.safetensors").exists() else None
-    return None
+    try:
+        s = image_set(dataset)
+    except DreamlabError:
+        return None
+    return s.name if s.dataset == dataset else None
 
 
 # ----------------------------------------------------------------------------- schedule pictures

@@ -247,6 +247,16 @@ def test_bound_rejects_bad_input(offline_small_procedural) -> None:
         m.log_prob(torch.zeros(1, 1, 16, 16))
 
 
+def test_evaluate_reports_the_frechet_distance_beside_its_floor(offline_small_procedural) -> None:
+    """An untrained model draws noise: far above the floor that n training images score."""
+    m, _ = _tiny(eval_samples=16, eval_bound_items=2)
+    m.eval()
+    res = m.evaluate("test", max_items=16)
+    assert {"test_loss", "test_nll_bound_bpd", "test_fd", "test_fd_floor", "test_fd_n"} <= set(res)
+    assert res["test_fd_n"] == 16 and 0 < res["test_fd_floor"] < res["test_fd"] / 5
+    assert make_model("ddpm", dataset="moons").frechet() == {}  # no feature network: no distance
+
+
 # ----------------------------------------------------------------------------- config, persistence, CLI
 
 
