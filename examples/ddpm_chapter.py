@@ -31,17 +31,18 @@ BOOK = "offset_cosine"
 DDIM_STEPS = (10, 20, 50, 100, 250)
 
 
-def settings() -> list[tuple[str, str, int]]:
-    """(schedule, sampler, steps) of every sample set, the schedule comparison first."""
-    out = [(s, "ddim", 50) for s in SCHEDULES]
-    out += [(BOOK, "ddim", k) for k in DDIM_STEPS if k != 50]
-    return out + [(BOOK, "ddpm", 1000)]
+def settings(schedules: tuple[str, ...] = SCHEDULES, sweep: str = BOOK) -> list[tuple[str, str, int]]:
+    """(schedule, sampler, steps) of every sample set: the schedule comparison (DDIM 50), then the sampler sweep on
+    the `sweep` schedule's run, cheapest first (so an interrupted run leaves the cheap rows measured)."""
+    out = [(s, "ddim", 50) for s in schedules]
+    out += [(sweep, "ddim", k) for k in DDIM_STEPS if (sweep, "ddim", k) not in out]
+    return out + [(sweep, "ddpm", 1000)]
 
 
-def train_all(out: Path, steps: int | None) -> None:
+def train_all(out: Path, steps: int | None, schedules: tuple[str, ...]) -> None:
     from generators.trainer import train_from_name
 
-    for s in SCHEDULES:
+    for s in schedules:
         run = out / s
         if (run / "model" / "model.safetensors").exists():
             print(f"[train] {run}: done")
@@ -55,7 +56,7 @@ def train_all(out: Path, steps: int | None) -> None:
               f"(load {os.getloadavg()[0]:.1f})", flush=True)
 
 
-def sample_all(out: Path, n: int) -> None:
+def sample_all(out: Path, n: int, todo: list[tuple[str, str, int]]) -> None:
     import torch
 
     from dreamlab.io import load_json, save_json, save_tensors
@@ -66,7 +67,7 @@ def sample_all(out: Path, n: int) -> None:
     d.mkdir(parents=True, exist_ok=True)
     tpath = d / "timings.json"
     timings = load_json(tpath) if tpath.exists() else {}
-    for s, sampler, k in settings():
+    for s, sampler, k in todo:
         name = f"{s}_{sampler}{k}"
         f = d / f"{name}.safetensors"
         if f.exists() and name in timings and timings[name]["n"] >= n:
@@ -83,7 +84,8 @@ def sample_all(out: Path, n: int) -> None:
         print(f"[sample] {name}: {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
 
 
-def measure(out: Path, n: int, docs: Path | None) -> str:
+def measure(out: Path, n: int, docs: Path | None, todo: list[tuple[str, str, int]], sweep: str) -> str:
+    """The table (OUT/table.md) of every sample set on disk among `todo`, and the grids."""
     from dreamlab.io import atomic_write_text, load_json, load_tensors
     from generators.diffusion import labelled_grid
     from generators.features import frechet_distance, reference_images
@@ -91,12 +93,16 @@ def measure(out: Path, n: int, docs: Path | None) -> str:
 
     d = out / "samples"
     timings = load_json(d / "timings.json")
-    sets = {name: load_tensors(d / f"{name}.safetensors")["samples"][:n].float() / 255
-            for name in (f"{s}_{p}{k}" for s, p, k in settings())}
+    have = [(s, p, k) for s, p, k in todo if (d / f"{s}_{p}{k}.safetensors").exists()
+            and timings.get(f"{s}_{p}{k}", {}).get("n", 0) >= n]
+    if not have:
+        raise SystemExit(f"no sample set of {n} images under {d}: run --stage sample first")
+    sets = {f"{s}_{p}{k}": load_tensors(d / f"{s}_{p}{k}.safetensors")["samples"][:n].float() / 255
+            for s, p, k in have}
     size = next(iter(sets.values())).shape[-1]
-    floor = load_run(out / BOOK, device="cpu").fd_floor(n)  # n random training images at the model's size
-    evals = {s: load_json(out / s / "eval.json") for s in SCHEDULES}
-    steps = load_json(out / BOOK / "config.json")["train"]["steps"]
+    floor = load_run(out / sweep, device="cpu").fd_floor(n)  # n random training images at the model's size
+    evals = {s: load_json(out / s / "eval.json") for s, _, _ in have}
+    steps = load_json(out / sweep / "config.json")["train"]["steps"]
     n_ref = len(reference_images("flowers", "test"))
     lines = [f"Flowers at {size}x{size}, `ddpm --preset quick` ({steps} steps of batch 32, EMA 0.999 after warm-up), "
              f"{n} samples per row, the same seeded initial noises in every row; Fréchet distance to the {n_ref} "
@@ -105,7 +111,7 @@ def measure(out: Path, n: int, docs: Path | None) -> str:
              f"same test images = **{floor:.3f}**. The bound is `test_nll_bound_bpd` of each run's eval.json.", "",
              "| schedule | sampler | steps | Fréchet distance | × floor | bound (bits/dim) | CPU s per image |",
              "|---|---|---:|---:|---:|---:|---:|"]
-    for s, p, k in settings():
+    for s, p, k in have:
         name = f"{s}_{p}{k}"
         fd = frechet_distance("flowers", sets[name])
         t = timings[name]
@@ -117,13 +123,14 @@ def measure(out: Path, n: int, docs: Path | None) -> str:
     if docs is not None:
         docs.mkdir(parents=True, exist_ok=True)
         k = 16
-        rows = [sets[f"{s}_ddim50"][:k] for s in SCHEDULES]
-        labelled_grid(rows, docs / "ddpm_schedules.png", row_labels=list(SCHEDULES),
-                      title=f"DDIM 50 steps, the same noises; {steps} training steps per schedule")
-        names = [f"{BOOK}_ddim{k_}" for k_ in DDIM_STEPS] + [f"{BOOK}_ddpm1000"]
-        labelled_grid([sets[m][:k] for m in names], docs / "ddpm_samplers.png",
-                      row_labels=[f"DDIM {k_}" for k_ in DDIM_STEPS] + ["DDPM 1000"],
-                      title="offset-cosine schedule: the same initial noises through each sampler")
+        rows = [s for s, p, k_ in have if (p, k_) == ("ddim", 50)]
+        if len(rows) > 1:
+            labelled_grid([sets[f"{s}_ddim50"][:k] for s in rows], docs / "ddpm_schedules.png", row_labels=rows,
+                          title=f"DDIM 50 steps, the same noises; {steps} training steps per schedule")
+        names = [(f"{sweep}_{p}{k_}", f"{p.upper()} {k_}") for s, p, k_ in have if s == sweep]
+        labelled_grid([sets[m][:k] for m, _ in names], docs / "ddpm_samplers.png",
+                      row_labels=[lab for _, lab in names],
+                      title=f"{sweep} schedule: the same initial noises through each sampler")
     return table
 
 
@@ -134,13 +141,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="training steps per schedule (default: the quick preset's)")
     ap.add_argument("--docs", type=Path, default=None, help="also write the sample grids into this folder")
     ap.add_argument("--stage", choices=["train", "sample", "measure", "all"], default="all")
+    ap.add_argument("--schedules", default=",".join(SCHEDULES), help="schedules to train and compare (default all)")
+    ap.add_argument("--sweep", default=BOOK, help="the schedule whose run the sampler sweep uses (default the book's)")
     args = ap.parse_args(argv)
+    schedules = tuple(s for s in args.schedules.split(",") if s)
+    bad = [s for s in (*schedules, args.sweep) if s not in SCHEDULES]
+    if bad:
+        ap.error(f"unknown schedule {bad[0]!r}; choose from {', '.join(SCHEDULES)}")
+    todo = settings(schedules, args.sweep)
     if args.stage in ("train", "all"):
-        train_all(args.out, args.steps or None)
+        train_all(args.out, args.steps or None, tuple(dict.fromkeys((*schedules, args.sweep))))
     if args.stage in ("sample", "all"):
-        sample_all(args.out, args.n)
+        sample_all(args.out, args.n, todo)
     if args.stage in ("measure", "all"):
-        print(measure(args.out, args.n, args.docs))
+        print(measure(args.out, args.n, args.docs, todo, args.sweep))
     return 0
 
 
