@@ -1,6 +1,6 @@
 """Every benchmark in bench/, one after another, each printing its own table (`make bench`).
 
-    python bench/run_all.py                 # envs, world models, text-to-image, fid_fmnist, ddpm
+    python bench/run_all.py                 # envs, world models, text-to-image, fid_fmnist, scale (local vs Ray), ddpm
     python bench/run_all.py --only envs wm  # a subset
     python bench/run_all.py --quick         # fewer repetitions (a smoke run, not figures to quote)
 
@@ -28,6 +28,7 @@ BENCHES = {
     "wm": "bench/worldmodel_bench.py",
     "t2i": "bench/text2img_bench.py",
     "fid": "bench/fid_fmnist.py",
+    "scale": "bench/scale_bench.py",
     "ddpm": "bench/ddpm_bench.py",
 }
 QUICK = {  # smoke sizes: the scripts' own defaults are the figures' sizes
@@ -35,6 +36,7 @@ QUICK = {  # smoke sizes: the scripts' own defaults are the figures' sizes
     "wm": ["--steps", "60", "--workers", "1"],
     "t2i": ["--n", "2", "--steps", "2"],
     "fid": [],
+    "scale": ["--reps", "1", "--max-steps", "100", "--episodes-per-worker", "2", "--policy", "brownian"],
     "ddpm": ["--preset", "tiny", "--steps", "5", "--reps", "1", "--n", "2", "--sample-steps", "2", "--ddpm-steps", "5"],
 }
 FID_RUNS = ["runs/vae-quick", "runs/autoencoder-quick"]
@@ -58,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "fid":
             runs = [r for r in FID_RUNS if (ROOT / r).is_dir()]
             if not runs:
-                note = f"fid: skipped, no run folder among {FID_RUNS} (train them with `dreamlab train vae --preset quick`)"
+                note = (f"fid: skipped, no run folder among {FID_RUNS} "
+                        "(train them with `dreamlab train vae --preset quick`)")
                 print(note, flush=True)
                 report.append(note)
                 continue
