@@ -32,11 +32,20 @@ DDIM_STEPS = (10, 20, 50, 100, 250)
 
 
 def settings(schedules: tuple[str, ...] = SCHEDULES, sweep: str = BOOK) -> list[tuple[str, str, int]]:
-    """(schedule, sampler, steps) of every sample set: the schedule comparison (DDIM 50), then the sampler sweep on
-    the `sweep` schedule's run, cheapest first (so an interrupted run leaves the cheap rows measured)."""
+    """(schedule, sampler, steps) of every sample set in the order they are drawn: the schedule comparison (DDIM 50),
+    then the sampler sweep on the `sweep` schedule's run, DDIM up to 100 steps, DDPM's 1000 (the reference) and DDIM
+    250 last (so a run stopped early on a busy machine leaves the most telling rows measured)."""
     out = [(s, "ddim", 50) for s in schedules]
-    out += [(sweep, "ddim", k) for k in DDIM_STEPS if (sweep, "ddim", k) not in out]
-    return out + [(sweep, "ddpm", 1000)]
+    out += [(sweep, "ddim", k) for k in DDIM_STEPS if k <= 100 and (sweep, "ddim", k) not in out]
+    return out + [(sweep, "ddpm", 1000)] + [(sweep, "ddim", k) for k in DDIM_STEPS if k > 100]
+
+
+def table_order(todo: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    """The schedule comparison's rows (DDIM 50) first when there are several, then the sweep: DDIM by step count,
+    then DDPM."""
+    head = [r for r in todo if r[1:] == ("ddim", 50)]
+    head = head if len(head) > 1 else []
+    return head + sorted((r for r in todo if r not in head), key=lambda r: (r[1] != "ddim", r[2]))
 
 
 def train_all(out: Path, steps: int | None, schedules: tuple[str, ...]) -> None:
@@ -93,7 +102,7 @@ def measure(out: Path, n: int, docs: Path | None, todo: list[tuple[str, str, int
 
     d = out / "samples"
     timings = load_json(d / "timings.json")
-    have = [(s, p, k) for s, p, k in todo if (d / f"{s}_{p}{k}.safetensors").exists()
+    have = [(s, p, k) for s, p, k in table_order(todo) if (d / f"{s}_{p}{k}.safetensors").exists()
             and timings.get(f"{s}_{p}{k}", {}).get("n", 0) >= n]
     if not have:
         raise SystemExit(f"no sample set of {n} images under {d}: run --stage sample first")
