@@ -127,6 +127,7 @@ def measure(out: Path, n: int, docs: Path | None, todo: list[tuple[str, str, int
         bpd = evals[s].get("test_nll_bound_bpd")
         shown = f"{bpd:.3f}" if bpd is not None and (p, k) == ("ddim", 50) else ""  # one bound per trained run
         lines.append(f"| {s} | {p.upper()} | {k} | {fd:.3f} | {fd / floor:.1f} | {shown} | {t['cpu_s'] / t['n']:.3f} |")
+    lines += ["", *references(load_run(out / sweep, device="cpu"), n)]
     table = "\n".join(lines) + "\n"
     atomic_write_text(out / "table.md", table)
     if docs is not None:
@@ -141,6 +142,25 @@ def measure(out: Path, n: int, docs: Path | None, todo: list[tuple[str, str, int
                       row_labels=[lab for _, lab in names],
                       title=f"{sweep} schedule: the same initial noises through each sampler")
     return table
+
+
+def references(model, n: int) -> list[str]:
+    """The scale to read the table against, at the same n and size: n training images (the floor), the same images
+    with N(0, σ²) pixel noise (the grain a short-trained sampler leaves), blurred (σ = width/16) and uniform noise."""
+    import torch
+
+    from generators.features import frechet_distance, gaussian_blur
+
+    x = model.train_data("train")["x"]
+    x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
+    g = torch.Generator().manual_seed(1)
+    rows = [("training images (the floor)", x)]
+    rows += [(f"training images + N(0, {s}²) pixel noise", (x + s * torch.randn(x.shape, generator=g)).clamp(0, 1))
+             for s in (0.02, 0.05, 0.1)]
+    rows += [("training images blurred (σ = width/16)", gaussian_blur(x, x.shape[-1] / 16).clamp(0, 1)),
+             ("uniform noise", torch.rand(x.shape, generator=g))]
+    out = ["| reference set (same n, same size) | Fréchet distance |", "|---|---:|"]
+    return out + [f"| {name} | {frechet_distance('flowers', imgs):.3f} |" for name, imgs in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
