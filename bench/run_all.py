@@ -32,6 +32,7 @@ BENCHES = {
     "text": "bench/text_bench.py",
     "trainer": "bench/trainer_bench.py",
     "likelihood": "bench/likelihood_bench.py",
+    "ddpm": "bench/ddpm_bench.py",
 }
 QUICK = {  # smoke sizes: the scripts' own defaults are the figures' sizes
     "envs": ["--reps", "1", "--steps", "60", "--vec-steps", "30", "--vec-reps", "1"],
@@ -42,6 +43,7 @@ QUICK = {  # smoke sizes: the scripts' own defaults are the figures' sizes
     "text": ["--steps", "3", "--reps", "1"],
     "trainer": ["--steps", "30", "--warmup", "5", "--reps", "1"],
     "likelihood": ["--steps", "2", "--reps", "1", "--sample-n", "2", "--ebm-steps", "2"],
+    "ddpm": ["--preset", "tiny", "--steps", "5", "--reps", "1", "--n", "2", "--sample-steps", "2", "--ddpm-steps", "5"],
 }
 FID_RUNS = ["runs/vae-quick", "runs/autoencoder-quick"]
 
