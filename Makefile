@@ -14,6 +14,7 @@ $(BIN)/python:
 install: $(BIN)/python data
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(BIN)/pip install -q -e ".[all]"
+	$(BIN)/pip install -q --no-deps "tinysoundfont>=0.3.7"   # WAV rendering; --no-deps: it declares pyaudio, unused
 
 # Debian data packages (Fashion-MNIST). Where apt is unusable, print the command instead of failing.
 data:

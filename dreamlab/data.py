@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dreamlab.errors import DreamlabError
-from dreamlab import procedural
+from dreamlab import music, procedural
 from dreamlab.io import cache_dir, cached_array  # noqa: F401  (part of this module's API)
 
 SPLITS = ("train", "val", "test")
@@ -167,3 +167,20 @@ def load_moons(split: str) -> dict[str, torch.Tensor]:
 for _kind in procedural.KINDS:
     register_dataset(_kind, procedural.DESCRIPTIONS[_kind], "procedural (dreamlab.procedural)")(
         functools.partial(procedural.load_procedural, _kind))
+
+
+# ----------------------------------------------------------------------------- music21 corpus (dreamlab.music)
+
+@register_dataset("jsb_pianoroll", "Bach chorales as MuseGAN piano rolls: (N, 4 voices, 2 bars, 16 steps, 84 pitches) "
+                  "one-hot int8, split by chorale", "PyPI music21 corpus")
+def load_jsb_pianoroll(split: str) -> dict[str, torch.Tensor]:
+    return {"x": torch.from_numpy(music.roll_onehot(music.load_rolls(split)))}
+
+
+@register_dataset("music_tokens", "Bach chorales and five folk collections as note/duration token windows "
+                  "(N, 129 events, 2), split by piece", "PyPI music21 corpus")
+def load_music_tokens(split: str) -> dict[str, torch.Tensor]:
+    pieces = music.pieces_for_split(music.load_pieces(), split)
+    seqs = [music.encode(p) for p in pieces]
+    return {"x": torch.from_numpy(music.windows(seqs, 129, 64 if split == "train" else 129))}
+

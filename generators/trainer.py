@@ -350,10 +350,19 @@ def write_run_report(run_dir: Path, model: Model, result: dict[str, Any], meta: 
         lines += ["## Pictures", ""]
         for n in pics:
             lines += [f"**{n[:-4].replace('_', ' ')}**", "", f"![{n}]({n})", ""]
+    wavs = sorted(p.name for p in run_dir.glob("*.wav"))
+    if wavs:  # music: each WAV with its MIDI file and score beside it
+        lines += ["## Audio", ""]
+        for n in wavs:
+            stem = n[:-4]
+            extra = [f"[{stem}{s}]({stem}{s})" for s in (".mid", ".musicxml") if (run_dir / f"{stem}{s}").exists()]
+            lines.append(f"- [{n}]({n})" + (f" ({', '.join(extra)})" if extra else ""))
+        lines.append("")
     lines += ["## Use it", "", "```bash"]
     if getattr(model, "kind", "") == "generator":
-        ext = "png" if (run_dir / "samples.png").exists() else "safetensors"  # image grids, or raw tensors (e.g. latent sequences)
-        lines.append(f"dreamlab sample {run_dir} -n 64 --out {run_dir}/more_samples.{ext}")
+        first = model.sample_formats[0]  # the model's own format when its samples were written so, else raw tensors
+        ext = first[1:] if (run_dir / f"samples{first}").exists() else "safetensors"
+        lines.append(f"dreamlab sample {run_dir} -n {8 if wavs else 64} --out {run_dir}/more_samples.{ext}")
     lines += [f"dreamlab eval {run_dir}",
               f"dreamlab train {model.name} --out {run_dir} --resume --set steps={int(result.get('step') or 0) * 2}   # train on",
               "```", "", "```python", "from generators.trainer import load_run",
