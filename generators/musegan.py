@@ -157,7 +157,7 @@ class MuseGAN(Generator):
                  "critic_dense": 16, "n_critic": 1, "eval_samples": 4, "steps": 2, "batch_size": 8, "log_every": 1,
                  "ckpt_every": 100, "betas": (0.5, 0.9)},
         "quick": {"z_dim": 32, "temporal_width": 256, "gen_width": 64, "critic_width": 32, "critic_dense": 256,
-                  "n_critic": 5, "steps": 1000, "batch_size": 64, "lr": 1e-3, "betas": (0.5, 0.9), "log_every": 25,
+                  "n_critic": 5, "steps": 500, "batch_size": 32, "lr": 1e-3, "betas": (0.5, 0.9), "log_every": 25,
                   "ckpt_every": 250},
         "full": {"steps": 30000, "batch_size": 64, "lr": 1e-3, "betas": (0.5, 0.9), "log_every": 100,
                  "ckpt_every": 2000, "eval_samples": 1000},

@@ -284,7 +284,7 @@ class MusicTransformer(Generator):
                  "max_new_tokens": 16, "eval_samples": 2, "steps": 3, "batch_size": 8, "log_every": 1,
                  "ckpt_every": 100},
         "quick": {"sources": "irish,german,scottish", "max_pieces": 600, "seq_len": 128, "d_model": 128,
-                  "n_layers": 3, "n_heads": 4, "steps": 1500, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.01,
+                  "n_layers": 3, "n_heads": 4, "steps": 1200, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.01,
                   "grad_clip": 1.0, "log_every": 25, "ckpt_every": 500},
         "full": {"sources": ",".join(M.SOURCE_NAMES), "max_pieces": 0, "seq_len": 256, "d_model": 256, "n_layers": 6,
                  "n_heads": 8, "max_new_tokens": 256, "steps": 30000, "batch_size": 64, "lr": 5e-4,

@@ -318,4 +318,12 @@ def captioned_windows(pieces: list[M.Piece], length: int, stride_bars: int, held
     cids = combo_id(keys, attr[:, 1:2], attr[:, 2:3], attr[:, 3:4], attr[:, 4:5])
     allow = shifts_ok & ok_combo[cids]
     keep = allow.any(1)
-    return {"x": tok[keep], "attr": attr[keep], "allowed": allow[keep], "combos": np.unique(cids[keep][allow[keep]])}
+    # the caption pool covers every combination the pieces reach in any key of their mode and any density band, so
+    # models on the same pieces (CLAP, text-to-music) share one pool (and its cached features) whatever their windows
+    pk = np.array([(p.key, p.meter, p.source, p.tempo_band) for p in pieces], np.int64)
+    tonics = np.arange(12)[None, :, None]
+    dens = np.arange(SIZES[4])[None, None, :]
+    reach = combo_id((tonics + 12 * (pk[:, :1, None] // 12)), pk[:, 1:2, None], pk[:, 2:3, None], pk[:, 3:4, None],
+                     dens).ravel()
+    combos = np.unique(reach[ok_combo[reach]])
+    return {"x": tok[keep], "attr": attr[keep], "allowed": allow[keep], "combos": combos}
