@@ -28,12 +28,14 @@ BENCHES = {
     "wm": "bench/worldmodel_bench.py",
     "t2i": "bench/text2img_bench.py",
     "fid": "bench/fid_fmnist.py",
+    "music": "bench/music_bench.py",
 }
 QUICK = {  # smoke sizes: the scripts' own defaults are the figures' sizes
     "envs": ["--reps", "1", "--steps", "60", "--vec-steps", "30", "--vec-reps", "1"],
     "wm": ["--steps", "60", "--workers", "1"],
     "t2i": ["--n", "2", "--steps", "2"],
     "fid": [],
+    "music": ["--n", "8", "--events", "64", "--reps", "1"],
 }
 FID_RUNS = ["runs/vae-quick", "runs/autoencoder-quick"]
 
