@@ -146,6 +146,18 @@ class TextTower(nn.Module):
         return self
 
     @torch.no_grad()
+    def states(self, texts: list[str], length: int, batch_size: int = 256) -> torch.Tensor:
+        """MiniLM token states (N, length, 384) of texts, padded or cut to `length` tokens; padding positions are 0."""
+        dev = next(self.parameters()).device
+        out = []
+        for i in range(0, len(texts), batch_size):
+            b = self.tokenizer()(list(texts[i:i + batch_size]), padding="max_length", truncation=True,
+                                 max_length=length, return_tensors="pt").to(dev)
+            h = self.transformer(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+            out.append(h * b["attention_mask"].unsqueeze(-1))
+        return torch.cat(out) if out else torch.zeros(0, length, self.width, device=dev)
+
+    @torch.no_grad()
     def pooled(self, texts: list[str], batch_size: int = 256) -> torch.Tensor:
         """Mean-pooled MiniLM features (N, 384) of texts, L2-normalised (as sentence-transformers does)."""
         dev = next(self.parameters()).device

@@ -249,11 +249,11 @@ def caption_pool(combos: np.ndarray, per_combo: int, seed: int) -> list[str]:
     return out
 
 
-def cached_text_features(texts: list[str], encode, tag: str) -> np.ndarray:
-    """(N, D) float32 features of `texts` from `encode(list) -> array`, cached under a hash of the texts and `tag`
-    (the text tower's identity): the frozen MiniLM runs once per caption pool and machine."""
+def cached_text_features(texts: list[str], encode, tag: str, dtype: Any = np.float32) -> np.ndarray:
+    """Features of `texts` from `encode(list) -> array`, cached under a hash of the texts and `tag` (the text tower's
+    identity and output): the frozen MiniLM runs once per caption pool and machine."""
     h = hashlib.sha1(("\n".join(texts) + "|" + tag).encode()).hexdigest()[:16]
-    return cached_array(f"music_text_features_{tag}_{h}", lambda: np.asarray(encode(texts), np.float32))
+    return cached_array(f"music_text_features_{tag}_{h}", lambda: np.asarray(encode(texts), dtype))
 
 
 # ----------------------------------------------------------------------------- captioned windows of pieces

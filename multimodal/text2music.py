@@ -1,12 +1,16 @@
 """Text-to-music: a music transformer conditioned on text, with classifier-free and CLAP guidance.
 
-The prompt is encoded by the frozen MiniLM of our CLAP (`multimodal.clap`: mean-pooled, normalised, 384-d); a linear
-map turns it into `n_prefix` embeddings placed before the events, and the GPT-2 blocks of the book's notes +
-durations model (`generators.music.TokenTransformer`) continue from there: START, the key/meter/tempo header the text
-asks for, then bars of notes. Training items are captioned windows of the corpus (`music_text.captioned_windows`),
-transposed at random so every key is seen, with a caption drawn per step from the pool of their attribute
-combination; the held-out (key, meter, source) triples are never shown. A fraction `caption_dropout` of captions is
-replaced by a learned null text, so the same network models p(music) too and:
+The prompt is encoded by the frozen MiniLM of our CLAP (`multimodal.clap`): its `text_tokens` token states
+(384-d each, standardised per dimension with the caption pool's statistics) pass through a small MLP and are placed
+before the events, and the GPT-2 blocks of the book's notes + durations model (`generators.music.TokenTransformer`)
+continue from there: START, the key/meter/tempo header the text asks for, then bars of notes. Token states, not one
+pooled sentence vector: the MiniLM is uncased and the key of a caption is one letter among ~20 tokens ("in d major",
+"in a minor key"), which mean pooling all but averages away (docs/music.md has the measured difference).
+
+Training items are captioned windows of the corpus (`music_text.captioned_windows`), transposed at random so every
+key is seen, with a caption drawn per step from the pool of their attribute combination; the held-out (key, meter,
+source) triples are never shown. A fraction `caption_dropout` of captions is replaced by a learned null text, so
+the same network models p(music) too and:
 
 - **classifier-free guidance** (`guidance_scale` s): both logits of every event (note, then duration) are
   l_null + s (l_text - l_null); s = 1 is plain conditional sampling;
@@ -62,7 +66,7 @@ class Text2MusicConfig:
     n_layers: int = 4
     n_heads: int = 4
     dropout: float = 0.1
-    n_prefix: int = 4              # text embeddings before the events
+    text_tokens: int = 32          # MiniLM token states of the prompt placed before the events
     caption_dropout: float = 0.15
     captions_per_combo: int = 2
     caption_seed: int = 0
@@ -72,7 +76,7 @@ class Text2MusicConfig:
     clap_guidance_candidates: int = 1
 
     def __post_init__(self) -> None:
-        check_ranges(self, positive=("seq_len", "stride_bars", "d_model", "n_layers", "n_heads", "n_prefix",
+        check_ranges(self, positive=("seq_len", "stride_bars", "d_model", "n_layers", "n_heads", "text_tokens",
                                      "captions_per_combo", "max_new_tokens", "clap_guidance_candidates"),
                      nonneg=("max_pieces", "caption_seed"), fraction=("dropout", "caption_dropout"))
         M.parse_sources(self.sources)
@@ -127,7 +131,7 @@ class Text2MusicPipeline(Generator):
     example_condition = {"prompt": "a lively jig in D major"}
     presets = {
         "tiny": {"clap_dir": "", "sources": "chorales", "max_pieces": 4, "seq_len": 32, "d_model": 32, "n_layers": 1,
-                 "n_heads": 2, "n_prefix": 2, "captions_per_combo": 1, "max_new_tokens": 12, "steps": 2,
+                 "n_heads": 2, "text_tokens": 12, "captions_per_combo": 1, "max_new_tokens": 12, "steps": 2,
                  "batch_size": 8, "log_every": 1, "ckpt_every": 100},
         "quick": {"clap_dir": DEFAULT_CLAP, "max_pieces": 600, "seq_len": 160, "d_model": 128, "n_layers": 4,
                   "max_new_tokens": 128, "steps": 2000, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.01,
@@ -152,9 +156,13 @@ class Text2MusicPipeline(Generator):
         self.clap.eval()
         c = config
         width = self.clap.text.width
-        self.core = TokenTransformer(c.d_model, c.n_layers, c.n_heads, c.n_prefix + c.seq_len, c.dropout)
-        self.cond = nn.Sequential(nn.Linear(width, c.d_model), nn.GELU(), nn.Linear(c.d_model, c.n_prefix * c.d_model))
-        self.null_text = nn.Parameter(torch.zeros(width))
+        self.core = TokenTransformer(c.d_model, c.n_layers, c.n_heads, c.text_tokens + c.seq_len, c.dropout)
+        self.cond = nn.Sequential(nn.Linear(width, c.d_model), nn.GELU(), nn.Linear(c.d_model, c.d_model))
+        self.null_text = nn.Parameter(torch.zeros(width))  # the null (dropped) caption: this vector at every position
+        # per-dimension mean and spread of the caption pool's token states (set once from the training pool, saved
+        # with the model): standardised, the states of different words differ by order one
+        self.register_buffer("text_mean", torch.zeros(width))
+        self.register_buffer("text_std", torch.ones(width))
         self._pool: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
 
@@ -178,19 +186,37 @@ class Text2MusicPipeline(Generator):
                                 c.transpose and train)
         if train:
             texts = T.caption_pool(d["combos"], c.captions_per_combo, c.caption_seed)
-            feats = T.cached_text_features(texts, self.encode_texts_np, "minilm_mean")
+            feats = T.cached_text_features(texts, self.encode_texts_np, f"minilm_states{c.text_tokens}", np.float16)
             rows = torch.full((T.N_COMBOS,), -1, dtype=torch.long)
             rows[torch.from_numpy(d["combos"])] = torch.arange(len(d["combos"]))
-            self._pool = torch.from_numpy(feats).view(len(d["combos"]), c.captions_per_combo, -1)
+            self._pool = torch.from_numpy(feats).view(len(d["combos"]), c.captions_per_combo, c.text_tokens, -1)
             self._rows = rows
+            if bool((self.text_std == 1).all()) and bool((self.text_mean == 0).all()):
+                f = torch.from_numpy(feats).float().flatten(0, 1)
+                f = f[f.abs().sum(-1) > 0]  # real tokens, not padding
+                self.text_mean.copy_(f.mean(0))
+                self.text_std.copy_(f.std(0).clamp(min=1e-4))
         return {k: torch.from_numpy(v) for k, v in d.items() if k != "combos"}
 
     def encode_texts_np(self, texts: list[str]) -> np.ndarray:
-        return self.clap.text.pooled(texts).cpu().numpy()
+        return self.clap.text.states(texts, self.config.text_tokens).cpu().numpy()
 
-    def prefix(self, feats: torch.Tensor) -> torch.Tensor:
-        """(B, 384) pooled text features -> (B, n_prefix, d_model) prefix embeddings."""
-        return self.cond(feats).view(len(feats), self.config.n_prefix, self.config.d_model)
+    def text_states(self, prompts: list[str]) -> torch.Tensor:
+        return self.clap.text.states(T.validate_prompts(prompts), self.config.text_tokens)
+
+    def prefix(self, states: torch.Tensor, null: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, text_tokens, 384) MiniLM token states -> (B, text_tokens, d_model) prefix embeddings: standardised,
+        padding kept at 0, rows flagged in `null` (B,) replaced by the learned null text."""
+        states = states.float()
+        pad = states.abs().sum(-1, keepdim=True) == 0
+        z = ((states - self.text_mean) / self.text_std).masked_fill(pad, 0.0)
+        if null is not None:
+            z = torch.where(null[:, None, None], self.null_text.expand_as(z), z)
+        return self.cond(z)
+
+    def null_prefix(self, b: int) -> torch.Tensor:
+        z = torch.zeros(b, self.config.text_tokens, len(self.null_text), device=self.device)
+        return self.prefix(z, torch.ones(b, dtype=torch.bool, device=self.device))
 
     # ---- training -------------------------------------------------------------------------
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
@@ -207,11 +233,9 @@ class Text2MusicPipeline(Generator):
         if (rows < 0).any():
             raise DreamlabError("a training item has an attribute combination outside the caption pool")
         k = torch.randint(self.config.captions_per_combo, (len(x),), device=x.device)
-        feats = self._pool.to(x.device)[rows, k]
-        if self.training:
-            drop = torch.rand(len(x), device=x.device) < self.config.caption_dropout
-            feats = torch.where(drop[:, None], self.null_text.expand_as(feats), feats)
-        note, dur, mask = self.core.nll(x, self.prefix(feats))
+        states = self._pool.to(x.device)[rows, k]
+        drop = torch.rand(len(x), device=x.device) < self.config.caption_dropout if self.training else None
+        note, dur, mask = self.core.nll(x, self.prefix(states, drop))
         n = mask.sum().clamp(min=1)
         note_nll, dur_nll = note.sum() / n, dur.sum() / n
         return note_nll + dur_nll, {"note_nll": note_nll.detach(), "dur_nll": dur_nll.detach()}
@@ -223,7 +247,8 @@ class Text2MusicPipeline(Generator):
     @torch.no_grad()
     def evaluate(self, split: str = "test", max_items: int | None = None) -> dict[str, float]:
         """NLL per event of `split`'s windows with a caption of their attributes and with the null text: the gap is
-        what the text tells the model (nats per event)."""
+        what the text tells the model (nats per event); and how often the likeliest KEY and TS header tokens are the
+        window's own, given its canonical prompt (key, meter, source, density) or the null text (teacher-forced)."""
         was = self.training
         self.eval()
         d = self.train_data(split)
@@ -231,15 +256,31 @@ class Text2MusicPipeline(Generator):
         x, attr = d["x"][:n].to(self.device), d["attr"][:n].numpy()
         rng = np.random.default_rng(0)
         caps = [T.caption(tuple(int(v) for v in row), rng) for row in attr]
-        feats = self.clap.text.pooled(caps)
+        states = self.text_states(caps)
         res: dict[str, float] = {}
-        for tag, f in (("caption", feats), ("null", self.null_text.expand(n, -1))):
+        for tag, pre in (("caption", lambda i, j: self.prefix(states[i:j])),
+                         ("null", lambda i, j: self.null_prefix(j - i))):
             tot = cnt = 0.0
             for i in range(0, n, 64):
-                note, dur, mask = self.core.nll(x[i:i + 64], self.prefix(f[i:i + 64]))
+                j = min(i + 64, n)
+                note, dur, mask = self.core.nll(x[i:j], pre(i, j))
                 tot += float((note + dur).sum())
                 cnt += float(mask.sum())
             res[f"{split}_nll_per_event_{tag}"] = tot / max(cnt, 1)
+        prompts = [T.prompt_for(tuple(int(v) for v in row)) for row in attr]
+        states = self.text_states(prompts)
+        for tag, pre in (("prompt", lambda i, j: self.prefix(states[i:j])),
+                         ("null", lambda i, j: self.null_prefix(j - i))):
+            hits = torch.zeros(2)
+            for i in range(0, n, 64):
+                j = min(i + 64, n)
+                xb = x[i:j, :2]  # START, KEY
+                emb = torch.cat([pre(i, j), self.core.embed(xb)], 1)
+                h, _ = self.core.hidden(emb)
+                pred = self.core.note_head(h[:, -2:]).argmax(-1)  # after START: KEY; after KEY: TS
+                hits += (pred == x[i:j, 1:3, 0]).float().sum(0).cpu()
+            res[f"{split}_header_key_acc_{tag}"] = float(hits[0]) / max(n, 1)
+            res[f"{split}_header_meter_acc_{tag}"] = float(hits[1]) / max(n, 1)
         self.train(was)
         return res
 
@@ -290,16 +331,14 @@ class Text2MusicPipeline(Generator):
         self.eval()
         dev = self.device
         if prompts is None:
-            feats = self.null_text.expand(n, -1)
             gs, k = 1.0, 1
+            pre = self.null_prefix(n)
         else:
-            feats = self.clap.text_features(prompts)
-        feats = feats.repeat_interleave(k, 0)
-        b = len(feats)
+            pre = self.prefix(self.text_states(prompts)).repeat_interleave(k, 0)
+        b = len(pre)
         start = torch.tensor([[[M.START, M.DUR_ZERO]]], device=dev).expand(b, 1, 2).contiguous()
-        null = self.prefix(self.null_text.expand(b, -1))
-        tok = sample_tokens(self.core, start, max_new, temperature=temperature, generator=generator,
-                            prefix=self.prefix(feats), null_prefix=null, guidance_scale=gs)
+        tok = sample_tokens(self.core, start, max_new, temperature=temperature, generator=generator, prefix=pre,
+                            null_prefix=self.null_prefix(b), guidance_scale=gs)
         if prompts is not None:
             scores = self.clap.score(tok, [p for p in prompts for _ in range(k)]).view(n, k)
             best = scores.argmax(1)
