@@ -4,6 +4,9 @@ N worker processes (default: all cores) each run their own env and write one com
 (`worlds.rollouts`); the main process keeps the manifest, shows a progress bar in env-steps/s, restarts
 a worker that dies (its episode is re-run) and can `resume` a killed run up to the requested count.
 Episode i is seeded from (seed, i) alone, so which worker runs it does not change it.
+With `backend=Backend("ray", ...)` (dreamlab.parallel) the episodes are Ray tasks instead, on an embedded instance or
+a cluster: each returns its compressed file to this process, which writes it (the nodes never see the run folder),
+and Ray re-runs a task whose worker or node died. The same seeds give the same files and manifest either way.
 
 Policies (brownian and pursuit are described in `worlds.driving`):
   brownian           random-walk actions
@@ -22,36 +25,56 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import signal
+import sys
 import time
-from dataclasses import dataclass
+import uuid
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
+from dreamlab.config import check_ranges
 from dreamlab.errors import DreamlabError
+from dreamlab.io import atomic_write_bytes
+from dreamlab.parallel import Backend
 from worlds.driving import BrownianPolicy, PursuitPolicy, episode_seed, make_env, policy_kind, run_episode
-from worlds.rollouts import episode_name, read_manifest, save_episode, write_manifest
+from worlds.rollouts import episode_bytes, episode_name, read_manifest, save_episode, write_manifest
 
 Policy = Literal["brownian", "random_controller", "mixed", "pursuit", "explore", "controller"]
 EnvSetup = Callable[[], None]
 
 
+BROWNIAN_SIGMA = 0.25  # std of the brownian policy's action steps
+FRAME_SIZE = 64        # episodes store frames at 64x64 (World Models' V input)
+MAX_RESTARTS = 8       # crashed workers restarted before the collector gives up
+
+
 @dataclass
 class CollectConfig:
-    out: str = "runs/rollouts"
+    """What to collect (the `collect` stage of a world-model run); `collect` takes where to, the seed and the workers."""
+
+    env_id: str = "CarRacing-v3"     # any gymnasium id; dreamlab/CarRacing64-v3 is the same physics drawn ~10x faster
     episodes: int = 16
     max_steps: int = 1000            # per episode; 0 = the env's own limit
-    workers: int = 0                 # 0 = all cores
     policy: Policy = "brownian"
-    env_id: str = "CarRacing-v3"
-    seed: int = 0
-    brownian_sigma: float = 0.25
+
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("episodes",), nonneg=("max_steps",))
+
+
+@dataclass
+class _Job:
+    """Everything a worker process needs (pickled to it)."""
+
+    cfg: CollectConfig
+    out: Path
+    seed: int
     world_model: str = ""            # run folder holding vae/ and mdn/ (policy=controller)
     controller: str = ""             # controller .safetensors (policy=controller)
-    frame_size: int = 64
-    max_restarts: int = 8            # crashed workers restarted before giving up
 
 
 # ----------------------------------------------------------------------------- policies that act through V and M
@@ -61,7 +84,7 @@ class ModelPolicy:
     """a = C([z, h]) with z = V's mean code of the frame and h the MDN-RNN state after (z, a) steps.
 
     The mean, not a draw from V's posterior as in the paper's code: the dream-trained controllers drive 117 points
-    worse on average with a sampled z (docs/worldmodels.md, "V's mean code, not a sampled one")."""
+    worse on average with a sampled z (docs/experiments/test-time.md)."""
 
     def __init__(self, vae: Any, mdn: Any, theta: Any) -> None:
         import torch
@@ -111,16 +134,16 @@ def random_model_policy(rng: np.random.Generator) -> ModelPolicy:
     return ModelPolicy(vae, mdn, theta)
 
 
-def _make_policy(cfg: CollectConfig, rng: np.random.Generator, cached: dict[str, Any], index: int = 0) -> Any:
-    kind = policy_kind(cfg.policy, index)
+def _make_policy(job: _Job, rng: np.random.Generator, cached: dict[str, Any], index: int = 0) -> Any:
+    kind = policy_kind(job.cfg.policy, index)
     if kind == "brownian":
-        return BrownianPolicy(rng, cfg.brownian_sigma)
+        return BrownianPolicy(rng, BROWNIAN_SIGMA)
     if kind == "random_controller":
         return random_model_policy(rng)
     if kind == "pursuit":
         return PursuitPolicy(rng)
     if "model" not in cached:
-        cached["model"] = load_model_policy(cfg.world_model, cfg.controller)
+        cached["model"] = load_model_policy(job.world_model, job.controller)
     return cached["model"]
 
 
@@ -134,18 +157,28 @@ def _crash_hook(out: Path, index: int) -> None:
             os._exit(17)
 
 
-def _worker(wid: int, cfg_d: dict[str, Any], tasks: Any, results: Any, parent: int, env_setup: EnvSetup | None) -> None:
-    """Run the episodes the parent hands over `tasks`; report on `results`, this worker's own pipe (send is
-    synchronous and shares no lock with other workers, so a worker that dies mid-message breaks only its pipe)."""
-    cfg = CollectConfig(**cfg_d)
+def _setup_worker(cfg: CollectConfig, env_setup: EnvSetup | None) -> Any:
+    """A worker's env (local pool or Ray task), after torch's threads are set to one for the model policies."""
     if any(policy_kind(cfg.policy, i) in ("random_controller", "controller") for i in range(3)):
         import torch  # only the model policies need it: env-only policies skip the ~1.3 s import
 
         torch.set_num_threads(1)  # one worker per core: torch's own threads would oversubscribe
-    out = Path(cfg.out)
     if env_setup is not None:
         env_setup()
-    env = make_env(cfg.env_id, cfg.max_steps)
+    return make_env(cfg.env_id, cfg.max_steps)
+
+
+def _worker(wid: int, job: _Job, tasks: Any, results: Any, parent: int, env_setup: EnvSetup | None) -> None:
+    """Run the episodes the parent hands over `tasks`; report on `results`, this worker's own pipe (send is
+    synchronous and shares no lock with other workers, so a worker that dies mid-message breaks only its pipe)."""
+    # Ctrl-C reaches every process of the terminal's group: the parent stops the workers, who print nothing
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cfg, out = job.cfg, job.out
+    try:
+        env = _setup_worker(cfg, env_setup)
+    except Exception as e:  # reported as one line by the parent, not as a traceback per worker and restart
+        results.send(("fatal", wid, f"{type(e).__name__}: {e}"))
+        return
     cached: dict[str, Any] = {}
     while True:
         if os.getppid() != parent:
@@ -157,8 +190,8 @@ def _worker(wid: int, cfg_d: dict[str, Any], tasks: Any, results: Any, parent: i
         if idx is None:
             return
         t0 = time.perf_counter()
-        seed = episode_seed(cfg.seed, idx)
-        policy = _make_policy(cfg, np.random.default_rng(seed), cached, idx)
+        seed = episode_seed(job.seed, idx)
+        policy = _make_policy(job, np.random.default_rng(seed), cached, idx)
 
         def on_steps(n: int) -> None:
             if os.getppid() != parent:
@@ -166,7 +199,7 @@ def _worker(wid: int, cfg_d: dict[str, Any], tasks: Any, results: Any, parent: i
             results.send(("steps", wid, n))
 
         try:
-            ep = run_episode(env, policy, seed, cfg.frame_size, on_steps)
+            ep = run_episode(env, policy, seed, FRAME_SIZE, on_steps)
             _crash_hook(out, idx)
             save_episode(out / episode_name(idx), ep)
         except Exception as e:  # reported to the main process, which decides whether to retry
@@ -177,33 +210,135 @@ def _worker(wid: int, cfg_d: dict[str, Any], tasks: Any, results: Any, parent: i
                                        "seed": seed, "seconds": round(time.perf_counter() - t0, 3)}))
 
 
+# ----------------------------------------------------------------------------- Ray tasks
+
+_RAY_WORKER: dict[str, Any] = {}  # in a Ray worker process: the env (and model policy) of the collection `token`
+
+
+def collect_episode(job: _Job, idx: int, token: str, shared: list[Any], env_setup: EnvSetup | None
+                    ) -> tuple[dict[str, Any], bytes]:
+    """Episode `idx` as a Ray task: its manifest info and its file's bytes (the driver writes the file). The env is
+    made once per worker process and collection; `shared[0]` is the ObjectRef of the controller policy (or None)."""
+    st = _RAY_WORKER
+    if st.get("token") != token:
+        if "env" in st:
+            st["env"].close()
+        st.clear()
+        env = _setup_worker(job.cfg, env_setup)
+        cached: dict[str, Any] = {}
+        if shared[0] is not None:
+            import ray
+
+            cached["model"] = ray.get(shared[0])
+        st.update(token=token, env=env, cached=cached)
+    t0 = time.perf_counter()
+    seed = episode_seed(job.seed, idx)
+    policy = _make_policy(job, np.random.default_rng(seed), st["cached"], idx)
+    try:
+        ep = run_episode(st["env"], policy, seed, FRAME_SIZE)
+    except Exception:
+        st["env"] = make_env(job.cfg.env_id, job.cfg.max_steps)  # the next try starts from a fresh env, as locally
+        raise
+    data = episode_bytes(ep, f"episode {idx}")
+    return {"steps": ep.steps, "return": ep.ret, "terminated": bool(ep.terminated[-1]), "seed": seed,
+            "seconds": round(time.perf_counter() - t0, 3)}, data
+
+
+def _run_ray(job: _Job, workers: int, todo: list[int], record: Any, flush: Any, bar: Any, backend: Backend,
+             env_setup: EnvSetup | None, model: Any) -> float:
+    """The episodes as Ray tasks, at most `workers` at once (0: every CPU of the cluster); files written here, and the
+    manifest once per batch of episodes that landed together (`flush`): rewriting a manifest of 10,000 episodes takes
+    about 0.5 s, so a large cluster's episodes would otherwise queue behind it. Returns Ray's start-up seconds."""
+    from dreamlab.parallel import cluster_cpus, describe, ray_session, ray_unordered, remote
+
+    t0 = time.perf_counter()
+    with ray_session(backend, workers or os.cpu_count() or 1) as ray:
+        started = round(time.perf_counter() - t0, 2)
+        if not bar.disable:
+            bar.write(describe(ray, backend), file=sys.stderr)
+        bar.reset(total=bar.total)  # the rate counts from here, not from Ray's start-up
+        in_flight = workers or 2 * cluster_cpus(ray)  # 0 workers: every CPU busy, with a task queued behind each
+        fn = remote(collect_episode)
+        token, shared = uuid.uuid4().hex, [ray.put(model) if model is not None else None]
+        args = {i: (job, i, token, shared, env_setup) for i in todo}
+        tasks = deque((i, args[i]) for i in todo)
+        errors: dict[int, int] = {}
+        unlisted = 0  # episodes written and recorded, not yet in the manifest file
+        try:
+            for idx, res in ray_unordered(fn, tasks, in_flight):
+                if idx is None:  # the end of a batch (or a quiet moment)
+                    if unlisted:
+                        flush()
+                        unlisted = 0
+                    bar.refresh()  # keeps the rate current
+                    continue
+                unlisted += _ray_result(job, idx, res, tasks, args, errors, record, bar)
+        finally:
+            if unlisted:  # an error or Ctrl-C: what landed is listed
+                flush()
+    return started
+
+
+def _ray_result(job: _Job, idx: int, res: Any, tasks: deque, args: dict[int, tuple], errors: dict[int, int],
+                record: Any, bar: Any) -> int:
+    """One finished task: its file written and recorded (1), or a retry queued (0); an error when it keeps failing."""
+    from dreamlab.parallel import TASK_RETRIES, Failed
+
+    if isinstance(res, Failed) and res.lost:
+        raise DreamlabError(f"episode {idx} was lost with its Ray worker or node {TASK_RETRIES + 1} times "
+                            f"({res.message()}); check the nodes (memory, `ray status`), then rerun with --resume")
+    if isinstance(res, Failed):
+        errors[idx] = errors.get(idx, 0) + 1
+        if errors[idx] > 2:
+            raise DreamlabError(f"episode {idx} failed 3 times in {job.cfg.env_id}: {res.message()}")
+        tasks.append((idx, args[idx]))
+        return 0
+    info, data = res
+    atomic_write_bytes(job.out / episode_name(idx), data)
+    bar.update(info["steps"])
+    record(idx, info, write=False)
+    return 1
+
+
 # ----------------------------------------------------------------------------- the collector
 
 
-def collect(cfg: CollectConfig, *, resume: bool = False, progress: bool = True, inprocess: bool = False,
-            env_setup: EnvSetup | None = None) -> dict[str, Any]:
-    """Collect `cfg.episodes` episodes into `cfg.out`; returns a summary (episodes, steps, env-steps/s, restarts).
-    `env_setup` (a module-level function, e.g. `envs.register_all`) runs in every process before it makes an env."""
+def collect(cfg: CollectConfig, out: str | Path, *, seed: int = 0, workers: int = 0, world_model: str = "",
+            controller: str = "", resume: bool = False, progress: bool = True, inprocess: bool = False,
+            env_setup: EnvSetup | None = None, backend: Backend | None = None) -> dict[str, Any]:
+    """Collect `cfg.episodes` episodes into `out` with `workers` processes (0 = all cores); episode i is seeded from
+    (seed, i) alone. `policy="controller"` drives the controller file `controller` with the V and M of the run folder
+    `world_model`. `env_setup` (a module-level function, e.g. `envs.register_all`) runs in every process before it
+    makes an env. `backend` (default: local worker processes) may run the episodes on Ray instead (`workers` = Ray
+    tasks at once, 0 = every CPU). Returns a summary (episodes, steps, env-steps/s, restarts)."""
     from tqdm.auto import tqdm
 
+    backend = backend or Backend()
+    if backend.is_ray and not inprocess:
+        from dreamlab.parallel import import_ray
+
+        import_ray()  # without Ray installed: the one-line error with the pip command, before anything is written
     if env_setup is not None:
         env_setup()
-
-    if cfg.episodes < 1:
-        raise DreamlabError(f"episodes={cfg.episodes} must be at least 1")
+    make_env(cfg.env_id, cfg.max_steps).close()  # a bad env id fails here, once, before any worker starts
+    model = None
     if cfg.policy == "controller":
-        if not (cfg.world_model and cfg.controller):
-            raise DreamlabError("policy=controller needs --world-model RUN (with vae/ and mdn/) and --controller FILE.safetensors")
-        load_model_policy(cfg.world_model, cfg.controller)  # a missing or mismatched V, M or C fails here, once, not in every worker
-    out = Path(cfg.out)
+        if not (world_model and controller):
+            raise DreamlabError("policy=controller needs --world-model RUN (with vae/ and mdn/) and "
+                                "--controller FILE.safetensors")
+        model = load_model_policy(world_model, controller)  # a missing or mismatched V, M or C fails here, once
+    out = Path(out)
+    job = _Job(cfg, out, seed, world_model, controller)
     manifest = read_manifest(out, must_exist=False)
     if manifest["episodes"] and not resume:
-        raise DreamlabError(f"{out} already holds {len(manifest['episodes'])} episodes; pass --resume to continue, or choose another --out")
+        raise DreamlabError(f"{out} already holds {len(manifest['episodes'])} episodes; pass --resume to continue, "
+                            "or choose another --out")
     old = manifest.get("config")
-    if resume and old and (old.get("env_id"), old.get("frame_size")) != (cfg.env_id, cfg.frame_size):
-        raise DreamlabError(f"{out} was collected with env_id={old.get('env_id')} frame_size={old.get('frame_size')}; resume with the same settings")
+    if resume and old and (old.get("env_id"), old.get("frame_size")) != (cfg.env_id, FRAME_SIZE):
+        raise DreamlabError(f"{out} was collected with env_id={old.get('env_id')} frame_size={old.get('frame_size')}; "
+                            "resume with the same settings")
     out.mkdir(parents=True, exist_ok=True)
-    manifest["config"] = dataclasses.asdict(cfg)
+    manifest["config"] = {**dataclasses.asdict(cfg), "seed": seed, "frame_size": FRAME_SIZE}
     manifest.setdefault("version", 1)
     done = {e["index"] for e in manifest["episodes"]}
     todo = [i for i in range(cfg.episodes) if i not in done]
@@ -215,11 +350,14 @@ def collect(cfg: CollectConfig, *, resume: bool = False, progress: bool = True, 
                disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
 
-    def record(idx: int, info: dict[str, Any]) -> None:
+    def record(idx: int, info: dict[str, Any], write: bool = True) -> None:
+        """List episode idx (its file is written); `write=False` leaves writing the manifest to a later record()
+        or flush (the Ray driver writes once per batch of episodes that landed together)."""
         manifest["episodes"] = [e for e in manifest["episodes"] if e["index"] != idx]
-        who = {"policy": policy_kind(cfg.policy, idx), **({"controller": cfg.controller} if cfg.policy == "controller" else {})}
+        who = {"policy": policy_kind(cfg.policy, idx), **({"controller": controller} if cfg.policy == "controller" else {})}
         manifest["episodes"].append({"index": idx, "file": episode_name(idx), **info, **who})
-        write_manifest(out, manifest)
+        if write:
+            write_manifest(out, manifest)
         summary["new_episodes"] += 1
         summary["steps"] += info["steps"]
         bar.set_postfix(episodes=f"{len(manifest['episodes'])}/{cfg.episodes}", ret=f"{info['return']:.1f}")
@@ -229,22 +367,28 @@ def collect(cfg: CollectConfig, *, resume: bool = False, progress: bool = True, 
             env = make_env(cfg.env_id, cfg.max_steps)
             cached: dict[str, Any] = {}
             for idx in todo:
-                seed = episode_seed(cfg.seed, idx)
-                ep = run_episode(env, _make_policy(cfg, np.random.default_rng(seed), cached, idx), seed, cfg.frame_size, bar.update)
+                ep_seed = episode_seed(seed, idx)
+                policy = _make_policy(job, np.random.default_rng(ep_seed), cached, idx)
+                ep = run_episode(env, policy, ep_seed, FRAME_SIZE, bar.update)
                 save_episode(out / episode_name(idx), ep)
-                record(idx, {"steps": ep.steps, "return": ep.ret, "terminated": bool(ep.terminated[-1]), "seed": seed})
+                record(idx, {"steps": ep.steps, "return": ep.ret, "terminated": bool(ep.terminated[-1]),
+                             "seed": ep_seed})
             env.close()
+        elif backend.is_ray:
+            summary["ray_start_seconds"] = _run_ray(job, workers, todo, record, lambda: write_manifest(out, manifest),
+                                                    bar, backend, env_setup, model)
         else:
-            _run_pool(cfg, todo, record, bar, summary, env_setup)
+            _run_pool(job, workers, todo, record, bar, summary, env_setup)
     finally:
         bar.close()
     summary["episodes"] = len(manifest["episodes"])
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    summary["env_steps_per_s"] = round(summary["steps"] / max(summary["seconds"], 1e-9), 1)
+    busy = summary["seconds"] - summary.get("ray_start_seconds", 0.0)  # the rate of collection, not of Ray's start
+    summary["env_steps_per_s"] = round(summary["steps"] / max(busy, 1e-9), 1)
     return summary
 
 
-def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summary: dict[str, Any],
+def _run_pool(job: _Job, workers: int, todo: list[int], record: Any, bar: Any, summary: dict[str, Any],
               env_setup: EnvSetup | None) -> None:
     """Run episodes on worker processes. The parent hands each worker one episode at a time through the
     worker's own queue, so it always knows what a worker was doing: when a worker dies (even before any of
@@ -255,10 +399,10 @@ def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summar
     from multiprocessing.connection import wait
 
     ctx = mp.get_context("spawn")
-    n = cfg.workers or os.cpu_count() or 1
+    cfg = job.cfg
+    n = workers or os.cpu_count() or 1
     n = max(1, min(n, len(todo)))
     conns: dict[int, Any] = {}  # wid -> the read end of the worker's pipe (None once it hit EOF)
-    cfg_d = dataclasses.asdict(cfg)
     parent = os.getpid()
     pending = list(reversed(todo))  # popped from the end: episodes in order
     remaining = set(todo)
@@ -269,7 +413,8 @@ def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summar
     def spawn(wid: int) -> Any:
         queues[wid] = ctx.Queue()
         recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_worker, args=(wid, cfg_d, queues[wid], send, parent, env_setup), daemon=True, name=f"collect-{wid}")
+        p = ctx.Process(target=_worker, args=(wid, job, queues[wid], send, parent, env_setup), daemon=True,
+                        name=f"collect-{wid}")
         p.start()
         send.close()  # the worker holds the only write end: its death reads as EOF here
         conns[wid] = recv
@@ -298,6 +443,8 @@ def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summar
         if kind == "steps":
             bar.update(msg[2])
             return
+        if kind == "fatal":
+            raise DreamlabError(f"a collector worker could not start: {msg[2]}")
         idx = msg[2]
         if assigned.get(wid) != idx:
             return  # a stale message from a worker that has since been replaced
@@ -328,7 +475,7 @@ def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summar
                 while conns[wid] is not None and receive(wid):  # messages it sent before dying (it may have finished its episode)
                     pass
                 summary["restarts"] += 1
-                if summary["restarts"] > cfg.max_restarts:
+                if summary["restarts"] > MAX_RESTARTS:
                     raise DreamlabError(f"collector workers crashed {summary['restarts']} times (last exit code {p.exitcode}); "
                                         "see the messages above, fix the env, then rerun with --resume")
                 lost = assigned.get(wid)
