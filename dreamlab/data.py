@@ -9,8 +9,8 @@ nothing of this registry); higher layers add their own with `register_dataset`.
 """
 from __future__ import annotations
 
-import gzip
 import functools
+import gzip
 import hashlib
 import os
 import struct
@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dreamlab.errors import DreamlabError
 from dreamlab import music, procedural
+from dreamlab.errors import DreamlabError
 from dreamlab.io import cache_dir, cached_array  # noqa: F401  (part of this module's API)
 
 SPLITS = ("train", "val", "test")
