@@ -5,7 +5,7 @@ The prompt is encoded by the frozen MiniLM of our CLAP (`multimodal.clap`): its 
 before the events, and the GPT-2 blocks of the book's notes + durations model (`generators.music.TokenTransformer`)
 continue from there: START, the key/meter/tempo header the text asks for, then bars of notes. Token states, not one
 pooled sentence vector: the MiniLM is uncased and the key of a caption is one letter among ~20 tokens ("in d major",
-"in a minor key"), which mean pooling all but averages away (docs/music.md has the measured difference).
+"in a minor key"), which mean pooling all but averages away (docs/experiments/music.md has the measured difference).
 
 Training items are captioned windows of the corpus (`music_text.captioned_windows`), transposed at random so every
 key is seen, with a caption drawn per step from the pool of their attribute combination; the held-out (key, meter,
