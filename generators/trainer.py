@@ -745,13 +745,20 @@ def write_run_report(run_dir: Path, model: Model, result: dict[str, Any], meta: 
     pages = sorted(p.name for p in run_dir.glob("*.md") if p.name != "report.md")
     if pages:  # text the model wrote (e.g. a language model's samples.md)
         lines += ["## Pages", "", *[f"- [{n}]({n})" for n in pages], ""]
+    wavs = sorted(p.name for p in run_dir.glob("*.wav"))
+    if wavs:  # music: each WAV with its MIDI file and score beside it
+        lines += ["## Audio", ""]
+        for n in wavs:
+            stem = n[:-4]
+            extra = [f"[{stem}{s}]({stem}{s})" for s in (".mid", ".musicxml") if (run_dir / f"{stem}{s}").exists()]
+            lines.append(f"- [{n}]({n})" + (f" ({', '.join(extra)})" if extra else ""))
+        lines.append("")
     lines += ["## Use it", "", "```bash"]
     if getattr(model, "kind", "") == "generator":
-        formats = getattr(model, "sample_formats", (".png",))
-        # image grids, the model's own format (e.g. text as .md), or raw tensors (e.g. latent sequences)
-        ext = ("png" if (run_dir / "samples.png").exists() else formats[0][1:] if ".png" not in formats
-               else "safetensors")
-        lines.append(f"dreamlab sample {run_dir} -n 64 --out {run_dir}/more_samples.{ext}")
+        # the model's own format when its samples were written so, else raw tensors
+        first = getattr(model, "sample_formats", (".png",))[0]
+        ext = first[1:] if (run_dir / f"samples{first}").exists() else "safetensors"
+        lines.append(f"dreamlab sample {run_dir} -n {8 if wavs else 64} --out {run_dir}/more_samples.{ext}")
     lines += [f"dreamlab eval {run_dir}",
               f"dreamlab train {model.name} --out {run_dir} --resume --set steps={int(result.get('step') or 0) * 2}"
               "   # train on",
