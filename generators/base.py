@@ -120,6 +120,10 @@ class Model(nn.Module):
         self.train(was)
         return {f"{split}_{k}": v / max(n, 1) for k, v in tot.items()}
 
+    def on_step_end(self, step: int, tc: TrainConfig, run_dir: Path) -> None:
+        """Hook called by the trainer after every step (e.g. a progress frame every k steps). It must not draw from
+        the global random state (use its own `torch.Generator`), so a resumed run still repeats an uninterrupted one."""
+
     def write_artifacts(self, run_dir: Path) -> list[Path]:
         """Pictures for a person (grids, plots); called at the end of training. Returns the files written."""
         return []
