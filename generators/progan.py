@@ -190,8 +190,8 @@ class ProGAN(_GAN):
     presets = {
         "tiny": {"widths": (8, 8, 4, 4), "z_dim": 8, "phase_steps": 1, "steps": 3, "batch_size": 8,
                  "eval_samples": 64, "snapshots": 2, "lr": 1e-3, "betas": (0.0, 0.99)},
-        "quick": {"widths": (64, 64, 32, 16), "phase_steps": 350, "steps": 2450, "batch_size": 32, "lr": 1e-3,
-                  "betas": (0.0, 0.99), "log_every": 25, "ckpt_every": 350},
+        "quick": {"widths": (64, 32, 16, 8), "phase_steps": 250, "steps": 1750, "batch_size": 32, "lr": 1e-3,
+                  "betas": (0.0, 0.99), "log_every": 25, "ckpt_every": 250},
         "full": {"widths": (256, 256, 128, 64), "z_dim": 256, "phase_steps": 6000, "steps": 42000, "batch_size": 64,
                  "lr": 1e-3, "betas": (0.0, 0.99)},
     }

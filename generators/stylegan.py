@@ -220,8 +220,8 @@ class StyleGAN2(_GAN):
         "tiny": {"channels": (8, 8, 8, 4, 4), "z_dim": 8, "w_dim": 8, "mapping_layers": 2, "steps": 3,
                  "batch_size": 8, "eval_samples": 64, "snapshots": 2, "r1_every": 2, "lr": 2e-3,
                  "betas": (0.0, 0.99)},
-        "quick": {"channels": (128, 128, 64, 32, 16), "steps": 1500, "batch_size": 32, "lr": 2e-3,
-                  "betas": (0.0, 0.99), "log_every": 25, "ckpt_every": 300},
+        "quick": {"channels": (64, 64, 32, 16, 8), "steps": 1050, "batch_size": 32, "lr": 2e-3,
+                  "betas": (0.0, 0.99), "log_every": 25, "ckpt_every": 350},
         "full": {"channels": (512, 512, 256, 128, 64), "z_dim": 512, "w_dim": 512, "mapping_layers": 8,
                  "steps": 40000, "batch_size": 64, "lr": 2e-3, "betas": (0.0, 0.99), "r1_gamma": 0.2},
     }
