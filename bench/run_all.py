@@ -1,6 +1,6 @@
 """Every benchmark in bench/, one after another, each printing its own table (`make bench`).
 
-    python bench/run_all.py                 # envs, world models, text-to-image, fid_fmnist
+    python bench/run_all.py                 # envs, world models, text-to-image, fid_fmnist, GANs
     python bench/run_all.py --only envs wm  # a subset
     python bench/run_all.py --quick         # fewer repetitions (a smoke run, not figures to quote)
 
@@ -28,12 +28,14 @@ BENCHES = {
     "wm": "bench/worldmodel_bench.py",
     "t2i": "bench/text2img_bench.py",
     "fid": "bench/fid_fmnist.py",
+    "gan": "bench/gan_bench.py",
 }
 QUICK = {  # smoke sizes: the scripts' own defaults are the figures' sizes
     "envs": ["--reps", "1", "--steps", "60", "--vec-steps", "30", "--vec-reps", "1"],
     "wm": ["--steps", "60", "--workers", "1"],
     "t2i": ["--n", "2", "--steps", "2"],
     "fid": [],
+    "gan": ["--steps", "3", "--warmup", "7", "--rounds", "1"],
 }
 FID_RUNS = ["runs/vae-quick", "runs/autoencoder-quick"]
 
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "fid":
             runs = [r for r in FID_RUNS if (ROOT / r).is_dir()]
             if not runs:
-                note = f"fid: skipped, no run folder among {FID_RUNS} (train them with `dreamlab train vae --preset quick`)"
+                note = (f"fid: skipped, no run folder among {FID_RUNS} "
+                        "(train them with `dreamlab train vae --preset quick`)")
                 print(note, flush=True)
                 report.append(note)
                 continue

@@ -21,6 +21,7 @@ as judged by an independent classifier.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,6 +197,20 @@ class _GAN(Generator):
 
     def batch_labels(self, batch: Batch) -> torch.Tensor:
         return torch.stack([batch[k] for k in self.label_keys], 1).long()
+
+    # ---- the generator that samples ----------------------------------------------------------
+    def sampler(self) -> nn.Module:
+        """The weight average G_ema when the model keeps one (`ema_kimg` > 0), else the trained G."""
+        ema = getattr(self, "G_ema", None)
+        return self.G if ema is None else ema
+
+    def _make_ema(self) -> None:
+        if self.config.ema_kimg > 0:
+            self.G_ema = copy.deepcopy(self.G).requires_grad_(False)
+
+    def ema_step(self, step: int, batch: int) -> None:
+        if getattr(self, "G_ema", None) is not None:
+            ema_update(self.G_ema, self.G, ema_beta(batch, (step + 1) * batch, self.config.ema_kimg))
 
     # ---- to be given by each model -----------------------------------------------------------
     def latent(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -421,11 +436,14 @@ class DCGANConfig:
     dropout: float = 0.3        # the book's discriminator dropout
     real_label: float = 0.9     # one-sided label smoothing: real targets 0.9, fake targets 0
     d_lr_mult: float = 1.0      # the critic's learning rate is lr x this
+    #: half-life (thousands of images) of an exponential moving average of G's weights that samples instead of G
+    #: (Karras et al.; smooths the last steps' oscillation); 0 = sample from G itself, as the book does
+    ema_kimg: float = 0.0
     snapshots: int = 24         # progress frames over training (progress.gif); 0 = none
     eval_samples: int = 2000    # samples in the Fréchet distance
 
     def __post_init__(self) -> None:
-        check_ranges(self, positive=("z_dim", "width", "eval_samples"), nonneg=("snapshots",),
+        check_ranges(self, positive=("z_dim", "width", "eval_samples"), nonneg=("snapshots", "ema_kimg"),
                      fraction=("dropout", "real_label"))
         if not self.d_lr_mult > 0:
             raise DreamlabError(f"d_lr_mult={self.d_lr_mult} must be > 0")
@@ -450,9 +468,10 @@ class DCGAN(_GAN):
         super().__init__(config)
         self.G = DCGenerator(config.z_dim, config.width, self.channels, self.size)
         self.D = DCCritic(self.channels, config.width, self.size, norm=True, dropout=config.dropout)
+        self._make_ema()
 
     def generate(self, z: torch.Tensor, labels: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
-        return self.G(z)
+        return self.sampler()(z)
 
     def curve_keys(self) -> list[str]:
         return ["d_loss", "g_loss", "d_real", "d_fake"]
@@ -477,6 +496,7 @@ class DCGAN(_GAN):
         g_loss.backward()
         opt_g.step()
         requires_grad(self.D, True)
+        self.ema_step(step, len(real))
         return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), "d_real": torch.sigmoid(d_real).mean().detach(),
                 "d_fake": torch.sigmoid(d_fake).mean().detach()}
 
@@ -493,12 +513,13 @@ class WGANGPConfig:
     n_critic: int = 3           # critic steps per generator step (the book: 3; the paper: 5)
     gp_weight: float = 10.0
     d_lr_mult: float = 1.0
+    ema_kimg: float = 0.0       # as DCGANConfig.ema_kimg
     snapshots: int = 24
     eval_samples: int = 2000
 
     def __post_init__(self) -> None:
-        check_ranges(self, positive=("z_dim", "width", "n_critic", "eval_samples"), nonneg=("snapshots", "gp_weight"),
-                     fraction=("dropout",))
+        check_ranges(self, positive=("z_dim", "width", "n_critic", "eval_samples"),
+                     nonneg=("snapshots", "gp_weight", "ema_kimg"), fraction=("dropout",))
         if not self.d_lr_mult > 0:
             raise DreamlabError(f"d_lr_mult={self.d_lr_mult} must be > 0")
         image_spec(self.dataset)
@@ -523,16 +544,17 @@ class WGANGP(_GAN):
         lab = sum(self.label_sizes) if self.conditional else 0
         self.G = DCGenerator(config.z_dim + lab, config.width, self.channels, self.size)
         self.D = DCCritic(self.channels + lab, config.width, self.size, norm=False, dropout=config.dropout)
+        self._make_ema()
 
     # the critic and generator with labels (CGAN) or without
-    def gen(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return self.G(z)
+    def gen(self, z: torch.Tensor, labels: torch.Tensor | None, net: nn.Module | None = None) -> torch.Tensor:
+        return (net or self.G)(z)
 
     def critic(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         return self.D(x)
 
     def generate(self, z: torch.Tensor, labels: torch.Tensor | None = None, **kw: Any) -> torch.Tensor:
-        return self.gen(z, labels)
+        return self.gen(z, labels, self.sampler())
 
     def train_step(self, batch: Batch, optimizers: list[torch.optim.Optimizer], step: int, tc: TrainConfig) -> Metrics:
         opt_g, opt_d = optimizers
@@ -557,6 +579,7 @@ class WGANGP(_GAN):
         g_loss.backward()
         opt_g.step()
         requires_grad(self.D, True)
+        self.ema_step(step, b)
         return {"d_loss": d_loss.detach(), "g_loss": g_loss.detach(), "wasserstein": w_est.detach(), "gp": gp.detach()}
 
 
@@ -597,8 +620,8 @@ class CGAN(WGANGP):
     def _maps(self, labels: torch.Tensor) -> torch.Tensor:
         return one_hot(labels, self.label_sizes).to(self.device)
 
-    def gen(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return self.G(torch.cat([z, self._maps(labels).to(z.dtype)], 1))
+    def gen(self, z: torch.Tensor, labels: torch.Tensor | None, net: nn.Module | None = None) -> torch.Tensor:
+        return (net or self.G)(torch.cat([z, self._maps(labels).to(z.dtype)], 1))
 
     def critic(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         m = self._maps(labels).to(x.dtype)[:, :, None, None].expand(-1, -1, *x.shape[-2:])

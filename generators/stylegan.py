@@ -142,13 +142,19 @@ class StyleGenerator(nn.Module):
         return w if psi is None or psi == 1 else torch.lerp(self.w_avg.to(w.dtype), w, psi)
 
 
+def _conv(cin: int, cout: int, k: int, **kw: Any) -> EqConv2d:
+    """An equalised conv whose weights carry no gain: StyleGAN2 puts sqrt(2) into the activation (`_lrelu`), where
+    ProGAN puts it into the weights; both at once would double every layer's output scale."""
+    return EqConv2d(cin, cout, k, gain=1.0, **kw)
+
+
 class ResBlock(nn.Module):
     """conv3, conv3 + 2x average-pool, with a pooled 1x1 skip; the sum scaled by 1/sqrt(2)."""
 
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
-        self.conv0, self.conv1 = EqConv2d(cin, cin, 3), EqConv2d(cin, cout, 3)
-        self.skip = EqConv2d(cin, cout, 1, bias=False, gain=1.0)
+        self.conv0, self.conv1 = _conv(cin, cin, 3), _conv(cin, cout, 3)
+        self.skip = _conv(cin, cout, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.avg_pool2d(_lrelu(self.conv1(_lrelu(self.conv0(x)))), 2)
@@ -159,10 +165,10 @@ class StyleCritic(nn.Module):
     def __init__(self, chans: list[int], channels: int) -> None:
         super().__init__()
         rev = chans[::-1]  # from the image's size down to 4x4
-        self.from_rgb = EqConv2d(channels, rev[0], 1)
+        self.from_rgb = _conv(channels, rev[0], 1)
         self.blocks = nn.ModuleList([ResBlock(a, b) for a, b in zip(rev[:-1], rev[1:])])
         c = rev[-1]
-        self.conv = EqConv2d(c + 1, c, 3)
+        self.conv = _conv(c + 1, c, 3)
         self.fc = EqLinear(c * 16, c, gain=SQRT2)
         self.out = EqLinear(c, 1)
 

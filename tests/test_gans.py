@@ -71,6 +71,19 @@ def test_demodulation_keeps_unit_output_variance() -> None:
     assert float(conv(x, w).std()) > 1.3
 
 
+def test_stylegan_critic_keeps_its_activations_near_unit_scale() -> None:
+    """Equalised convs without weight gain under the sqrt(2)-gain activation: a fresh critic's features stay
+    O(1) through every residual block at 64x64 (a second sqrt(2) per conv grew them ~2x per layer)."""
+    from generators.stylegan import StyleCritic
+
+    torch.manual_seed(0)
+    critic = StyleCritic([32, 32, 16, 16, 8], 3)
+    h = torch.nn.functional.leaky_relu(critic.from_rgb(torch.randn(16, 3, 64, 64)), 0.2) * math.sqrt(2)
+    for blk in critic.blocks:
+        h = blk(h)
+        assert 0.3 < float(h.pow(2).mean().sqrt()) < 3.0
+
+
 def test_minibatch_std_adds_the_spread_of_the_batch() -> None:
     same = torch.ones(8, 3, 4, 4)
     assert minibatch_std(same).shape == (8, 4, 4, 4) and minibatch_std(same)[:, 3].abs().max() < 1e-3
@@ -187,6 +200,22 @@ def _tiny(name: str, **kw):
     mo, to = split_overrides(cls, {**cls.presets["tiny"], **kw})
     torch.manual_seed(0)
     return make_model(name, **mo), TrainConfig(**{"device": "cpu", "log_every": 1, "ckpt_every": 2, **to})
+
+
+def test_weight_average_samples_and_trails_the_generator() -> None:
+    """With `ema_kimg` > 0 DCGAN keeps G_ema (in the checkpoint's state), samples from it, and it lags G."""
+    m, tc = _tiny("dcgan", ema_kimg=1.0)
+    assert m.sampler() is m.G_ema and any(k.startswith("G_ema.") for k in m.state_dict())
+    opts = m.configure_optimizers(tc)
+    batches = iterate_train(m.train_data("train"), tc.batch_size, 0, 0, torch.device("cpu"))
+    start = [p.clone() for p in m.G.parameters()]
+    for step in range(3):
+        m.train_step(next(batches), opts, step, tc)
+    moved = [(pe - s0).norm() / (p - s0).norm() for pe, p, s0 in zip(m.G_ema.parameters(), m.G.parameters(), start)
+             if (p - s0).norm() > 0]
+    assert moved and all(0 < float(r) < 1 for r in moved)
+    plain, _ = _tiny("dcgan")
+    assert plain.sampler() is plain.G and not any(k.startswith("G_ema.") for k in plain.state_dict())
 
 
 def test_stylegan2_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
