@@ -1,6 +1,6 @@
 """Every benchmark in bench/, one after another, each printing its own table (`make bench`).
 
-    python bench/run_all.py                 # envs, world models, text-to-image, fid_fmnist, GANs
+    python bench/run_all.py                 # envs, world models, text-to-image, fid_fmnist, scale (local vs Ray), GANs
     python bench/run_all.py --only envs wm  # a subset
     python bench/run_all.py --quick         # fewer repetitions (a smoke run, not figures to quote)
 
@@ -28,6 +28,7 @@ BENCHES = {
     "wm": "bench/worldmodel_bench.py",
     "t2i": "bench/text2img_bench.py",
     "fid": "bench/fid_fmnist.py",
+    "scale": "bench/scale_bench.py",
     "gan": "bench/gan_bench.py",
 }
 QUICK = {  # smoke sizes: the scripts' own defaults are the figures' sizes
@@ -35,6 +36,7 @@ QUICK = {  # smoke sizes: the scripts' own defaults are the figures' sizes
     "wm": ["--steps", "60", "--workers", "1"],
     "t2i": ["--n", "2", "--steps", "2"],
     "fid": [],
+    "scale": ["--reps", "1", "--max-steps", "100", "--episodes-per-worker", "2", "--policy", "brownian"],
     "gan": ["--steps", "3", "--warmup", "7", "--rounds", "1"],
 }
 FID_RUNS = ["runs/vae-quick", "runs/autoencoder-quick"]

@@ -95,7 +95,9 @@ class DreamSimulator:
     def _weights(self, thetas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         thetas = torch.as_tensor(thetas, dtype=torch.float32, device=self.device)
         if thetas.ndim != 2 or thetas.shape[1] != self.n_params:
-            raise DreamlabError(f"controller parameters have shape {tuple(thetas.shape)}, expected (P, {self.n_params})")
+            raise DreamlabError(
+                f"controller parameters have shape {tuple(thetas.shape)}, expected (P, {self.n_params})"
+            )
         if not torch.isfinite(thetas).all():
             raise DreamlabError("controller parameters contain NaN/inf; lower sigma0 or restart CMA-ES")
         w, b = unflatten(thetas, self.z_dim, self.hidden)
