@@ -32,7 +32,7 @@ def test_gradient_penalty_of_a_linear_critic_is_known() -> None:
     real, fake = torch.randn(5, 3, 2, 2), torch.randn(5, 3, 2, 2)
     gp = gradient_penalty(lambda x: lin(x.flatten(1)), real, fake, eps=0.0)
     w = lin.weight.detach()[0]
-    assert math.isclose(float(gp), float((w.norm() - 1) ** 2), rel_tol=1e-5)
+    assert math.isclose(gp.item(), float((w.norm() - 1) ** 2), rel_tol=1e-5)
     gp.backward()
     assert torch.allclose(lin.weight.grad[0], 2 * (w.norm() - 1) * w / w.norm(), atol=1e-6)
 
@@ -46,12 +46,12 @@ def test_gradient_penalty_interpolates_per_sample_and_keeps_eps_inside_the_root(
     gp = gradient_penalty(lambda x: 0.5 * x.pow(2).flatten(1).sum(1), real, fake, alpha=alpha, eps=eps)
     x_hat = (alpha * real + (1 - alpha) * fake).flatten(1)
     direct = ((x_hat.pow(2).sum(1) + eps).sqrt() - 1).pow(2).mean()
-    assert math.isclose(float(gp), float(direct), rel_tol=1e-6)
+    assert math.isclose(gp.item(), float(direct), rel_tol=1e-6)
     # a critic with zero gradient: |grad| = sqrt(eps), and the penalty's own gradient stays finite
     scale = nn.Parameter(torch.zeros(()))
     zero = gradient_penalty(lambda x: scale * x.flatten(1).sum(1), real, fake)
     zero.backward()
-    assert math.isclose(float(zero), 1.0, rel_tol=1e-5) and torch.isfinite(scale.grad)
+    assert math.isclose(zero.item(), 1.0, rel_tol=1e-5) and torch.isfinite(scale.grad)
 
 
 # ----------------------------------------------------------------------------- StyleGAN2's modulated conv
