@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from dreamlab.errors import DreamlabError
@@ -35,8 +36,8 @@ def _nonneg_float(what: str):
             v = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{what} {s!r} is not a number") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{what} {v} must be >= 0")
+        if not v >= 0 or v == float("inf"):  # NaN passed `v < 0` and wrote black images
+            raise argparse.ArgumentTypeError(f"{what} {v} must be a finite number >= 0")
         return v
 
     return parse
@@ -50,10 +51,12 @@ def _train(name: str, args: argparse.Namespace, extra: dict[str, str] | None = N
     overrides = {**(extra or {}), **parse_set_args(args.set)}
     if args.device:
         overrides["device"] = args.device
-    _, res, run_dir = train_from_name(name, preset=args.preset, overrides=overrides, out=args.out, resume=args.resume,
+    preset = args.preset if args.resume else (args.preset or "quick")  # --resume: the run's own preset
+    _, res, run_dir = train_from_name(name, preset=preset, overrides=overrides, out=args.out, resume=args.resume,
                                       progress=not args.no_progress)
-    print(f"run folder: {run_dir}")
-    print(" ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in res.items()))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process reports
+        print(f"run folder: {run_dir}")
+        print(" ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in res.items()))
     return 0 if res.get("status") == "finished" else 130
 
 
@@ -66,7 +69,8 @@ def _train_text2img(args: argparse.Namespace) -> int:
     if not args.resume:
         clip = Path(args.clip)
         if not ((clip / "open_clip_config.json").exists() or (clip / "model" / "open_clip_config.json").exists()):
-            raise DreamlabError(f"no trained CLIP at {clip}; train one first with: dreamlab multimodal train-clip --out {clip}")
+            raise DreamlabError(f"no trained CLIP at {clip}; train one first with: "
+                                f"dreamlab multimodal train-clip --out {clip}")
         extra["clip_dir"] = str(clip)
     return _train("text2img", args, extra)
 
@@ -76,7 +80,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from multimodal.text2img import load_pipeline
 
     pipe = load_pipeline(args.run, device=args.device or "auto")
-    res = evaluate_text2img(pipe, args.run, kind=args.kind, n_per_prompt=args.n_per_prompt, num_inference_steps=args.steps,
+    res = evaluate_text2img(pipe, args.run, kind=args.kind, n_per_prompt=args.n_per_prompt,
+                            num_inference_steps=args.steps,
                             guidance_scale=args.guidance_scale, clip_guidance_scale=args.clip_guidance_scale,
                             progress=not args.no_progress)
     print(markdown_table(res))
@@ -107,9 +112,11 @@ def _text2img(args: argparse.Namespace) -> int:
 
 
 def _common_train(p: argparse.ArgumentParser, default_out: str) -> None:
-    p.add_argument("--preset", default="quick", choices=["tiny", "quick", "full"], help="size preset (default: quick)")
+    p.add_argument("--preset", choices=["tiny", "quick", "full"],
+                   help="size preset (default: quick; with --resume: the run's own)")
     p.add_argument("--out", default=default_out, help=f"run folder (default: {default_out})")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a model or trainer setting (repeatable)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a model or trainer setting (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--no-progress", action="store_true")

@@ -124,7 +124,9 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     assert all(r["real_seeds"] == [1500, 1501] for r in rounds)  # rounds.check_episodes, not check_episodes (1)
     assert (run / "controller" / "round_1_best.safetensors").is_file()
     man = json.loads((run / "rollouts" / "manifest.json").read_text())
-    assert len(man["episodes"]) == 6 and man["config"]["policy"] == "controller"
+    # config: the folder's own collection (what a plain `collect --resume` continues); rounds: the controllers'
+    assert len(man["episodes"]) == 6 and man["config"]["policy"] == "brownian" and man["config"]["episodes"] == 2
+    assert [Path(r["controller"]).name for r in man["rounds"]] == ["best.safetensors", "best_dream.safetensors"] * 2
     drivers = [Path(e.get("controller", e["policy"])).name for e in sorted(man["episodes"], key=lambda e: e["index"])]
     assert drivers == ["brownian", "brownian"] + ["best.safetensors", "best_dream.safetensors"] * 2
     assert len((run / "controller" / "fitness.jsonl").read_text().splitlines()) == 5
