@@ -9,8 +9,9 @@
 #   .gpu/shared_bench/        copies of ../shared/bench/*.py (the reference scripts)
 #   .gpu/fmnist/              /usr/share/datasets/fashion-mnist (for the CUDA contract tests)
 # and run it with carry [".whl", ".gpu"]:  bash bench/gpu_session.sh [PIPELINE_SECONDS]
-# SECTIONS (default "tests wmbench t2i ddpm pipeline") picks what runs; WM_BENCH_ARGS and PYTEST_K pass options on.
-# Results land in $OUT: env.txt gpu_tests.txt wm_bench.txt t2i_bench.txt ddpm_bench.txt pipeline.txt pipeline_run.tar.gz
+# SECTIONS (default "tests wmbench t2i ddpm pipeline"; also "gan") picks what runs; WM_BENCH_ARGS and PYTEST_K
+# pass options on. Results land in $OUT: env.txt gpu_tests.txt wm_bench.txt t2i_bench.txt ddpm_bench.txt
+# gan_bench.txt pipeline.txt pipeline_run.tar.gz
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -52,6 +53,11 @@ if has ddpm; then
   stamp ddpm bench
   timeout 240 python3 bench/ddpm_bench.py --preset full --device cuda --threads 0 --steps 100 --n 64 >"$OUT/ddpm_bench.txt" 2>&1
   tail -16 "$OUT/ddpm_bench.txt"
+fi
+if has gan; then  # opt in: SECTIONS="... gan"
+  stamp gan bench
+  timeout 240 python3 bench/gan_bench.py --device cuda --threads 0 --steps 20 --warmup 10 >"$OUT/gan_bench.txt" 2>&1
+  tail -10 "$OUT/gan_bench.txt"
 fi
 has pipeline || { stamp done; exit 0; }
 

@@ -34,6 +34,7 @@ BENCHES = {
     "trainer": "bench/trainer_bench.py",
     "likelihood": "bench/likelihood_bench.py",
     "ddpm": "bench/ddpm_bench.py",
+    "gan": "bench/gan_bench.py",
 }
 QUICK = {  # smoke sizes: the scripts' own defaults are the figures' sizes
     "envs": ["--reps", "1", "--steps", "60", "--vec-steps", "30", "--vec-reps", "1"],
@@ -46,6 +47,7 @@ QUICK = {  # smoke sizes: the scripts' own defaults are the figures' sizes
     "trainer": ["--steps", "30", "--warmup", "5", "--reps", "1"],
     "likelihood": ["--steps", "2", "--reps", "1", "--sample-n", "2", "--ebm-steps", "2"],
     "ddpm": ["--preset", "tiny", "--steps", "5", "--reps", "1", "--n", "2", "--sample-steps", "2", "--ddpm-steps", "5"],
+    "gan": ["--steps", "3", "--warmup", "7", "--rounds", "1"],
 }
 FID_RUNS = ["runs/vae-quick", "runs/autoencoder-quick"]
 

@@ -130,6 +130,11 @@ class Model(nn.Module):
         self.train(was)
         return {f"{split}_{k}": v / max(n, 1) for k, v in tot.items()}
 
+    def on_step_end(self, step: int, tc: TrainConfig, run_dir: Path) -> None:
+        """Hook called by the trainer after every step (e.g. a progress frame every k steps), on the main process
+        only. It must not draw from the global random state (use its own `torch.Generator`) or change the model, so
+        a resumed run still repeats an uninterrupted one."""
+
     def write_artifacts(self, run_dir: Path) -> list[Path]:
         """Pictures for a person (grids, plots); called at the end of training. Returns the files written."""
         return []

@@ -664,6 +664,8 @@ def _train(model: Model, tc: TrainConfig, run_dir: Path, d: _Dist, device: torch
             metrics = _ddp_train_step(ddp, model, batch, opts, tc) if ddp is not None else \
                 model.train_step(batch, opts, step, tc)
             step += 1
+            if d.main:  # pictures only: other ranks hold the same weights
+                model.on_step_end(step, tc, run_dir)
             for k, v in metrics.items():
                 acc[k] = acc.get(k, 0.0) + (v.detach().float() if isinstance(v, torch.Tensor) else float(v))
             nacc += 1
@@ -737,7 +739,7 @@ def write_run_report(run_dir: Path, model: Model, result: dict[str, Any], meta: 
             lines += ["`fid_fmnist`: Fréchet distance between samples and test images on the features of dreamlab's "
                       "own Fashion-MNIST CNN (lower is better; not Inception FID). Losses and likelihoods are in "
                       "nats.", ""]
-    pics = sorted(p.name for p in run_dir.glob("*.png"))
+    pics = sorted(p.name for p in [*run_dir.glob("*.png"), *run_dir.glob("*.gif")])
     if pics:
         lines += ["## Pictures", ""]
         for n in pics:
