@@ -34,6 +34,7 @@ demo: install
 	$(BIN)/dreamlab worldmodel run --preset quick --out runs/worldmodel-quick
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 lint:

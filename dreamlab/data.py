@@ -70,7 +70,8 @@ def split_indices(n: int, n_val: int, seed: int, split: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- Fashion-MNIST
 
 FMNIST_INSTALL = "sudo apt-get install -y dataset-fashion-mnist"
-FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+FMNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                  "Ankle boot")
 
 
 def fmnist_dir() -> Path:
@@ -88,7 +89,9 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (EOFError, OSError, gzip.BadGzipFile) as e:
-        raise DreamlabError(f"{path} is truncated or not gzip ({e}); reinstall it: apt-get install --reinstall dataset-fashion-mnist") from e
+        raise DreamlabError(
+            f"{path} is truncated or not gzip ({e}); reinstall it: apt-get install --reinstall dataset-fashion-mnist"
+        ) from e
     if len(raw) < 4:
         raise DreamlabError(f"{path} is truncated: {len(raw)} bytes, no idx header")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
@@ -112,7 +115,9 @@ def _fmnist_arrays(part: str) -> tuple[np.ndarray, np.ndarray]:
     if not d.exists():
         raise DreamlabError(f"Fashion-MNIST not found at {d}; install it with: {FMNIST_INSTALL}")
     files = [d / f"{part}-images-idx3-ubyte.gz", d / f"{part}-labels-idx1-ubyte.gz"]
-    stamp = hashlib.sha1("|".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists()).encode()).hexdigest()[:10]
+    stamp = hashlib.sha1(
+        "|".join(f"{f}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.exists()).encode()
+    ).hexdigest()[:10]
     x = cached_array(f"fmnist_{part}_x_{stamp}", lambda: read_idx(files[0]))
     y = cached_array(f"fmnist_{part}_y_{stamp}", lambda: read_idx(files[1]))
     if x.ndim != 3 or x.shape[1:] != (28, 28):
@@ -122,7 +127,11 @@ def _fmnist_arrays(part: str) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-@register_dataset("fashion_mnist", "Fashion-MNIST 28x28 grey, 10 classes (55k train / 5k val / 10k test)", "Debian dataset-fashion-mnist")
+@register_dataset(
+    "fashion_mnist",
+    "Fashion-MNIST 28x28 grey, 10 classes (55k train / 5k val / 10k test)",
+    "Debian dataset-fashion-mnist",
+)
 def load_fashion_mnist(split: str) -> dict[str, torch.Tensor]:
     x, y = _fmnist_arrays("t10k" if split == "test" else "train")
     if split != "test":

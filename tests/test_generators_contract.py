@@ -42,7 +42,9 @@ def test_registry_has_the_foundation_models() -> None:
 
 
 @pytest.mark.parametrize("name", ALL)
-def test_every_registered_name_builds_with_its_defaults(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_every_registered_name_builds_with_its_defaults(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`make_model(name)` needs no trained files: run from an empty folder, so no runs/ can help it."""
     monkeypatch.chdir(tmp_path)
     model = make_model(name)
