@@ -1,7 +1,11 @@
 """The KL autoencoder of latent diffusion (Stable Diffusion's first stage), trained here on the procedural sets.
 
 diffusers' `AutoencoderKL`: a convolutional encoder maps a 64x64 RGB image to a diagonal Gaussian over a small
-spatial latent (factor 8 by default: `latent_channels` x 8 x 8), the decoder maps a latent back to pixels. The
+spatial latent (factor 8 by default: `latent_channels` x 8 x 8), the decoder maps a latent back to pixels. With
+`patch_size=2` (the default) it works on a space-to-depth view of the image (`pixel_unshuffle`: 3x64x64 -> 12x32x32,
+a permutation of the pixels) and the decoder's 12 channels are put back with `pixel_shuffle`: about 5x cheaper on a
+CPU than convolutions at 64x64 (measured: 3.9 vs 18.4 s per batch of 16 for the next-larger plain variant, loaded
+machine), while the reconstruction loss still sees every pixel. The
 loss is the reconstruction error (L1 + MSE on [-1, 1] pixels) plus a very small KL term towards N(0, I)
 (`kl_weight`, 1e-6 as in the LDM paper's KL-f8): just enough to keep the latent scale bounded, so the diffusion
 model sees a smooth, roughly unit-scale space. The diffusion model rescales latents by their measured standard
@@ -38,14 +42,15 @@ class AutoencoderConfig:
     sets: str = "faces,flowers,bricks"   # procedural sets to train on (comma-separated)
     max_per_set: int = 12000             # training images per set (0 = all)
     image_size: int = 64
-    block_out_channels: tuple[int, ...] = (32, 64, 128, 128)   # one level per entry; factor = 2 ** (levels - 1)
+    patch_size: int = 2                  # space-to-depth before the encoder (1 = convolve the 64x64 image itself)
+    block_out_channels: tuple[int, ...] = (32, 64, 128)   # one level per entry; factor = patch * 2 ** (levels - 1)
     layers_per_block: int = 1
     latent_channels: int = 8
     norm_num_groups: int = 16
     kl_weight: float = 1e-6
 
     def __post_init__(self) -> None:
-        check_ranges(self, positive=("image_size", "block_out_channels", "layers_per_block", "latent_channels",
+        check_ranges(self, positive=("image_size", "patch_size", "block_out_channels", "layers_per_block", "latent_channels",
                                      "norm_num_groups"), nonneg=("max_per_set", "kl_weight"))
         parse_sets(self.sets)
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
@@ -57,18 +62,20 @@ class AutoencoderConfig:
 
     @property
     def factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
+        return self.patch_size * 2 ** (len(self.block_out_channels) - 1)
 
 
 def build_autoencoder(c: AutoencoderConfig):
     from diffusers import AutoencoderKL
 
     n = len(c.block_out_channels)
+    ch = 3 * c.patch_size ** 2
     # no attention in the mid block: at 8x8 with these simple images it buys nothing and costs CPU time
-    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n,
+    return AutoencoderKL(in_channels=ch, out_channels=ch, down_block_types=("DownEncoderBlock2D",) * n,
                          up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=tuple(c.block_out_channels),
                          layers_per_block=c.layers_per_block, latent_channels=c.latent_channels,
-                         norm_num_groups=c.norm_num_groups, sample_size=c.image_size, mid_block_add_attention=False)
+                         norm_num_groups=c.norm_num_groups, sample_size=c.image_size // c.patch_size,
+                         mid_block_add_attention=False)
 
 
 def load_images(sets: list[str], split: str, max_per_set: int, size: int) -> dict[str, torch.Tensor]:
@@ -94,7 +101,8 @@ class KLAutoencoder(Model):
                  "norm_num_groups": 8, "steps": 2, "batch_size": 8, "log_every": 1, "ckpt_every": 100},
         "quick": {"steps": 1500, "batch_size": 16, "lr": 1e-3, "log_every": 25, "ckpt_every": 100, "grad_clip": 1.0,
                   "eval_items": 600},
-        "full": {"max_per_set": 0, "block_out_channels": (64, 128, 256, 256), "layers_per_block": 2, "steps": 40000,
+        "full": {"max_per_set": 0, "patch_size": 1, "block_out_channels": (64, 128, 256, 256), "layers_per_block": 2,
+                 "steps": 40000,
                  "batch_size": 64, "lr": 4e-4, "ckpt_every": 2000, "grad_clip": 1.0},
     }
 
@@ -111,14 +119,23 @@ class KLAutoencoder(Model):
     def train_data(self, split: str) -> dict[str, torch.Tensor]:
         return load_images(self.sets, split, self.config.max_per_set, self.config.image_size)
 
+    def _in(self, x: torch.Tensor) -> torch.Tensor:
+        """[0, 1] images -> the encoder's input: [-1, 1], space-to-depth."""
+        x = x * 2 - 1
+        return F.pixel_unshuffle(x, self.config.patch_size) if self.config.patch_size > 1 else x
+
+    def _out(self, h: torch.Tensor) -> torch.Tensor:
+        """The decoder's output -> [-1, 1] images."""
+        return F.pixel_shuffle(h, self.config.patch_size) if self.config.patch_size > 1 else h
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images in [0, 1] -> (mean, std) of the latent posterior."""
-        d = self.vae.encode(x * 2 - 1).latent_dist
+        d = self.vae.encode(self._in(x)).latent_dist
         return d.mean, d.std
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1] (clamped)."""
-        return ((self.vae.decode(z).sample + 1) / 2).clamp(0, 1)
+        return ((self._out(self.vae.decode(z).sample) + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -126,9 +143,9 @@ class KLAutoencoder(Model):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
         x = batch["x"] * 2 - 1
-        post = self.vae.encode(x).latent_dist
+        post = self.vae.encode(self._in(batch["x"])).latent_dist
         z = post.sample() if self.training else post.mean
-        rec = self.vae.decode(z).sample.float()
+        rec = self._out(self.vae.decode(z).sample).float()
         l1, mse = (rec - x).abs().mean(), F.mse_loss(rec, x)
         kl = post.kl().mean() / x[0].numel()  # per pixel, like the reconstruction terms (the LDM paper's ratio)
         loss = l1 + mse + self.config.kl_weight * kl

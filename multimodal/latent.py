@@ -130,6 +130,28 @@ class RegressionPrior(nn.Module):
         return F.normalize(text_emb + self.net(text_emb), dim=-1)
 
 
+def train_scheduler(c: LatentDiffusionConfig):
+    """The forward process used in training (adds noise at a timestep, gives the v target)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=c.num_train_timesteps, beta_schedule=c.beta_schedule,
+                         prediction_type=c.prediction_type)
+
+
+def sampling_scheduler(c: LatentDiffusionConfig, sampler: str | None = None):
+    """DPM-Solver++ (2nd order) or DDIM on the training schedule, "trailing" spacing: the first step is t = 999."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    kw = {"num_train_timesteps": c.num_train_timesteps, "beta_schedule": c.beta_schedule,
+          "prediction_type": c.prediction_type, "timestep_spacing": "trailing"}
+    sampler = sampler or c.sampler
+    if sampler not in SAMPLERS:
+        raise DreamlabError(f"sampler={sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if sampler == "ddim":
+        return DDIMScheduler(**kw, clip_sample=False, set_alpha_to_one=True)
+    return DPMSolverMultistepScheduler(**kw, algorithm_type="dpmsolver++", solver_order=2)
+
+
 def _weights_key(module: nn.Module) -> str:
     h = hashlib.sha1()
     for k, v in sorted(module.state_dict().items()):
@@ -333,10 +355,7 @@ class LatentText2Img(Generator):
 
     def _train_sched(self):
         if getattr(self, "_ts", None) is None:
-            from diffusers import DDPMScheduler
-
-            self._ts = DDPMScheduler(num_train_timesteps=self.config.num_train_timesteps,
-                                     beta_schedule=self.config.beta_schedule, prediction_type=self.config.prediction_type)
+            self._ts = train_scheduler(self.config)
         return self._ts
 
     def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Metrics]:
@@ -374,16 +393,7 @@ class LatentText2Img(Generator):
 
     # ---- sampling -----------------------------------------------------------------------------
     def scheduler(self, sampler: str | None = None):
-        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-        kw = {"num_train_timesteps": self.config.num_train_timesteps, "beta_schedule": self.config.beta_schedule,
-              "prediction_type": self.config.prediction_type, "timestep_spacing": "trailing"}
-        sampler = sampler or self.config.sampler
-        if sampler not in SAMPLERS:
-            raise DreamlabError(f"sampler={sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        if sampler == "ddim":
-            return DDIMScheduler(**kw, clip_sample=False, set_alpha_to_one=True)
-        return DPMSolverMultistepScheduler(**kw, algorithm_type="dpmsolver++", solver_order=2)
+        return sampling_scheduler(self.config, sampler)
 
     @torch.no_grad()
     def encode_prompt(self, prompts: list[str] | None, n: int, use_prior: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -564,4 +574,38 @@ def load_autoencoder(directory: str | Path, device: str | torch.device = "cpu") 
     return KLAutoencoder.from_pretrained(d, device=device)
 
 
-__all__ = ["LatentDiffusionConfig", "LatentText2Img", "PipelineOutput", "RegressionPrior", "load_autoencoder"]
+#: the default weights that ship with the package (made by `dreamlab multimodal export-default`, see docs/text2img.md)
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent / "assets" / "text2img_default"
+
+
+def load_text2img(model: str | Path | None = None, device: str = "auto"):
+    """A text-to-image pipeline: the shipped default weights (`model=None`), or a run / saved-pipeline folder of either
+    kind (`latent_text2img`, or v1's pixel-space `text2img`). A run folder without model/ loads its last checkpoint."""
+    from multimodal.text2img import load_pipeline
+
+    if model is None:
+        if not (DEFAULT_WEIGHTS / "model.safetensors").exists():
+            raise DreamlabError(f"the default text-to-image weights are missing from {DEFAULT_WEIGHTS}; reinstall "
+                                "dreamlab (pip install -e .) or pass --model RUN (a folder made by train-latent)")
+        return LatentText2Img.from_pretrained(DEFAULT_WEIGHTS, device=device)
+    run = Path(model)
+    if not run.exists():
+        raise DreamlabError(f"no trained text-to-image model at {run}; train one with: dreamlab multimodal "
+                            f"train-autoencoder && dreamlab multimodal train-latent --out {run}   (or leave out --model "
+                            "to use the shipped default)")
+    for d in (run, run / "model"):
+        if (d / "config.json").exists() and (d / "model.safetensors").exists():
+            name = load_json(d / "config.json").get("name")
+            if name == LatentText2Img.name:
+                return LatentText2Img.from_pretrained(d, device=device)
+            if name == "text2img":
+                return load_pipeline(d, device=device)
+            raise DreamlabError(f"{d} holds a {name!r} model, not a text-to-image pipeline")
+    if (run / "config.json").exists() and load_json(run / "config.json").get("name") == LatentText2Img.name:
+        from generators.trainer import load_run
+
+        return load_run(run, device=device)
+    return load_pipeline(run, device=device)
+
+
+__all__ = ["DEFAULT_WEIGHTS", "LatentDiffusionConfig", "LatentText2Img", "PipelineOutput", "RegressionPrior", "load_autoencoder", "load_text2img"]

@@ -69,12 +69,20 @@ class Text2ImgConfig:
     num_inference_steps: int = 50    # sampling defaults
     guidance_scale: float = 3.0
     clip_guidance_scale: float = 0.0
+    timestep_spacing: str = "trailing"   # "trailing": the first DDIM step is t=999 (pure noise); v1 used "leading"
+    x0_limit: str = "clip"           # predicted clean image: "clip" to [-1, 1], "dynamic" (Imagen's thresholding), "none"
+    dynamic_threshold_ratio: float = 0.995  # Imagen's percentile p of |x0| per image (with x0_limit="dynamic")
+    rederive_eps: bool = True        # re-derive eps from the limited x0 (GLIDE / Imagen); v1 kept the raw eps
 
     def __post_init__(self) -> None:
         check_ranges(self, positive=("sample_size", "patch_size", "block_out_channels", "layers_per_block",
                                      "attention_head_dim", "norm_num_groups", "num_train_timesteps",
                                      "captions_per_class", "num_inference_steps"),
-                     nonneg=("max_per_set", "caption_seed"), fraction=("caption_dropout",))
+                     nonneg=("max_per_set", "caption_seed"), fraction=("caption_dropout", "dynamic_threshold_ratio"))
+        for key, allowed in (("timestep_spacing", ("leading", "trailing", "linspace")),
+                             ("x0_limit", ("clip", "dynamic", "none"))):
+            if getattr(self, key) not in allowed:
+                raise DreamlabError(f"{key}={getattr(self, key)!r}; choose one of {', '.join(allowed)}")
 
 
 @dataclass
@@ -162,10 +170,16 @@ class Text2ImgPipeline(Generator):
 
         return DDPMScheduler(**self._scheduler_kwargs())
 
-    def scheduler(self):
+    def scheduler(self, timestep_spacing: str | None = None, x0_limit: str | None = None):
+        """DDIM for sampling. The clean-image estimate is clipped to [-1, 1] ("clip") or thresholded as Imagen does
+        ("dynamic": s = the `dynamic_threshold_ratio` percentile of |x0|, at least 1; x0 <- clip(x0, -s, s) / s)."""
         from diffusers import DDIMScheduler
 
-        return DDIMScheduler(**self._scheduler_kwargs(), set_alpha_to_one=True)
+        limit = x0_limit or self.config.x0_limit
+        kw = {**self._scheduler_kwargs(), "clip_sample": limit == "clip", "thresholding": limit == "dynamic",
+              "dynamic_threshold_ratio": self.config.dynamic_threshold_ratio, "sample_max_value": 1.0}
+        kw["dynamic_thresholding_ratio"] = kw.pop("dynamic_threshold_ratio")
+        return DDIMScheduler(**kw, set_alpha_to_one=True, timestep_spacing=timestep_spacing or self.config.timestep_spacing)
 
     # ---- data -----------------------------------------------------------------------------
     def train_data(self, split: str) -> dict[str, torch.Tensor]:
@@ -274,6 +288,7 @@ class Text2ImgPipeline(Generator):
         cond = self.encode_prompt(prompts, n)
         use_cfg = prompts is not None and gs != 1.0
         ctx = torch.cat([torch.zeros_like(cond), cond]) if use_cfg else cond
+        limit = c.x0_limit
         sched = self.scheduler()
         sched.set_timesteps(steps, device=dev)
         shape = (n, 3, c.sample_size, c.sample_size)
@@ -294,7 +309,9 @@ class Text2ImgPipeline(Generator):
                 a = alphas[t]
                 grad = self._clip_grad(x, eps, a, cond)
                 eps = eps - (1 - a).sqrt() * cgs * grad
-            x = sched.step(eps, t, x).prev_sample
+            # use_clipped_model_output: eps is re-derived from the clipped/thresholded x0 (as GLIDE and Imagen do), so
+            # the step moves towards the image that was kept, not towards the out-of-range one that was cut
+            x = sched.step(eps, t, x, use_clipped_model_output=c.rederive_eps and limit != "none").prev_sample
             bar.update(1)
         bar.close()
         self.train(was)
