@@ -50,12 +50,13 @@ class AutoencoderConfig:
     kl_weight: float = 1e-6
 
     def __post_init__(self) -> None:
-        check_ranges(self, positive=("image_size", "patch_size", "block_out_channels", "layers_per_block", "latent_channels",
-                                     "norm_num_groups"), nonneg=("max_per_set", "kl_weight"))
+        check_ranges(self, positive=("image_size", "patch_size", "block_out_channels", "layers_per_block",
+                                     "latent_channels", "norm_num_groups"), nonneg=("max_per_set", "kl_weight"))
         parse_sets(self.sets)
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
-            raise DreamlabError(f"block_out_channels {bad[0]} is not divisible by norm_num_groups={self.norm_num_groups}")
+            raise DreamlabError(f"block_out_channels {bad[0]} is not divisible by "
+                                f"norm_num_groups={self.norm_num_groups}")
         if self.image_size % self.factor:
             raise DreamlabError(f"image_size={self.image_size} is not divisible by the factor {self.factor} "
                                 f"of {len(self.block_out_channels)} levels")
@@ -97,10 +98,11 @@ class KLAutoencoder(Model):
     name = "kl_autoencoder"
     config_class = AutoencoderConfig
     presets = {
-        "tiny": {"sets": "faces", "max_per_set": 32, "image_size": 16, "block_out_channels": (8, 16), "latent_channels": 4,
+        "tiny": {"sets": "faces", "max_per_set": 32, "image_size": 16, "block_out_channels": (8, 16),
+                 "latent_channels": 4,
                  "norm_num_groups": 8, "steps": 2, "batch_size": 8, "log_every": 1, "ckpt_every": 100},
-        "quick": {"steps": 1500, "batch_size": 16, "lr": 1e-3, "log_every": 25, "ckpt_every": 100, "grad_clip": 1.0,
-                  "eval_items": 600},
+        "quick": {"max_per_set": 6000, "steps": 1200, "batch_size": 16, "lr": 1e-3, "log_every": 25, "ckpt_every": 100,
+                  "grad_clip": 1.0, "eval_items": 600},
         "full": {"max_per_set": 0, "patch_size": 1, "block_out_channels": (64, 128, 256, 256), "layers_per_block": 2,
                  "steps": 40000,
                  "batch_size": 64, "lr": 4e-4, "ckpt_every": 2000, "grad_clip": 1.0},

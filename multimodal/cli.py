@@ -72,7 +72,8 @@ def _train_text2img(args: argparse.Namespace) -> int:
     if not args.resume:
         clip = Path(args.clip)
         if not ((clip / "open_clip_config.json").exists() or (clip / "model" / "open_clip_config.json").exists()):
-            raise DreamlabError(f"no trained CLIP at {clip}; train one first with: dreamlab multimodal train-clip --out {clip}")
+            raise DreamlabError(f"no trained CLIP at {clip}; train one first with: "
+                                f"dreamlab multimodal train-clip --out {clip}")
         extra["clip_dir"] = str(clip)
     return _train("text2img", args, extra)
 
@@ -90,7 +91,8 @@ def _train_latent(args: argparse.Namespace) -> int:
     if not args.resume:
         clip, ae = Path(args.clip), Path(args.autoencoder)
         if not ((clip / "open_clip_config.json").exists() or (clip / "model" / "open_clip_config.json").exists()):
-            raise DreamlabError(f"no trained CLIP at {clip}; train one first with: dreamlab multimodal train-clip --out {clip}")
+            raise DreamlabError(f"no trained CLIP at {clip}; train one first with: "
+                                f"dreamlab multimodal train-clip --out {clip}")
         if not ((ae / "config.json").exists() and ((ae / "model").exists() or (ae / "model.safetensors").exists())):
             raise DreamlabError(f"no trained autoencoder at {ae}; train one first with: "
                                 f"dreamlab multimodal train-autoencoder --out {ae}")
@@ -125,7 +127,8 @@ def _export_default(args: argparse.Namespace) -> int:
 
     pipe = load_text2img(args.model, device="cpu")
     if not isinstance(pipe, LatentText2Img):
-        raise DreamlabError(f"{args.model} holds a v1 pixel-space pipeline; export-default ships a latent_text2img model")
+        raise DreamlabError(f"{args.model} holds a v1 pixel-space pipeline; export-default ships a latent_text2img "
+                            "model")
     out = Path(args.out) if args.out else DEFAULT_WEIGHTS
     ev = Path(args.model) / "eval_text2img.json"
     metrics = {"source": str(args.model), "eval_text2img": load_json(ev) if ev.exists() else None}
@@ -165,7 +168,8 @@ def _text2img(args: argparse.Namespace) -> int:
 def _common_train(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--preset", default="quick", choices=["tiny", "quick", "full"], help="size preset (default: quick)")
     p.add_argument("--out", default=default_out, help=f"run folder (default: {default_out})")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a model or trainer setting (repeatable)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a model or trainer setting (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--no-progress", action="store_true")
@@ -192,7 +196,8 @@ def register_cli(subparsers) -> None:
     _common_train(t, DEFAULT_RUN)
     t.add_argument("--clip", default=DEFAULT_CLIP, help=f"trained CLIP folder (default: {DEFAULT_CLIP})")
     t.set_defaults(func=_train_text2img)
-    a = ms.add_parser("train-autoencoder", help="train the KL autoencoder of latent diffusion on faces, flowers, bricks")
+    a = ms.add_parser("train-autoencoder",
+                      help="train the KL autoencoder of latent diffusion on faces, flowers, bricks")
     _common_train(a, DEFAULT_AE)
     a.set_defaults(func=_train_autoencoder)
     la = ms.add_parser("train-latent", help="train latent text-to-image (UNet on the autoencoder's latents)")
@@ -207,9 +212,11 @@ def register_cli(subparsers) -> None:
     e.add_argument("--model", "--run", dest="model", default=None,
                    help="text-to-image run or pipeline folder (default: the shipped default weights)")
     e.add_argument("--out", default=None, help="where results go (default: the --model folder, or runs/eval-default)")
-    e.add_argument("--kind", choices=["faces", "flowers", "bricks"], help="prompt set (default: every set of the model)")
+    e.add_argument("--kind", choices=["faces", "flowers", "bricks"],
+                   help="prompt set (default: every set of the model)")
     e.add_argument("--n-per-prompt", type=_positive_int("--n-per-prompt"), default=8)
-    e.add_argument("--fast", action="store_true", help="only the model's default setting and CFG off (no CLIP guidance)")
+    e.add_argument("--fast", action="store_true",
+                   help="only CFG off and on (no CLIP guidance, no thresholding rows)")
     _sampling_args(e)
     e.set_defaults(func=_evaluate)
     for act in e._actions:
@@ -219,16 +226,19 @@ def register_cli(subparsers) -> None:
             act.help = "classifier-free guidance scale of the CFG rows (default: the model's, 3)"
     x = ms.add_parser("export-default", help="write a trained latent model as the package's default weights (fp16)")
     x.add_argument("--model", required=True, help="trained latent_text2img run folder")
-    x.add_argument("--out", default=None, help="target folder (default: the package's multimodal/assets/text2img_default)")
+    x.add_argument("--out", default=None,
+                   help="target folder (default: the package's multimodal/assets/text2img_default)")
     x.set_defaults(func=_export_default)
 
-    g = subparsers.add_parser("text2img", help="generate 64x64 images from a text prompt (default: the weights shipped with dreamlab)")
+    g = subparsers.add_parser("text2img",
+                              help="generate 64x64 images from a text prompt (default: the shipped weights)")
     g.add_argument("prompt", help="what to draw, e.g. 'a smiling face with blonde hair and glasses'")
     g.add_argument("-n", type=_positive_int("-n"), default=4, help="number of images (default 4)")
     g.add_argument("--out", default="text2img.png", help="output PNG grid (default text2img.png)")
     g.add_argument("--model", "--run", dest="model", default=None,
                    help="trained run or pipeline folder (default: the default weights shipped with dreamlab)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--sampler", choices=["dpm", "ddim"], default=None, help="latent models: DPM-Solver++ (default) or DDIM")
+    g.add_argument("--sampler", choices=["dpm", "ddim"], default=None,
+                   help="latent models: DPM-Solver++ (default) or DDIM")
     _sampling_args(g)
     g.set_defaults(func=_text2img)

@@ -94,7 +94,8 @@ def judge_features(judge, x: torch.Tensor) -> torch.Tensor:
     for b in x.split(256):
         b = b.to(dev)
         if b.shape[-1] != judge.size:
-            b = torch.nn.functional.interpolate(b, size=(judge.size,) * 2, mode="area" if b.shape[-1] > judge.size else "bilinear")
+            mode = "area" if b.shape[-1] > judge.size else "bilinear"
+            b = torch.nn.functional.interpolate(b, size=(judge.size,) * 2, mode=mode)
         out.append(judge.features(b * 2 - 1).cpu())
     return torch.cat(out)
 
@@ -115,7 +116,8 @@ def frechet_with_floor(judge, kind: str, imgs: torch.Tensor, combos: list[tuple]
 
 
 def evaluate_text2img(pipe, out_dir: str | Path, *, kinds: list[str] | None = None, kind: str | None = None,
-                      n_per_prompt: int = 8, num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                      n_per_prompt: int = 8, num_inference_steps: int | None = None,
+                      guidance_scale: float | None = None,
                       clip_guidance_scale: float | None = None, judge_steps: int = 600, judge_images: int = 8000,
                       seed: int = 0, settings: list[dict[str, Any]] | None = None, fast: bool = False,
                       progress: bool = True) -> dict[str, Any]:
@@ -149,7 +151,8 @@ def evaluate_text2img(pipe, out_dir: str | Path, *, kinds: list[str] | None = No
             slug = f"{k}_{tag}_{st['setting']}".replace(" ", "").replace("+", "_").replace(",", "_").replace("-", "")
             save_grid(imgs, out_dir / f"eval_grid_{slug.lower()}.png", nrow=n_per_prompt, scale=2)
             row = {"kind": k, "prompts": tag, "setting": st["setting"], "guidance_scale": st["guidance_scale"],
-                   "clip_guidance_scale": st["clip_guidance_scale"], "clip_score": float(clip_score(pipe.clip, imgs, flat).mean()),
+                   "clip_guidance_scale": st["clip_guidance_scale"],
+                   "clip_score": float(clip_score(pipe.clip, imgs, flat).mean()),
                    "attr_acc": float((pred == targets).float().mean()),
                    "all_attrs_acc": float((pred == targets).all(1).float().mean()),
                    **{f"acc_{a}": float(v) for a, v in zip(P.attribute_names(k), per_attr)},
@@ -166,8 +169,8 @@ def evaluate_text2img(pipe, out_dir: str | Path, *, kinds: list[str] | None = No
            "prompts": {k: [P.prompt_for(k, c) for c in P.HELD_OUT[k]] for k in kinds},
            "paraphrases": [P.paraphrase_for("faces", c) for c in P.HELD_OUT["faces"]] if "faces" in kinds else [],
            "clip_score_scale": "100 * max(cosine, 0), 0-100, computed with the pipeline's own CLIP",
-           "frechet": "judge penultimate features, generated held-out faces vs real test faces of the same combinations; "
-                      "floor = two real samples of the same size"}
+           "frechet": "judge penultimate features, generated held-out faces vs real test faces of the same "
+                      "combinations; floor = two real samples of the same size"}
     save_json(out_dir / "eval_text2img.json", res)
     atomic_write_text(out_dir / "eval_text2img.md", markdown_table(res))
     return res
@@ -181,7 +184,8 @@ def markdown_table(res: dict[str, Any]) -> str:
         fd = any("frechet" in r for r in rows)
         head = ["prompts", "setting", "CFG", "CLIP-g.", "CLIP score", "attr acc", "all attrs"] + [a[4:] for a in attrs]
         head += (["Fréchet (floor)"] if fd else []) + ["images/s"]
-        lines += [f"**{k}** (judge on fresh images: " + ", ".join(f"{a}={v:.3f}" for a, v in res["judge"][k].items()) + ")",
+        judge = ", ".join(f"{a}={v:.3f}" for a, v in res["judge"][k].items())
+        lines += [f"**{k}** (judge on fresh images: {judge})",
                   "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in rows:
             vals = [r["prompts"], r["setting"], f"{r['guidance_scale']:g}", f"{r['clip_guidance_scale']:g}",
@@ -195,4 +199,5 @@ def markdown_table(res: dict[str, Any]) -> str:
     prompts = "\n".join(f"- {k}: " + "; ".join(ps) for k, ps in res["prompts"].items())
     para = ("\n- faces, paraphrased: " + "; ".join(res["paraphrases"])) if res.get("paraphrases") else ""
     return (f"Held-out prompts of {res['pipeline']} ({res['n_per_prompt']} images each, {res['num_inference_steps']} "
-            f"steps); CLIP score: {res['clip_score_scale']}.\n\n" + "\n".join(lines) + f"\nPrompts (grid rows):\n{prompts}{para}\n")
+            f"steps); CLIP score: {res['clip_score_scale']}.\n\n" + "\n".join(lines)
+            + f"\nPrompts (grid rows):\n{prompts}{para}\n")

@@ -67,7 +67,7 @@ CONDITIONINGS = ("text", "prior")
 class LatentDiffusionConfig:
     autoencoder_dir: str = ""        # trained kl_autoencoder folder (presets: runs/autoencoder); "" = a fresh tiny one
     autoencoder_config: str = ""     # filled in automatically (JSON); the weights live in model.safetensors
-    clip_dir: str = ""               # trained CLIP folder (presets: runs/clip); "" = a fresh tiny CLIP (pretrained MiniLM)
+    clip_dir: str = ""               # trained CLIP folder (presets: runs/clip); "" = a fresh tiny CLIP (+ MiniLM)
     clip_config: str = ""            # filled in automatically (JSON)
     conditioning: str = "text"       # "text": cross-attention on the token states; "prior": unCLIP (prior + decoder)
     sets: str = "faces,flowers,bricks"
@@ -106,7 +106,8 @@ class LatentDiffusionConfig:
             raise DreamlabError(f"block_out_channels={self.block_out_channels} needs at least 2 levels, e.g. 64,128")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups or c % self.attention_head_dim]
         if bad:
-            raise DreamlabError(f"block_out_channels {bad[0]} is not divisible by norm_num_groups={self.norm_num_groups} "
+            raise DreamlabError(f"block_out_channels {bad[0]} is not divisible by "
+                                f"norm_num_groups={self.norm_num_groups} "
                                 f"and attention_head_dim={self.attention_head_dim}")
 
 
@@ -266,7 +267,8 @@ class LatentText2Img(Generator):
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
         out = []
         for i in range(0, len(ids), 256):
-            out.append(self.clip.text.transformer(input_ids=ids[i:i + 256], attention_mask=mask[i:i + 256]).last_hidden_state)
+            h = self.clip.text.transformer(input_ids=ids[i:i + 256], attention_mask=mask[i:i + 256])
+            out.append(h.last_hidden_state)
         return torch.cat(out).float(), mask
 
     def _null_text(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -340,7 +342,8 @@ class LatentText2Img(Generator):
         return torch.cat([self.clip.encode_image(b.to(self.device)).float().cpu() for b in x.split(256)]).numpy()
 
     # ---- the conditioned UNet ---------------------------------------------------------------
-    def _condition(self, emb: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def _condition(self, emb: torch.Tensor,
+                   mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(context tokens, their mask, the pooled vector for the time embedding)."""
         if self.config.conditioning == "text":
             m = mask.to(emb.dtype)[..., None]
@@ -396,7 +399,8 @@ class LatentText2Img(Generator):
         return sampling_scheduler(self.config, sampler)
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: list[str] | None, n: int, use_prior: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encode_prompt(self, prompts: list[str] | None, n: int,
+                      use_prior: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The condition of n images: token states + mask (text path) or the prior's image embedding (prior path).
         `None` prompts give the null condition."""
         if self.config.conditioning == "text":
@@ -479,7 +483,8 @@ class LatentText2Img(Generator):
             return (z - (1 - a).sqrt() * out) / a.sqrt()
         return a.sqrt() * z - (1 - a).sqrt() * out
 
-    def _clip_guided(self, z: torch.Tensor, out: torch.Tensor, t: torch.Tensor, text: torch.Tensor, scale: float) -> torch.Tensor:
+    def _clip_guided(self, z: torch.Tensor, out: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                     scale: float) -> torch.Tensor:
         """Move the predicted clean latent along the gradient of CLIP(decode(x0)) . text, then re-express the output.
 
         The push is scaled by (1 - alpha-bar_t): strong while the image is still a blur, vanishing at the end."""
@@ -503,12 +508,14 @@ class LatentText2Img(Generator):
                                                    "text_encoder": ["open_clip", "CustomTextCLIP"]})
         for sub, module in (("unet", self.unet), ("vae", self.ae.vae)):
             (directory / sub).mkdir()
+            extra = {"scaling_factor": float(self._scale)} if sub == "vae" else {}
             save_json(directory / sub / "config.json", {**dict(module.config), "_class_name": type(module).__name__,
-                                                        **({"scaling_factor": float(self._scale)} if sub == "vae" else {})})
+                                                        **extra})
             save_tensors(directory / sub / "diffusion_pytorch_model.safetensors", module.state_dict())
         (directory / "scheduler").mkdir()
         s = self.scheduler()
-        save_json(directory / "scheduler" / "scheduler_config.json", {"_class_name": type(s).__name__, **dict(s.config)})
+        save_json(directory / "scheduler" / "scheduler_config.json",
+                  {"_class_name": type(s).__name__, **dict(s.config)})
 
     def export_pretrained(self, directory: str | Path, dtype: torch.dtype = torch.float16,
                           metrics: dict[str, Any] | None = None) -> Path:
@@ -591,8 +598,8 @@ def load_text2img(model: str | Path | None = None, device: str = "auto"):
     run = Path(model)
     if not run.exists():
         raise DreamlabError(f"no trained text-to-image model at {run}; train one with: dreamlab multimodal "
-                            f"train-autoencoder && dreamlab multimodal train-latent --out {run}   (or leave out --model "
-                            "to use the shipped default)")
+                            f"train-autoencoder && dreamlab multimodal train-latent --out {run}   "
+                            "(or leave out --model to use the shipped default)")
     for d in (run, run / "model"):
         if (d / "config.json").exists() and (d / "model.safetensors").exists():
             name = load_json(d / "config.json").get("name")
@@ -608,4 +615,5 @@ def load_text2img(model: str | Path | None = None, device: str = "auto"):
     return load_pipeline(run, device=device)
 
 
-__all__ = ["DEFAULT_WEIGHTS", "LatentDiffusionConfig", "LatentText2Img", "PipelineOutput", "RegressionPrior", "load_autoencoder", "load_text2img"]
+__all__ = ["DEFAULT_WEIGHTS", "LatentDiffusionConfig", "LatentText2Img", "PipelineOutput", "RegressionPrior",
+           "load_autoencoder", "load_text2img", "sampling_scheduler", "train_scheduler"]

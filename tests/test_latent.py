@@ -105,7 +105,8 @@ def test_ddim_and_clip_guidance_run(runs):
     assert not torch.equal(base, _gen(m, guidance_scale=2.0, clip_guidance_scale=50.0))
 
 
-@pytest.mark.parametrize("bad,match", [("", "empty"), (7, "must be a string"), ("y" * 1000, "shorten"), ([], "non-empty")])
+@pytest.mark.parametrize("bad,match", [("", "empty"), (7, "must be a string"), ("y" * 1000, "shorten"),
+                                       ([], "non-empty")])
 def test_prompt_validation(runs, bad, match):
     m, _, _ = runs["text"]
     with pytest.raises(DreamlabError, match=match):
@@ -192,7 +193,8 @@ def test_evaluation_rows(runs, tmp_path):
     res = evaluate_text2img(m, tmp_path, n_per_prompt=1, num_inference_steps=2, judge_steps=5, judge_images=200,
                             fast=True, progress=False)
     names = {(r["prompts"], r["setting"]) for r in res["rows"]}
-    assert names == {(p, s) for p in ("held-out", "paraphrase") for s in ("prior, no guidance", "prior, classifier-free")}
+    settings = ("prior, no guidance", "prior, classifier-free")
+    assert names == {(p, s) for p in ("held-out", "paraphrase") for s in settings}
     for r in res["rows"]:
         assert 0 <= r["clip_score"] <= 100 and 0 <= r["attr_acc"] <= 1 and r["images_per_s"] > 0
         assert (tmp_path / r["grid"]).exists()
