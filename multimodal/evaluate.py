@@ -75,33 +75,51 @@ def _config(pipe, overrides: dict[str, Any] | None):
             setattr(pipe.config, k, v)
 
 
+class _TrainedJudge:
+    """Fallback judge where the shipped feature nets are absent: `multimodal.attributes`' CNN, trained once per
+    machine into the data cache. Same interface as `generators.features.Judge`: predict, features."""
+
+    def __init__(self, kind: str, steps: int, images: int, size: int, progress: bool) -> None:
+        from multimodal.attributes import AttributeClassifier, train_attribute_classifier
+
+        d = cache_dir() / "judges" / f"{kind}_{size}_{steps}_{images}"
+        if (d / "judge.json").exists():
+            self.net, self.reported = AttributeClassifier.load(d), load_json(d / "judge_eval.json")
+        else:
+            self.net, self.reported = train_attribute_classifier(kind, d, n_train=images, steps=steps, size=size,
+                                                                 progress=progress)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.predict(x)
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net.eval()
+        out = []
+        for b in x.split(256):
+            if b.shape[-1] != net.size:
+                mode = "area" if b.shape[-1] > net.size else "bilinear"
+                b = torch.nn.functional.interpolate(b, size=(net.size,) * 2, mode=mode)
+            out.append(net.features(b * 2 - 1).cpu())
+        return torch.cat(out)
+
+
 def judge_for(kind: str, *, steps: int = 600, images: int = 8000, size: int = 32, progress: bool = True):
-    """The independent attribute judge of `kind` (trained once per machine into the data cache, then reused)."""
-    from multimodal.attributes import AttributeClassifier, train_attribute_classifier
-
-    d = cache_dir() / "judges" / f"{kind}_{size}_{steps}_{images}"
-    if (d / "judge.json").exists():
-        return AttributeClassifier.load(d), load_json(d / "judge_eval.json")
-    return train_attribute_classifier(kind, d, n_train=images, steps=steps, size=size, progress=progress)
-
-
-@torch.no_grad()
-def judge_features(judge, x: torch.Tensor) -> torch.Tensor:
-    """The judge's penultimate (pooled) features: the space of the faces Frechet distance."""
-    judge.eval()
-    dev = next(judge.parameters()).device
-    out = []
-    for b in x.split(256):
-        b = b.to(dev)
-        if b.shape[-1] != judge.size:
-            mode = "area" if b.shape[-1] > judge.size else "bilinear"
-            b = torch.nn.functional.interpolate(b, size=(judge.size,) * 2, mode=mode)
-        out.append(judge.features(b * 2 - 1).cpu())
-    return torch.cat(out)
+    """(judge, its own accuracy): the shipped feature net of `kind` (`generators.features`), else a trained CNN."""
+    try:
+        from generators.features import judge as shipped
+    except ImportError:
+        shipped = None
+    if shipped is not None:
+        j = shipped(kind)
+        return j, {k: v for k, v in j.reported.items() if isinstance(v, (int, float)) and "acc" in k}
+    j = _TrainedJudge(kind, steps, images, size, progress)
+    return j, j.reported
 
 
 def frechet_with_floor(judge, kind: str, imgs: torch.Tensor, combos: list[tuple]) -> dict[str, float]:
-    """Frechet distance of generated images to real test images of the same combinations, and the real-vs-real floor."""
+    """Frechet distance (judge features) of generated images to real images of the same combinations, and the floor:
+    the same distance for a second real sample of the same size. With 48 images both are biased upwards alike."""
     from dreamlab.metrics import frechet_distance_features
 
     n = len(imgs)
@@ -109,9 +127,11 @@ def frechet_with_floor(judge, kind: str, imgs: torch.Tensor, combos: list[tuple]
     labels = torch.tensor([P.combo_indices(kind, c) for c in combos]).repeat_interleave(per, 0).numpy()
     x, _ = P.generate(kind, len(labels), seed=777, labels=labels)
     real = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255)
+    if real.shape[-1] != imgs.shape[-1]:  # a 32x32 model is measured against 32x32 real images
+        real = torch.nn.functional.interpolate(real, size=imgs.shape[-2:], mode="area")
     perm = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))
     a, b = real[perm[:n]], real[perm[n:2 * n]]
-    fa, fb, fg = judge_features(judge, a), judge_features(judge, b), judge_features(judge, imgs)
+    fa, fb, fg = judge.features(a), judge.features(b), judge.features(imgs)
     return {"frechet": frechet_distance_features(fg, fa), "frechet_floor": frechet_distance_features(fb, fa)}
 
 

@@ -73,10 +73,10 @@ class LatentDiffusionConfig:
     sets: str = "faces,flowers,bricks"
     max_per_set: int = 12000
     latent_scale: float = 0.0        # 1 / std of the training latents; 0 = measured when the training data loads
-    block_out_channels: tuple[int, ...] = (64, 128, 128)
+    block_out_channels: tuple[int, ...] = (32, 64, 64)   # 8x8 -> 4x4 -> 2x2 latents, cross-attention at every level
     layers_per_block: int = 1
-    attention_head_dim: int = 32
-    norm_num_groups: int = 32
+    attention_head_dim: int = 16
+    norm_num_groups: int = 16
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     prediction_type: str = "v_prediction"
@@ -172,11 +172,12 @@ class LatentText2Img(Generator):
         "tiny": {"max_per_set": 32, "sets": "faces", "block_out_channels": (16, 32), "attention_head_dim": 8,
                  "norm_num_groups": 8, "captions_per_class": 2, "num_inference_steps": 3, "prior_hidden": 32,
                  "steps": 2, "batch_size": 8, "log_every": 1, "ckpt_every": 100},
-        "quick": {"autoencoder_dir": DEFAULT_AE, "clip_dir": DEFAULT_CLIP, "max_per_set": 6000, "steps": 3000,
-                  "batch_size": 64, "lr": 1e-3, "log_every": 50, "ckpt_every": 250, "grad_clip": 1.0,
+        "quick": {"autoencoder_dir": DEFAULT_AE, "clip_dir": DEFAULT_CLIP, "max_per_set": 6000, "steps": 4000,
+                  "batch_size": 32, "lr": 1e-3, "log_every": 25, "ckpt_every": 100, "grad_clip": 1.0,
                   "eval_items": 600},
         "full": {"autoencoder_dir": DEFAULT_AE, "clip_dir": DEFAULT_CLIP, "max_per_set": 0,
-                 "block_out_channels": (128, 256, 256), "layers_per_block": 2, "steps": 60000, "batch_size": 256,
+                 "block_out_channels": (128, 256, 256), "attention_head_dim": 32, "norm_num_groups": 32,
+                 "layers_per_block": 2, "steps": 60000, "batch_size": 256,
                  "lr": 3e-4, "ckpt_every": 2000, "grad_clip": 1.0},
     }
 
@@ -414,13 +415,14 @@ class LatentText2Img(Generator):
     def __call__(self, prompt: str | list[str], *, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, clip_guidance_scale: float | None = None,
                  generator: torch.Generator | None = None, num_images_per_prompt: int = 1, sampler: str | None = None,
-                 progress: bool = False) -> PipelineOutput:
+                 output_type: str = "pt", progress: bool = False) -> PipelineOutput:
+        """`output_type="pt"`: images (N, 3, 64, 64) in [0, 1]; "latent": the sampled latents (scaled), undecoded."""
         prompts = validate_prompts(prompt)
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise DreamlabError(f"num_images_per_prompt={num_images_per_prompt!r} must be a positive integer")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         return PipelineOutput(self._generate(prompts, len(prompts), num_inference_steps, guidance_scale,
-                                             clip_guidance_scale, generator, sampler, progress))
+                                             clip_guidance_scale, generator, sampler, progress, output_type))
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, prompt: str | list[str] | None = None,
                **kw: Any) -> torch.Tensor:
@@ -436,7 +438,8 @@ class LatentText2Img(Generator):
                               kw.get("clip_guidance_scale"), generator, kw.get("sampler"), False)
 
     def _generate(self, prompts: list[str] | None, n: int, steps: int | None, gs: float | None, cgs: float | None,
-                  generator: torch.Generator | None, sampler: str | None, progress: bool) -> torch.Tensor:
+                  generator: torch.Generator | None, sampler: str | None, progress: bool,
+                  output_type: str = "pt") -> torch.Tensor:
         from tqdm.auto import tqdm
 
         from dreamlab.device import autocast, randn
@@ -449,6 +452,8 @@ class LatentText2Img(Generator):
             raise DreamlabError(f"num_inference_steps={steps} must be at least 1")
         if gs < 0 or cgs < 0:
             raise DreamlabError(f"guidance_scale={gs} and clip_guidance_scale={cgs} must be >= 0")
+        if output_type not in ("pt", "latent"):
+            raise DreamlabError(f"output_type={output_type!r}; choose 'pt' (images) or 'latent'")
         was = self.training
         self.eval()
         dev = self.device
@@ -474,7 +479,7 @@ class LatentText2Img(Generator):
                 out = self._clip_guided(z, out, t, text, cgs)
             z = sched.step(out, t, z).prev_sample
         with torch.no_grad():
-            x = self.ae.decode(z / self._scale)
+            x = z if output_type == "latent" else self.ae.decode(z / self._scale)
         self.train(was)
         return x.float().cpu() if dev.type != "cpu" else x.float()
 

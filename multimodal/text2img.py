@@ -72,7 +72,8 @@ class Text2ImgConfig:
     timestep_spacing: str = "trailing"   # "trailing": the first DDIM step is t=999 (pure noise); v1 used "leading"
     x0_limit: str = "clip"           # predicted clean image: "clip" to [-1, 1], "dynamic" (Imagen's), or "none"
     dynamic_threshold_ratio: float = 0.995  # Imagen's percentile p of |x0| per image (with x0_limit="dynamic")
-    rederive_eps: bool = True        # re-derive eps from the limited x0 (GLIDE / Imagen); v1 kept the raw eps
+    dynamic_threshold_max: float = 4.0  # the largest s (diffusers' sample_max_value; at 1.0 it is plain clipping)
+    rederive_eps: bool = False       # re-derive eps from the limited x0 (GLIDE); measured worse here (docs/text2img.md)
 
     def __post_init__(self) -> None:
         check_ranges(self, positive=("sample_size", "patch_size", "block_out_channels", "layers_per_block",
@@ -181,7 +182,8 @@ class Text2ImgPipeline(Generator):
 
         limit = x0_limit or self.config.x0_limit
         kw = {**self._scheduler_kwargs(), "clip_sample": limit == "clip", "thresholding": limit == "dynamic",
-              "dynamic_threshold_ratio": self.config.dynamic_threshold_ratio, "sample_max_value": 1.0}
+              "dynamic_threshold_ratio": self.config.dynamic_threshold_ratio,
+              "sample_max_value": self.config.dynamic_threshold_max}
         kw["dynamic_thresholding_ratio"] = kw.pop("dynamic_threshold_ratio")
         return DDIMScheduler(**kw, set_alpha_to_one=True,
                              timestep_spacing=timestep_spacing or self.config.timestep_spacing)

@@ -131,9 +131,29 @@ def test_evaluation_tables_and_grids(run):
     model, _, run_dir = run
     res = evaluate_text2img(model, run_dir, n_per_prompt=1, num_inference_steps=2, judge_steps=5,
                             judge_images=200, progress=False)
-    assert [r["setting"] for r in res["rows"]] == ["no guidance", "classifier-free", "CLIP", "classifier-free + CLIP"]
+    settings = ["text, no guidance", "text, classifier-free", "text, classifier-free + CLIP",
+                "text, classifier-free, dynamic thresholding"]
+    assert [r["setting"] for r in res["rows"]] == settings * 2  # held-out prompts, then paraphrases
+    assert [r["prompts"] for r in res["rows"]] == ["held-out"] * 4 + ["paraphrase"] * 4
     for r in res["rows"]:
         assert 0 <= r["clip_score"] <= 100 and 0 <= r["attr_acc"] <= 1 and (run_dir / r["grid"]).exists()
-    assert len(res["prompts"]) == len(P.HELD_OUT["faces"])
+    assert len(res["prompts"]["faces"]) == len(P.HELD_OUT["faces"])
     assert (run_dir / "eval_text2img.md").read_text().count("|") > 20
-    assert (run_dir / "judge_faces" / "judge.safetensors").exists()
+    assert model.config.x0_limit == "clip"  # the dynamic-thresholding row restored the model's own setting
+
+
+def test_sampler_starts_at_pure_noise_and_offers_imagen_thresholding(run):
+    model, _, _ = run
+    s = model.scheduler()
+    s.set_timesteps(25)
+    assert int(s.timesteps[0]) == model.config.num_train_timesteps - 1  # "trailing": x_T ~ N(0, I) is exact
+    assert float(s.alphas_cumprod[-1]) < 1e-8
+    d = model.scheduler(x0_limit="dynamic")
+    assert d.config.thresholding and not d.config.clip_sample and d.config.sample_max_value > 1
+    base = _gen(model, guidance_scale=4.0, clip_guidance_scale=0.0)
+    model.config.x0_limit = "dynamic"
+    try:
+        dyn = _gen(model, guidance_scale=4.0, clip_guidance_scale=0.0)
+    finally:
+        model.config.x0_limit = "clip"
+    assert not torch.equal(base, dyn) and 0 <= float(dyn.min()) and float(dyn.max()) <= 1
