@@ -57,9 +57,11 @@ def pipeline_settings(pipe, guidance_scale: float | None = None, clip_guidance_s
     if fast:
         return rows
     rows.append({"setting": f"{tag}, classifier-free + CLIP", "guidance_scale": gs, "clip_guidance_scale": cgs})
-    if hasattr(pipe.config, "x0_limit"):  # v1, pixel space: Imagen's dynamic thresholding has a fixed range to keep
-        rows.append({"setting": f"{tag}, classifier-free, dynamic thresholding", "guidance_scale": gs,
-                     "clip_guidance_scale": 0.0, "config": {"x0_limit": "dynamic"}})
+    if hasattr(pipe.config, "x0_limit"):  # v1, pixel space: its sampler as first shipped, beside the fixed one
+        other = "clip" if pipe.config.x0_limit == "dynamic" else "dynamic"
+        rows.append({"setting": f"{tag}, classifier-free, {other} x0" + (", leading" if other == "clip" else ""),
+                     "guidance_scale": gs, "clip_guidance_scale": 0.0,
+                     "config": {"x0_limit": other, **({"timestep_spacing": "leading"} if other == "clip" else {})}})
     return rows
 
 

@@ -70,7 +70,7 @@ class Text2ImgConfig:
     guidance_scale: float = 3.0
     clip_guidance_scale: float = 0.0
     timestep_spacing: str = "trailing"   # "trailing": the first DDIM step is t=999 (pure noise); v1 used "leading"
-    x0_limit: str = "clip"           # predicted clean image: "clip" to [-1, 1], "dynamic" (Imagen's), or "none"
+    x0_limit: str = "dynamic"        # predicted clean image: "dynamic" (Imagen's thresholding), "clip" (v1), "none"
     dynamic_threshold_ratio: float = 0.995  # Imagen's percentile p of |x0| per image (with x0_limit="dynamic")
     dynamic_threshold_max: float = 4.0  # the largest s (diffusers' sample_max_value; at 1.0 it is plain clipping)
     rederive_eps: bool = False       # re-derive eps from the limited x0 (GLIDE); measured worse here (docs/text2img.md)

@@ -22,7 +22,8 @@ def run(tmp_path_factory):
 
 def _gen(pipe, seed=0, **kw):
     g = torch.Generator().manual_seed(seed)
-    return pipe(["a smiling face with red hair", "a serious face with glasses"], generator=g, num_images_per_prompt=2, **kw).images
+    return pipe(["a smiling face with red hair", "a serious face with glasses"], generator=g, num_images_per_prompt=2,
+                **kw).images
 
 
 def test_tiny_end_to_end(run):
@@ -44,7 +45,8 @@ def test_save_load_gives_identical_images(run, tmp_path):
     model, _, run_dir = run
     a = _gen(model, guidance_scale=2.0, clip_guidance_scale=50.0)
     model.save_pretrained(tmp_path / "pipe")
-    b = _gen(Text2ImgPipeline.from_pretrained(tmp_path / "pipe", device="cpu"), guidance_scale=2.0, clip_guidance_scale=50.0)
+    b = _gen(Text2ImgPipeline.from_pretrained(tmp_path / "pipe", device="cpu"), guidance_scale=2.0,
+             clip_guidance_scale=50.0)
     c = _gen(load_pipeline(run_dir, device="cpu"), guidance_scale=2.0, clip_guidance_scale=50.0)
     assert torch.equal(a, b) and torch.equal(a, c)
     assert not torch.equal(a, _gen(model, seed=1, guidance_scale=2.0, clip_guidance_scale=50.0))
@@ -82,7 +84,8 @@ def test_guidance_changes_the_images(run):
     assert (sim(x0 + 1e-2 * g / g.flatten(1).norm(dim=1).view(-1, 1, 1, 1)) > sim(x0)).all()
 
 
-@pytest.mark.parametrize("bad,match", [("", "empty"), (7, "must be a string"), ("y" * 1000, "shorten"), ([], "non-empty")])
+@pytest.mark.parametrize("bad,match", [("", "empty"), (7, "must be a string"), ("y" * 1000, "shorten"),
+                                       ([], "non-empty")])
 def test_prompt_validation(run, bad, match):
     model, _, _ = run
     with pytest.raises(DreamlabError, match=match):
@@ -106,7 +109,8 @@ def test_cli_text2img(run, tmp_path, capsys):
 
     _, _, run_dir = run
     out = tmp_path / "out.png"
-    assert main(["text2img", "a smiling face with blonde hair and glasses", "-n", "2", "--out", str(out), "--run", str(run_dir),
+    assert main(["text2img", "a smiling face with blonde hair and glasses", "-n", "2", "--out", str(out),
+                 "--run", str(run_dir),
                  "--steps", "2", "--no-progress"]) == 0
     assert out.exists() and out.stat().st_size > 100
     assert main(["text2img", "a face", "--run", str(tmp_path / "missing")]) == 2
@@ -132,14 +136,15 @@ def test_evaluation_tables_and_grids(run):
     res = evaluate_text2img(model, run_dir, n_per_prompt=1, num_inference_steps=2, judge_steps=5,
                             judge_images=200, progress=False)
     settings = ["text, no guidance", "text, classifier-free", "text, classifier-free + CLIP",
-                "text, classifier-free, dynamic thresholding"]
+                "text, classifier-free, clip x0, leading"]
     assert [r["setting"] for r in res["rows"]] == settings * 2  # held-out prompts, then paraphrases
     assert [r["prompts"] for r in res["rows"]] == ["held-out"] * 4 + ["paraphrase"] * 4
     for r in res["rows"]:
         assert 0 <= r["clip_score"] <= 100 and 0 <= r["attr_acc"] <= 1 and (run_dir / r["grid"]).exists()
     assert len(res["prompts"]["faces"]) == len(P.HELD_OUT["faces"])
     assert (run_dir / "eval_text2img.md").read_text().count("|") > 20
-    assert model.config.x0_limit == "clip"  # the dynamic-thresholding row restored the model's own setting
+    # the v1-sampler row restored the model's own settings
+    assert model.config.x0_limit == "dynamic" and model.config.timestep_spacing == "trailing"
 
 
 def test_sampler_starts_at_pure_noise_and_offers_imagen_thresholding(run):
@@ -150,10 +155,11 @@ def test_sampler_starts_at_pure_noise_and_offers_imagen_thresholding(run):
     assert float(s.alphas_cumprod[-1]) < 1e-8
     d = model.scheduler(x0_limit="dynamic")
     assert d.config.thresholding and not d.config.clip_sample and d.config.sample_max_value > 1
-    base = _gen(model, guidance_scale=4.0, clip_guidance_scale=0.0)
-    model.config.x0_limit = "dynamic"
+    assert model.config.x0_limit == "dynamic"  # the default: it measured best (docs/text2img.md)
+    dyn = _gen(model, guidance_scale=4.0, clip_guidance_scale=0.0)
+    model.config.x0_limit = "clip"
     try:
-        dyn = _gen(model, guidance_scale=4.0, clip_guidance_scale=0.0)
+        base = _gen(model, guidance_scale=4.0, clip_guidance_scale=0.0)
     finally:
-        model.config.x0_limit = "clip"
+        model.config.x0_limit = "dynamic"
     assert not torch.equal(base, dyn) and 0 <= float(dyn.min()) and float(dyn.max()) <= 1
