@@ -303,8 +303,30 @@ class LatentText2Img(Generator):
         return pool
 
     # ---- data: latents (and CLIP image embeddings) computed once --------------------------------
-    @torch.no_grad()
     def train_data(self, split: str) -> dict[str, torch.Tensor]:
+        return self._data(split, self.config.max_per_set)
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "test", max_items: int | None = None) -> dict[str, float]:
+        """Mean held-out loss on at most `max_items` images (spread over the sets): encoding a whole split is slow."""
+        was = self.training
+        self.eval()
+        cap = max(1, (max_items or 600) // len(self.sets))
+        data = self._data(split, cap)
+        tot: dict[str, float] = {}
+        g = torch.random.fork_rng(devices=[])
+        with g:
+            torch.manual_seed(0)  # the same noise and timesteps every time: comparable between runs
+            for i in range(0, len(data["c"]), 256):
+                loss, m = self.loss({k: v[i:i + 256].to(self.device) for k, v in data.items()})
+                n = len(data["c"][i:i + 256])
+                for k, v in {"loss": loss, **m}.items():
+                    tot[k] = tot.get(k, 0.0) + float(v) * n
+        self.train(was)
+        return {f"{split}_{k}": v / len(data["c"]) for k, v in tot.items()}
+
+    @torch.no_grad()
+    def _data(self, split: str, max_per_set: int) -> dict[str, torch.Tensor]:
         """Latent posteriors (mean, std) of the set's images, their class ids and, for the prior, CLIP image embeddings.
 
         The autoencoder is frozen, so its encoding of a split is computed once and cached (keyed by its weights)."""
@@ -313,7 +335,7 @@ class LatentText2Img(Generator):
         clip_key = _weights_key(self.clip.visual) if self.config.conditioning == "prior" else ""
         out: dict[str, list[torch.Tensor]] = {"mean": [], "std": [], "c": [], "e": []}
         for s in self.sets:
-            d = load_images([s], split, self.config.max_per_set, self.image_size)
+            d = load_images([s], split, max_per_set, self.image_size)
             tag = f"ldm_{s}_{split}_{len(d['x'])}_{P.VERSION}"
             ms = cached_array(f"{tag}_ae{ae_key}", lambda d=d: self._encode_all(d["x"]))
             out["mean"].append(torch.from_numpy(ms[:, 0]))
