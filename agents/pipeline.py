@@ -1,13 +1,13 @@
 """The whole World Models pipeline in one run folder: collect -> V -> encode -> M -> C (CMA-ES in the dream)
 -> real-env evaluation, optionally iterated (collect with the current controller, retrain M and C).
 
-    RUN/config.json        the pipeline settings (preset + overrides)
+    RUN/config.json        the pipeline settings (preset + overrides, by stage: agents.wm_config)
     RUN/rollouts/          episode files + manifest.json          (stage: collect)
     RUN/vae/               V's trainer run folder                 (stage: train-vae)
     RUN/latents/           (mu, logvar) series per episode        (stage: encode)
     RUN/mdn/               M's trainer run folder                 (stage: train-mdn)
-    RUN/mdn_1/ ...         more Ms of the dream ensemble (mdn_ensemble > 1; stage: train-mdn)
     RUN/controller/        CMA-ES state, best.safetensors, fitness.jsonl/png   (stage: train-controller)
+    RUN/rounds.json        the iterative rounds done so far        (stage: iterate, with rounds.count > 1)
     RUN/eval/              per-episode real-env scores, side-by-side video      (stage: evaluate)
     RUN/dream.mp4          the controller driving in the dream, decoded         (stage: dream-video)
     RUN/summary.json       timings and scores of every stage
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from agents.cmaes import read_fitness
 from agents.iterate import iterate_rounds
 from agents.stages import (
     record_summary,
@@ -32,24 +33,22 @@ from agents.stages import (
     stage_train_vae,
     stop_if_interrupted,
 )
-from agents.wm_config import WorldModelConfig, load_config
-from dreamlab.config import to_dict
+from agents.wm_config import WorldModelConfig, config_json, load_config
 from dreamlab.errors import DreamlabError
 from dreamlab.io import save_json
-from worlds.dream import mdn_dirs
-
-# ----------------------------------------------------------------------------- everything
 
 
-def run_pipeline(run_dir: Path, cfg: WorldModelConfig, *, preset: str | None, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+def run_pipeline(run_dir: Path, cfg: WorldModelConfig, *, preset: str | None, progress: bool = True,
+                 resume: bool = False) -> dict[str, Any]:
     """All stages; with `resume`, stages already completed in RUN are skipped and an interrupted one continues."""
     run_dir = Path(run_dir)
     if (run_dir / "config.json").exists() and not resume:
-        raise DreamlabError(f"{run_dir} already holds a world-model run; pass --resume to continue it, or choose another --out")
+        raise DreamlabError(f"{run_dir} already holds a world-model run; pass --resume to continue it, or choose "
+                            "another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume and (run_dir / "config.json").exists():
         cfg = load_config(run_dir)
-    save_json(run_dir / "config.json", {"preset": preset, "config": to_dict(cfg)})
+    save_json(run_dir / "config.json", config_json(cfg, preset))
     t0 = time.perf_counter()
     times: dict[str, float] = {}
 
@@ -62,25 +61,21 @@ def run_pipeline(run_dir: Path, cfg: WorldModelConfig, *, preset: str | None, pr
 
     timed("collect", stage_collect, run_dir, cfg, resume=True, progress=progress)
     if not (run_dir / "vae" / "model").exists():
-        timed("train_vae", stage_train_vae, run_dir, cfg, resume=(run_dir / "vae" / "checkpoint").exists(), progress=progress)
-    timed("encode", stage_encode, run_dir, cfg, progress=progress)
-    if not all((d / "model").exists() for d in mdn_dirs(run_dir, cfg.mdn_ensemble)):
-        timed("train_mdn", stage_train_mdn, run_dir, cfg, resume=(run_dir / "mdn" / "checkpoint").exists(), progress=progress)
-    ctrl_done = (run_dir / "controller" / "fitness.jsonl").exists() and \
-        len((run_dir / "controller" / "fitness.jsonl").read_text().splitlines()) >= cfg.generations
-    if not ctrl_done:
-        timed("train_controller", stage_train_controller, run_dir, cfg, resume=(run_dir / "controller" / "cma_state.safetensors").exists(),
+        timed("train_vae", stage_train_vae, run_dir, cfg, resume=(run_dir / "vae" / "checkpoint").exists(),
               progress=progress)
-    if cfg.rounds > 1:
+    timed("encode", stage_encode, run_dir, cfg, progress=progress)
+    if not (run_dir / "mdn" / "model").exists():
+        timed("train_mdn", stage_train_mdn, run_dir, cfg, resume=True, progress=progress)
+    if len(read_fitness(run_dir / "controller")) < cfg.search.generations:
+        timed("train_controller", stage_train_controller, run_dir, cfg,
+              resume=(run_dir / "controller" / "cma_state.safetensors").exists(), progress=progress)
+    if cfg.rounds.count > 1:
         timed("iterate", iterate_rounds, run_dir, cfg, progress=progress)
     timed("dream_video", stage_dream_video, run_dir, cfg)
     res = timed("evaluate", stage_evaluate, run_dir, cfg, progress=progress)
-    total = round(time.perf_counter() - t0, 1)
-    out = {"seconds_total": total, "stage_seconds": times,
+    out = {"seconds_total": round(time.perf_counter() - t0, 1), "stage_seconds": times,
            "controller": {k: res["controller"][k] for k in ("episodes", "mean", "std", "seeds")},
            "random": {k: res["random"][k] for k in ("episodes", "mean", "std", "seeds")} if "random" in res else None}
     record_summary(run_dir, "pipeline", out)
     refresh_report(run_dir)
     return out
-
-

@@ -119,7 +119,9 @@ def render_report(run_dir: str | Path) -> str:
     lines = [f"# World-model run `{run.name}`", ""]
     bits = [f"preset **{cfgd.get('preset') or 'custom'}**" if isinstance(cfgd, dict) else "no config.json"]
     if cfg:
-        bits.append(f"{cfg.get('episodes')} episodes × {cfg.get('max_steps')} steps of `{cfg.get('env_id')}` (policy `{cfg.get('policy')}`)")
+        c = cfg.get("collect", cfg)  # the stage layout, or the flat one of earlier releases
+        bits.append(f"{c.get('episodes')} episodes × {c.get('max_steps')} steps of `{c.get('env_id')}` "
+                    f"(policy `{c.get('policy')}`)")
         bits.append(f"seed {cfg.get('seed')}")
     total = (s.get("pipeline") or {}).get("seconds_total")
     if total is not None:

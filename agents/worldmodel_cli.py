@@ -8,8 +8,8 @@
     dreamlab worldmodel iterate RUN --rounds 3                      # collect with C, retrain M and C
     dreamlab worldmodel report RUN                                  # RUN/report.md: scores, stages, pictures on one page
 
-Stage commands read RUN/config.json (written by `run`, or created from --preset on first use); `--set k=v`
-overrides any pipeline setting. Only the standard library is imported at module level.
+Stage commands read RUN/config.json (written by `run`, or created from --preset on first use); `--set stage.field=v`
+overrides any pipeline setting (agents.wm_config). Only the standard library is imported at module level.
 """
 from __future__ import annotations
 
@@ -21,38 +21,27 @@ from typing import Any
 # agents.wm_config.PRESETS' keys, spelled out so that --help needs no torch import (a test keeps them equal)
 PRESET_NAMES = ["quick", "medium", "paper", "tiny"]
 
-_ENSEMBLE_WORDS = {"mix": "dream ensemble", "rotate": "rotating ensemble: each CMA-ES search in one M"}
-
-
 def _cfg(args: argparse.Namespace, write: bool = True, flags: dict[str, Any] | None = None, create: bool = False) -> Any:
-    """The run's config (its config.json, else the preset) with --set applied. config.json is written into an
-    existing folder, or a new one with `create` (collect, the first stage: a later stage pointed at a folder that
-    does not exist fails with its own error and leaves nothing behind). `flags` (a stage's own options, e.g.
-    collect's --workers) are checked with the config, so a bad one writes nothing."""
-    import dataclasses
-
-    from agents.wm_config import load_config, make_config
-    from dreamlab.config import parse_set_args, to_dict
-    from dreamlab.io import save_json
+    """The run's config (its config.json, else the preset) with --set applied, then a stage's own flags (`flags`:
+    setting -> value, e.g. collect's --episodes as collect.episodes), which apply to this command only. A bad value
+    fails here, before anything is written. --set changes are saved into an existing run's config.json; a new folder
+    gets one only with `create` (collect, the first stage: a later stage pointed at a folder that does not exist fails
+    with its own error and leaves nothing behind)."""
+    from agents.wm_config import apply_settings, config_json, load_config, make_config
+    from dreamlab.config import parse_set_args
+    from dreamlab.io import load_json, save_json
 
     run = Path(args.run)
     over = parse_set_args(getattr(args, "set", None))
-    if (run / "config.json").exists():
-        from dreamlab.config import apply_overrides
-
-        cfg = apply_overrides(load_config(run), over, what="worldmodel config")
-        if over and write:
-            from dreamlab.io import load_json
-
-            d = load_json(run / "config.json")
-            save_json(run / "config.json", {**d, "config": to_dict(cfg)})
-        return cfg
-    cfg = make_config(args.preset, over)
-    dataclasses.replace(cfg, **(flags or {}))  # raises on a bad flag before anything is written
-    if write and (create or run.is_dir()):
+    exists = (run / "config.json").exists()
+    cfg = apply_settings(load_config(run), over) if exists else make_config(args.preset, over)
+    with_flags = apply_settings(cfg, flags or {})  # checked before anything is written
+    if write and exists and over:
+        save_json(run / "config.json", config_json(cfg, load_json(run / "config.json").get("preset")))
+    elif write and not exists and (create or run.is_dir()):
         run.mkdir(parents=True, exist_ok=True)
-        save_json(run / "config.json", {"preset": args.preset, "config": to_dict(cfg)})
-    return cfg
+        save_json(run / "config.json", config_json(cfg, args.preset))
+    return with_flags
 
 
 def _print(d: Any) -> None:
@@ -64,10 +53,12 @@ def _plan(cfg: Any, out: Path) -> str:
     from dreamlab.device import resolve_device
 
     dev = resolve_device(cfg.device)
-    line = (f"plan: {cfg.episodes} episodes x {cfg.max_steps} steps of {cfg.env_id} ({cfg.policy}); V {cfg.vae_steps} steps; "
-            f"M {cfg.mdn_steps} steps{f' x {cfg.mdn_ensemble} ({_ENSEMBLE_WORDS[cfg.mdn_ensemble_mode]})' if cfg.mdn_ensemble > 1 else ''}; C {cfg.generations} generations of {cfg.popsize}x{cfg.rollouts} dreams of {cfg.horizon} steps"
-            f"{f'; {cfg.rounds} rounds' if cfg.rounds > 1 else ''}; on {dev.type}; into {out} (interrupt any time, continue with --resume)")
-    if dev.type == "cpu" and cfg.vae_steps * cfg.vae_batch >= 1_000_000:
+    c, s = cfg.collect, cfg.search
+    line = (f"plan: {c.episodes} episodes x {c.max_steps} steps of {c.env_id} ({c.policy}); V {cfg.vae.steps} steps; "
+            f"M {cfg.mdn.steps} steps; C {s.generations} generations of {s.popsize}x{s.rollouts} dreams of "
+            f"{cfg.dream.horizon} steps{f'; {cfg.rounds.count} rounds' if cfg.rounds.count > 1 else ''}; on "
+            f"{dev.type}; into {out} (interrupt any time, continue with --resume)")
+    if dev.type == "cpu" and cfg.vae.steps * cfg.vae.batch_size >= 1_000_000:
         line += ("\nwarning: these are paper-scale sizes and no CUDA device is present: expect days on a CPU "
                  "(on 2 cores --preset quick finishes in about 10 minutes, --preset medium in about 40)")
     return line
@@ -92,19 +83,18 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _collect(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from agents.stages import stage_collect
 
-    flags = {k: v for k, v in {"episodes": args.episodes, "max_steps": args.max_steps, "workers": args.workers,
-                               "env_id": args.env_id, "seed": args.seed}.items() if v is not None}
-    cfg = dataclasses.replace(_cfg(args, flags=flags, create=True), **flags)
+    flags = {k: v for k, v in {"collect.episodes": args.episodes, "collect.max_steps": args.max_steps,
+                               "workers": args.workers, "collect.env_id": args.env_id, "seed": args.seed}.items()
+             if v is not None}
+    cfg = _cfg(args, flags=flags, create=True)
     run = Path(args.run)
     ctrl = ""
     if args.policy == "controller":
         ctrl = args.controller or str(run / "controller" / "best.safetensors")
-    res = stage_collect(run, cfg, resume=args.resume, progress=not args.no_progress,
-                        policy=args.policy, controller=ctrl)
+    res = stage_collect(run, cfg, resume=args.resume, progress=not args.no_progress, policy=args.policy,
+                        controller=ctrl)
     _print(res)
     return 0
 
@@ -135,10 +125,13 @@ def _train_mdn(args: argparse.Namespace) -> int:
 def _train_controller(args: argparse.Namespace) -> int:
     from agents.stages import stage_train_controller
 
-    over = {k: v for k, v in {"fitness": args.fitness, "generations": args.generations, "popsize": args.popsize,
-                              "rollouts": args.rollouts, "sigma0": args.sigma0, "temperature": args.temperature,
-                              "eval_every": args.eval_every, "restart_every": args.restart_every}.items() if v is not None}
-    _print(stage_train_controller(Path(args.run), _cfg(args), resume=args.resume, progress=not args.no_progress, **over))
+    flags = {k: v for k, v in {"search.fitness": args.fitness, "search.generations": args.generations,
+                               "search.popsize": args.popsize, "search.rollouts": args.rollouts,
+                               "search.sigma0": args.sigma0, "dream.temperature": args.temperature,
+                               "selection.check_every": args.eval_every,
+                               "search.restart_every": args.restart_every}.items() if v is not None}
+    cfg = _cfg(args, flags=flags)
+    _print(stage_train_controller(Path(args.run), cfg, resume=args.resume, progress=not args.no_progress))
     return 0
 
 
@@ -146,9 +139,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from agents.evaluate import evaluate_run
 
     cfg = _cfg(args, write=False)
-    res = evaluate_run(args.run, episodes=args.episodes, seed=args.seed, workers=args.workers if args.workers is not None else cfg.workers,
-                       controller=args.controller, env_id=args.env_id or "CarRacing-v3", max_steps=args.max_steps, baseline=not args.no_baseline,
-                       video=not args.no_video, temperature=cfg.temperature, progress=not args.no_progress,
+    res = evaluate_run(args.run, episodes=args.episodes, seed=args.seed,
+                       workers=args.workers if args.workers is not None else cfg.workers, controller=args.controller,
+                       env_id=args.env_id or "CarRacing-v3", max_steps=args.max_steps, baseline=not args.no_baseline,
+                       video=not args.no_video, temperature=cfg.dream.temperature, progress=not args.no_progress,
                        baseline_cache=not args.fresh_baseline)
     for k in ("controller", "random"):
         if k in res:
@@ -179,11 +173,9 @@ def _dream_video(args: argparse.Namespace) -> int:
 
 
 def _iterate(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from agents.iterate import iterate_rounds
 
-    cfg = dataclasses.replace(_cfg(args), rounds=args.rounds)
+    cfg = _cfg(args, flags={"rounds.count": args.rounds})
     _print(iterate_rounds(Path(args.run), cfg, progress=not args.no_progress))
     return 0
 
@@ -196,7 +188,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         if run:
             p.add_argument("run", help="the world-model run folder")
         p.add_argument("--preset", default="quick", choices=PRESET_NAMES, help="settings for a new run folder (default: quick; medium: about 40 min on 2 cores)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a pipeline setting (repeatable), e.g. --set episodes=100")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a pipeline setting (repeatable), e.g. --set collect.episodes=100 (stages: collect, vae, mdn, dream, search, selection, evaluation, rounds)")
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
         if resume:
             p.add_argument("--resume", action="store_true", help="continue an interrupted stage")

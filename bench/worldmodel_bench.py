@@ -11,7 +11,6 @@ Rows (ours | reference | ratio ours/ref):
   V training images/s                  (WorldVAE.loss on uint8 frames, paper width 32)  vs wm_core_bench.py VAE
   M training steps/s                   (MDNRNN.loss, LSTM 256, 5 mixtures)               vs wm_core_bench.py MDN-RNN
   dream steps/s, P64 x R16             (DreamSimulator: controller + LSTM + mixture draw + reward/done)  vs wm_core_bench.py dream
-  dream steps/s with a 3-M ensemble    vs M alone in the same run (each rollout runs in one member, C reads M's h)
 On CUDA the same sizes as the reference's GPU rows are used (bf16 autocast, CUDA-graph dream, T=1000).
 """
 from __future__ import annotations
@@ -95,7 +94,7 @@ def ours_mdn(dev, bs: int, t: int, amp: bool) -> float:
     return bs * t / _timeit(step, 10 if dev.type == "cuda" else 2, dev)
 
 
-def ours_dream(dev, p: int, r: int, t: int, graph: bool, amp: bool = True, ensemble: int = 1) -> float:
+def ours_dream(dev, p: int, r: int, t: int, graph: bool, amp: bool = True) -> float:
     import torch
 
     from worlds.dream import DreamConfig, DreamSimulator
@@ -105,13 +104,8 @@ def ours_dream(dev, p: int, r: int, t: int, graph: bool, amp: bool = True, ensem
     mdn = MDNRNN(MDNRNNConfig(hidden=256, mixtures=5)).to(dev).eval()
     with torch.no_grad():
         mdn.head.bias[-1] = -20.0  # never done: every dream runs the full horizon, as in the reference
-    members = []
-    for _ in range(1, ensemble):  # the other Ms of a dream ensemble (DreamSimulator members)
-        m = MDNRNN(MDNRNNConfig(hidden=256, mixtures=5)).to(dev).eval()
-        with torch.no_grad():
-            m.head.bias[-1] = -20.0
-        members.append(m)
-    sim = DreamSimulator(mdn, torch.randn(64, 32), torch.full((64, 32), -2.0), DreamConfig(horizon=t, cuda_graph=graph, amp=amp), members)
+    sim = DreamSimulator(mdn, torch.randn(64, 32), torch.full((64, 32), -2.0), DreamConfig(horizon=t),
+                         cuda_graph=graph, amp=amp)
     thetas = torch.randn(p, sim.n_params, device=dev) * 0.1
     sim.rollout(thetas, r, seed=0, horizon=5)  # warm-up (captures the graph on CUDA)
     if dev.type == "cuda":
@@ -129,7 +123,7 @@ def ours_collect(workers: int, steps: int, env_id: str, per_worker: int = 1) -> 
     from worlds.collect import CollectConfig, collect
 
     with tempfile.TemporaryDirectory() as d:
-        res = collect(CollectConfig(out=d, episodes=workers * per_worker, max_steps=steps, workers=workers, env_id=env_id),
+        res = collect(CollectConfig(episodes=workers * per_worker, max_steps=steps, env_id=env_id), d, workers=workers,
                       progress=False, env_setup=register_all)
     return res["env_steps_per_s"]
 
@@ -174,7 +168,7 @@ def main() -> None:
     for bs, t, amp in ([(100, 999, False), (100, 999, True), (512, 999, True)] if big else [(16, 200, False)]):
         add(f"M train steps/s bs{bs} T{t} amp{int(amp)}", ours_mdn(dev, bs, t, amp), ref.get(f"mdnrnn_steps_per_s bs{bs} T{t} amp{int(amp)}"))
     t = 1000 if big else 100
-    # on CUDA the dream runs with and without bf16 autocast (DreamConfig.amp); the reference is fp32 (TF32 on)
+    # on CUDA the dream runs with and without bf16 autocast (DreamSimulator(amp=...)); the reference is fp32 (TF32 on)
     dreams = [(64, 16, False, True), (64, 16, True, True), (64, 16, True, False), (1024, 16, True, True), (1024, 16, True, False)]
     for p, r, graph, amp in (dreams if big else [(64, 16, False, False)]):
         sec = ours_dream(dev, p, r, t, graph, amp)
@@ -183,10 +177,6 @@ def main() -> None:
         add(f"dream P{p}xR{r} T{t} graph{int(graph)}{tag} seconds (lower is better)", sec, ref.get(rk))
         add(f"dream P{p}xR{r} graph{int(graph)}{tag} dream-steps/s", p * r * t / sec,
             ref.get(f"dream P{p}xR{r} graph{int(graph)} dream_steps_per_s"))
-    # a 3-M ensemble (mdn_ensemble=3) against M alone, same sizes, in this run: "reference" = M alone
-    p, r, graph, amp = (64, 16, True, True) if big else (64, 16, False, False)
-    one = p * r * t / ours_dream(dev, p, r, t, graph, amp)
-    add(f"dream P{p}xR{r} ensemble of 3 dream-steps/s (ref: M alone)", p * r * t / ours_dream(dev, p, r, t, graph, amp, ensemble=3), one)
     print(f"device: {name}; torch {torch.__version__}; load average {os.getloadavg()[0]:.1f}")
     print(f"| {'measure':<62} | {'ours':>12} | {'reference':>12} | {'ours/ref':>8} |")
     print(f"|{'-' * 64}|{'-' * 14}|{'-' * 14}|{'-' * 10}|")

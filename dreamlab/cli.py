@@ -30,7 +30,7 @@ def _data_prepare(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dreamlab", description="World models, text-to-image and every model of "
+    p = argparse.ArgumentParser(prog="dreamlab", description="World models, text-to-image and the models of "
                                 "Generative Deep Learning (2nd ed.) behind one Generator interface.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

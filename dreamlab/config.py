@@ -116,7 +116,14 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def from_dict(cls: type[T], d: Mapping[str, Any], *, what: str = "config") -> T:
-    return apply_overrides(cls(), {k: v for k, v in d.items()}, what=what)
+    """A config from a saved dict (config.json). Keys of options that were removed (the class's `REMOVED`: name ->
+    the value that is now fixed behaviour) are dropped when they hold that value; any other value cannot be rebuilt."""
+    removed: Mapping[str, Any] = getattr(cls, "REMOVED", {})
+    for k, v in d.items():
+        if k in removed and v != removed[k]:
+            raise DreamlabError(f"{what}: {k}={v!r} was an experiment option that this version of dreamlab no longer has "
+                                f"(its results are in docs/experiments/); use the dreamlab release that wrote it")
+    return apply_overrides(cls(), {k: v for k, v in d.items() if k not in removed}, what=what)
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, exclude: Iterable[str] = ()) -> None:

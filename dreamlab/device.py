@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import random
 
-import numpy as np
 import torch
 
 from dreamlab.errors import DreamlabError
@@ -48,12 +45,6 @@ def _draw(fn, shape: tuple[int, ...], generator: torch.Generator | None, device:
     return fn(shape, generator=generator, device=generator.device if generator is not None else device).to(device)
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 @contextlib.contextmanager
 def seeded(seed: int):
     """Build a model under `seed` without touching the caller's RNG: its initial weights depend on the seed alone,
@@ -61,8 +52,3 @@ def seeded(seed: int):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         yield
-
-
-def default_threads() -> int:
-    """Threads for CPU work: all cores unless DREAMLAB_THREADS says otherwise."""
-    return int(os.environ.get("DREAMLAB_THREADS", os.cpu_count() or 1))

@@ -450,13 +450,6 @@ class FastCarRacing(CarRacing):
         return hit
 
 
-def _span(lo: float, hi: float, scale: float, n: int) -> tuple[int, list[float]]:
-    """First output pixel and the covered fractions of the output pixels met by window interval [lo, hi]."""
-    a, b = lo * scale, hi * scale
-    j0, j1 = max(int(math.floor(a)), 0), min(int(math.ceil(b)), n)
-    return j0, [min(b, j + 1.0) - max(a, float(j)) for j in range(j0, j1)]
-
-
 def _downsample(canvas: np.ndarray, k: int) -> np.ndarray:
     """Box-filter a canvas by an integer factor k (exact k x k means)."""
     if k == 1:

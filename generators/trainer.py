@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dreamlab.config import apply_overrides, to_dict
+from dreamlab.config import apply_overrides, from_dict, to_dict
 from dreamlab.device import resolve_device, seeded
 from dreamlab.errors import DreamlabError
 from dreamlab.io import atomic_write_text, load_json, load_tensors, replace_dir, save_json, save_tensors
@@ -226,7 +226,9 @@ def train(model: Model, tc: TrainConfig, run_dir: str | Path, *, resume: bool = 
     cfg_json = {"name": model.name, "config": to_dict(model.config), "train": to_dict(tc), **(extra_config or {})}
     if resume:
         old = load_json(run_dir / "config.json")
-        if old.get("name") != model.name or old.get("config") != cfg_json["config"]:
+        same = old.get("name") == model.name and \
+            to_dict(from_dict(type(model.config), old.get("config", {}), what="config.json")) == cfg_json["config"]
+        if not same:
             raise DreamlabError(f"{run_dir} was trained with a different model or model config; resume with the same settings")
     save_json(run_dir / "config.json", cfg_json)
 
@@ -378,7 +380,8 @@ def train_from_name(name: str, *, preset: str | None = "quick", overrides: dict[
     if resume:
         # settings come from the run folder; explicit overrides (e.g. more steps) still apply
         old = load_json(run_dir / "config.json")
-        model = cls(apply_overrides(cls.config_class(), {**old["config"], **mo}, what=f"{name} config"))
+        model = cls(apply_overrides(from_dict(cls.config_class, old["config"], what=f"{run_dir / 'config.json'}"), mo,
+                                    what=f"{name} config"))
         tc = apply_overrides(TrainConfig(), {**old["train"], **to}, what="trainer config")
     res = train(model, tc, run_dir, resume=resume, progress=progress, extra_config={"preset": preset})
     return model, res, run_dir
@@ -392,7 +395,7 @@ def load_run(run_dir: str | Path, device: str = "auto") -> Model:
     if (run_dir / "checkpoint" / "model.safetensors").exists():
         meta = load_json(run_dir / "config.json")
         cls = get_model_class(meta["name"])
-        m = cls(apply_overrides(cls.config_class(), meta["config"]))
+        m = cls(from_dict(cls.config_class, meta["config"], what=f"{run_dir / 'config.json'}"))
         m.load_state_dict(load_tensors(run_dir / "checkpoint" / "model.safetensors"))
         return m.to(resolve_device(device)).eval()
     if (run_dir / "config.json").exists() and (run_dir / "model.safetensors").exists():

@@ -111,53 +111,19 @@ def test_chunk_sequences_masks_padding_and_checks_z_dim() -> None:
         chunk_sequences([ep], 4, 8, 3)
 
 
-def test_chunk_stride_overlaps_full_windows_and_keeps_the_episode_end() -> None:
-    ep = {"mu": torch.randn(11, 4), "logvar": torch.zeros(11, 4), "action": torch.rand(10, 3), "reward": torch.arange(10.0),
-          "done": torch.zeros(10)}
-    ep["done"][-1] = 1.0
-    d = chunk_sequences([ep], 4, 4, 3, stride=2)
-    # full windows at 0, 2, 4 and one ending at the last step (6): no padding, every step covered
-    assert d["x"].shape == (4, 5, 4 + 3) and bool(d["mask"].all())
-    assert d["reward"][:, 0].tolist() == [0.0, 2.0, 4.0, 6.0]
-    assert d["done"][-1, -1] == 1.0
-    assert torch.allclose(d["x"][3, -1, :4].float(), ep["mu"][10].half().float())
-    # stride = seq_len is the non-overlapping cut; an episode shorter than a chunk stays one padded chunk
-    assert torch.equal(chunk_sequences([ep], 4, 4, 3, stride=4)["x"], chunk_sequences([ep], 4, 4, 3)["x"])
-    short = {k: v[:3] if k != "mu" and k != "logvar" else v[:4] for k, v in ep.items()}
-    assert chunk_sequences([short], 4, 4, 3, stride=2)["mask"].tolist() == [[1, 1, 1, 0]]
-    with pytest.raises(DreamlabError, match="chunk_stride=5"):
-        MDNRNN(MDNRNNConfig(seq_len=4, chunk_stride=5))
+def test_a_saved_m_of_an_earlier_release_loads_and_a_removed_option_is_named(tmp_path) -> None:
+    """config.json of M written with the removed chunk_stride/self_feed options still loads at their neutral values."""
+    import json
 
+    from generators.base import Generator
 
-def test_self_feed_runs_on_own_draws_and_only_in_training() -> None:
-    torch.manual_seed(2)
-    m = MDNRNN(MDNRNNConfig(z_dim=4, action_dim=3, hidden=8, mixtures=3, seq_len=6)).double()
-    z, a = torch.randn(2, 6, 4, dtype=torch.double), torch.rand(2, 6, 3, dtype=torch.double)
-    z2 = z.clone()
-    z2[:, 1:] += 1.0
-    # p = 0: the step-by-step path is the fused LSTM's teacher forcing, and it reads every real input
-    ref, _ = m.forward_sequence(z, a)
-    for x, y in zip(ref, m._self_fed(z, a, 0.0)):
-        assert torch.allclose(x, y, atol=1e-12)
-    assert not torch.allclose(m._self_fed(z2, a, 0.0)[1], ref[1])
-    # p = 1: after the first input M reads only its own draws, so the real z_1.. cannot change its predictions
-    torch.manual_seed(3)
-    own = m._self_fed(z, a, 1.0)
-    torch.manual_seed(3)
-    own2 = m._self_fed(z2, a, 1.0)
-    for x, y in zip(own, own2):
-        assert torch.equal(x, y)
-    assert not torch.allclose(own[1], ref[1])
-    # the loss self-feeds in training only; evaluation (validation NLL) stays teacher-forced
-    batch = {k: v.double() for k, v in _batch(2, 6, 4, 3).items()}
-    m.eval()
-    tf = m.loss(batch)[0].item()  # self_feed = 0: teacher forcing
-    m.config.self_feed = 1.0
-    assert m.loss(batch)[0].item() == pytest.approx(tf, rel=1e-6)  # z is resampled with sigma ~ 3e-7
-    m.train()
-    loss, _ = m.loss(batch)
-    loss.backward()
-    assert math.isfinite(loss.item()) and loss.item() != pytest.approx(tf)
-    assert m.rnn.weight_hh_l0.grad is not None and m.rnn.weight_hh_l0.grad.abs().sum() > 0
-    with pytest.raises(DreamlabError, match="self_feed=1.5"):
-        MDNRNN(MDNRNNConfig(self_feed=1.5))
+    m = MDNRNN(MDNRNNConfig(z_dim=4, hidden=8, mixtures=2, seq_len=4))
+    m.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["config"].update(chunk_stride=0, self_feed=0.0)
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    assert torch.equal(Generator.from_pretrained(tmp_path / "m", device="cpu").head.weight, m.head.weight)
+    cfg["config"]["self_feed"] = 0.5
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DreamlabError, match="self_feed=0.5 was an experiment option"):
+        Generator.from_pretrained(tmp_path / "m", device="cpu")

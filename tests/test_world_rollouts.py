@@ -61,7 +61,8 @@ def test_collector_kill_and_resume(tmp_path: Path) -> None:
     assert _listed_ok(run / "rollouts") == list(range(8))
     # an episode depends only on (seed, index): the resumed run equals a fresh in-process collection
     fresh = tmp_path / "fresh"
-    collect(CollectConfig(out=str(fresh), episodes=2, max_steps=30, env_id=FAST, policy="brownian", seed=0), progress=False, inprocess=True, env_setup=register_all)
+    collect(CollectConfig(episodes=2, max_steps=30, env_id=FAST, policy="brownian"), fresh, seed=0, progress=False,
+            inprocess=True, env_setup=register_all)
     for i in (0, 1):
         a, b = load_episode(run / "rollouts" / f"ep_{i:06d}.npz"), load_episode(fresh / f"ep_{i:06d}.npz")
         assert np.array_equal(a.obs, b.obs) and np.array_equal(a.actions, b.actions) and np.array_equal(a.rewards, b.rewards)
@@ -70,7 +71,8 @@ def test_collector_kill_and_resume(tmp_path: Path) -> None:
 def test_crashed_worker_is_restarted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DREAMLAB_COLLECT_CRASH_ONCE", "1")
     out = tmp_path / "r"
-    res = collect(CollectConfig(out=str(out), episodes=3, max_steps=20, workers=2, env_id=FAST), progress=False, env_setup=register_all)
+    res = collect(CollectConfig(episodes=3, max_steps=20, env_id=FAST), out, workers=2, progress=False,
+                  env_setup=register_all)
     assert res["restarts"] >= 1
     assert (out / ".crashed_1").exists()
     assert _listed_ok(out) == [0, 1, 2]
@@ -78,7 +80,8 @@ def test_crashed_worker_is_restarted(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_corrupt_episode_error_names_file(tmp_path: Path) -> None:
     out = tmp_path / "run" / "rollouts"
-    collect(CollectConfig(out=str(out), episodes=2, max_steps=15, env_id=FAST), progress=False, inprocess=True, env_setup=register_all)
+    collect(CollectConfig(episodes=2, max_steps=15, env_id=FAST), out, progress=False, inprocess=True,
+            env_setup=register_all)
     bad = out / "ep_000001.npz"
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])
@@ -102,7 +105,8 @@ def test_streaming_loader_reads_few_episodes_at_a_time(tmp_path: Path, monkeypat
     import worlds.models as wm
 
     out = tmp_path / "r"
-    collect(CollectConfig(out=str(out), episodes=4, max_steps=10, env_id=FAST), progress=False, inprocess=True, env_setup=register_all)
+    collect(CollectConfig(episodes=4, max_steps=10, env_id=FAST), out, progress=False, inprocess=True,
+            env_setup=register_all)
     files = episode_files(out)
     loads: list[Path] = []
     real = wm.load_episode
@@ -128,15 +132,15 @@ def test_streaming_loader_reads_few_episodes_at_a_time(tmp_path: Path, monkeypat
 
 def test_pursuit_policy_drives_the_road_and_explore_cycles_policies(tmp_path: Path) -> None:
     """The track follower collects tile rewards (random policies rarely do); `explore` cycles three policies."""
-    from worlds.collect import _make_policy
+    from worlds.collect import _Job, _make_policy
     from worlds.driving import BrownianPolicy, PursuitPolicy, make_env, run_episode
 
     env = make_env("dreamlab/CarRacing64-v3", 150)
     rets = [run_episode(env, PursuitPolicy(np.random.default_rng(s), burst_p=0.0), 1000 + s).ret for s in range(2)]
     env.close()
     assert min(rets) > 20.0, rets  # 150 steps of -0.1 each = -15 without a single tile
-    cfg = CollectConfig(policy="explore")
-    kinds = [type(_make_policy(cfg, np.random.default_rng(i), {}, i)).__name__ for i in range(3)]
+    job = _Job(CollectConfig(policy="explore"), tmp_path, 0)
+    kinds = [type(_make_policy(job, np.random.default_rng(i), {}, i)).__name__ for i in range(3)]
     assert kinds == [BrownianPolicy.__name__, "ModelPolicy", PursuitPolicy.__name__]
 
 

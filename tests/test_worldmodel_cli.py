@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ pytest.importorskip("gymnasium")
 pytest.importorskip("cma")
 
 from dreamlab.cli import main  # noqa: E402
+from dreamlab.errors import DreamlabError  # noqa: E402
 
 
 def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -70,29 +70,19 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     assert (tmp_path / "d.gif").stat().st_size > 0
     assert main(["worldmodel", "train-controller", str(run), "--generations", "3", "--resume", "--no-progress"]) == 0
     assert len((run / "controller" / "fitness.jsonl").read_text().splitlines()) == 3
-    # a fork of the run (links to its V, M and data, as for comparing settings) gets a second M from the stage
-    # command: only the new member trains, the exit status is 0 and M is untouched
-    fork = tmp_path / "fork"
-    fork.mkdir()
-    for d in ("vae", "mdn", "latents", "rollouts"):
-        (fork / d).symlink_to(run / d)
-    shutil.copy(run / "config.json", fork / "config.json")
-    m_weights = (run / "mdn" / "model" / "model.safetensors").read_bytes()
-    assert main(["worldmodel", "train-mdn", str(fork), "--set", "mdn_ensemble=2", "--no-progress"]) == 0
-    assert (fork / "mdn_1" / "model" / "model.safetensors").is_file() and not (run / "mdn_1").exists()
-    assert (run / "mdn" / "model" / "model.safetensors").read_bytes() == m_weights
-    assert json.loads((fork / "summary.json").read_text())["train_mdn"]["status"] == "finished"
-    # iterative training: one more round collects with the controller, continues M and C
-    # (round_collect=both: one new episode driven by the kept controller, one by the dream-best one); a second M
-    # joins the dream (mdn_ensemble=2): trained first, then continued in every round like M
-    assert main(["worldmodel", "iterate", str(run), "--rounds", "3", "--set", "round_episodes=2", "--set", "round_restart=true",
-                 "--set", "round_check_episodes=2", "--set", "mdn_ensemble=2", "--set", "restart_every=1", "--no-progress"]) == 0
+    # iterative training: two more rounds collect with the controllers, continue M and C
+    # (rounds.collect=both: one new episode driven by the kept controller, one by the dream-best one); the old flat
+    # names still work for this release, with a deprecation notice
+    assert main(["worldmodel", "iterate", str(run), "--rounds", "3", "--set", "rounds.episodes=2",
+                 "--set", "round_restart=true", "--set", "rounds.check_episodes=2", "--set", "search.restart_every=1",
+                 "--no-progress"]) == 0
+    assert "deprecated: --set round_restart=... is now --set rounds.restart=..." in capsys.readouterr().err
     state = json.loads((run / "rounds.json").read_text())
     rounds, first = state["rounds"], state["round_1"]
     assert [r["episodes_total"] for r in rounds] == [4, 6]
     # round 1's controller got the same full-length check before round 2 and competes for best.safetensors
     assert first["round"] == 1 and first["episodes_total"] == 2 and first["real_seeds"] == [1500, 1501]
-    assert all(r["real_seeds"] == [1500, 1501] for r in rounds)  # round_check_episodes, not eval_episodes (1)
+    assert all(r["real_seeds"] == [1500, 1501] for r in rounds)  # rounds.check_episodes, not check_episodes (1)
     assert (run / "controller" / "round_1_best.safetensors").is_file()
     man = json.loads((run / "rollouts" / "manifest.json").read_text())
     assert len(man["episodes"]) == 6 and man["config"]["policy"] == "controller"
@@ -105,10 +95,9 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     assert [c["controller"] for c in summary["round_3"]["collect"]] == ["best.safetensors", "best_dream.safetensors"]
     assert all(c["new_episodes"] == 1 and c["steps"] > 0 for c in summary["round_3"]["collect"])
     assert json.loads((run / "mdn" / "eval.json").read_text())["step"] == 3
-    assert json.loads((run / "mdn_1" / "eval.json").read_text())["step"] == 3
-    assert json.loads((run / "mdn_1" / "config.json").read_text())["train"]["seed"] == 1  # another seed than M's
-    cma_cfg = json.loads((run / "controller" / "config.json").read_text())["cma"]
-    assert cma_cfg["ensemble"] == 2 and cma_cfg["restart_every"] == 1
+    saved = json.loads((run / "config.json").read_text())["config"]
+    assert saved["rounds"]["restart"] is True and saved["search"]["restart_every"] == 1  # --set is kept in the run
+    assert json.loads((run / "controller" / "config.json").read_text())["search"]["restart_every"] == 1
     # best.safetensors is the round controller with the best full-length round check
     top = max([first, *rounds], key=lambda r: r["real_mean"])
     assert rounds[-1]["kept_round"] == top["round"]
@@ -123,12 +112,9 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     assert "## Iterative rounds" in report and "| C (CMA-ES in the dream, round 1) |" in report
     kept_row = next(x for x in report.splitlines() if x.endswith("**kept** |"))
     assert kept_row.startswith(f"| {top['round']} |") and f"{top['real_mean']:,.1f} ±" in kept_row
-    # one more round with the rotating ensemble: its two searches dream in M, then in mdn_1
-    assert main(["worldmodel", "iterate", str(run), "--rounds", "4", "--set", "mdn_ensemble_mode=rotate",
-                 "--set", "round_generations=2", "--no-progress"]) == 0
-    rows = [json.loads(x) for x in (run / "controller" / "fitness.jsonl").read_text().splitlines()]
-    assert [r.get("member") for r in rows[-2:]] == [0, 1] and len(rows) == 7
-    assert json.loads((run / "controller" / "config.json").read_text())["cma"]["ensemble_mode"] == "rotate"
+    # a removed experiment option is refused, naming where its results went; at its neutral value it is accepted
+    assert main(["worldmodel", "train-mdn", str(run), "--set", "mdn_ensemble=2", "--no-progress"]) == 2
+    assert "docs/experiments/" in capsys.readouterr().err
 
 
 def test_ctrl_c_in_a_training_stage_stops_the_pipeline(tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -152,9 +138,13 @@ def test_cli_bad_input_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureF
     assert "encode" in capsys.readouterr().err
     assert main(["worldmodel", "run", "--preset", "tiny", "--out", str(tmp_path / "x"), "--set", "episodes=zero"]) == 2
     assert "episodes" in capsys.readouterr().err
-    # a bad M setting fails before any collection starts
-    assert main(["worldmodel", "run", "--preset", "tiny", "--out", str(tmp_path / "y"), "--set", "mdn_self_feed=1.5"]) == 2
-    assert "mdn_self_feed=1.5" in capsys.readouterr().err and not (tmp_path / "y").exists()
+    # a bad M setting fails before any collection starts; so does an unknown stage or field
+    assert main(["worldmodel", "run", "--preset", "tiny", "--out", str(tmp_path / "y"), "--set", "mdn.hidden=0"]) == 2
+    assert "hidden=0" in capsys.readouterr().err and not (tmp_path / "y").exists()
+    assert main(["worldmodel", "run", "--preset", "tiny", "--out", str(tmp_path / "y"), "--set", "vea.steps=3"]) == 2
+    assert "unknown stage 'vea'" in capsys.readouterr().err and not (tmp_path / "y").exists()
+    assert main(["worldmodel", "run", "--preset", "tiny", "--out", str(tmp_path / "y"), "--set", "vae.stpes=3"]) == 2
+    assert "'stpes'" in capsys.readouterr().err and not (tmp_path / "y").exists()
 
 
 @pytest.mark.parametrize("stage, needle", [(["train-vae"], "dreamlab worldmodel collect {run}"),
@@ -172,17 +162,19 @@ def test_stage_on_missing_run_names_the_step_before_and_writes_nothing(stage: li
     assert not (tmp_path / "nowhere").exists()
 
 
-@pytest.mark.parametrize("setting", ["rollouts=-3", "popsize=1", "generations=0", "temperature=0", "sigma0=-0.1",
-                                     "start_anywhere=1.5", "steer_penalty=-1", "action_noise=-0.5", "workers=-2", "final_episodes=0",
-                                     "playoff_episodes=-1", "hidden=0"])
+@pytest.mark.parametrize("setting", ["search.rollouts=-3", "search.popsize=1", "search.generations=0",
+                                     "dream.temperature=0", "search.sigma0=-0.1", "workers=-2", "evaluation.episodes=0",
+                                     "selection.playoff_episodes=-1", "mdn.hidden=0", "rounds.count=0",
+                                     "popsize=1"])  # (a flat name of the earlier releases)
 def test_bad_later_stage_setting_fails_before_collection(setting: str, tmp_path: Path,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     # a C or evaluation setting used only after collection, V and M must not cost those stages (hours in paper)
     out = tmp_path / "run"
     assert main(["worldmodel", "run", "--preset", "tiny", "--out", str(out), "--set", setting]) == 2
     err = capsys.readouterr().err.strip()
-    key = setting.split("=")[0]
-    assert err.startswith("error:") and f"{key}=" in err and len(err.splitlines()) == 1, err
+    key = setting.split("=")[0].split(".")[-1]
+    lines = [x for x in err.splitlines() if not x.startswith("deprecated:")]
+    assert lines[0].startswith("error:") and f"{key}=" in err and len(lines) == 1, err
     assert not out.exists()
 
 
@@ -190,10 +182,10 @@ def test_paper_preset_has_the_paper_sizes_and_selects_by_real_checks() -> None:
     from agents.wm_config import make_config
 
     c = make_config("paper")
-    assert (c.episodes, c.max_steps, c.z_dim, c.vae_width, c.hidden, c.mixtures, c.popsize, c.rollouts, c.horizon) == \
-        (10_000, 1000, 32, 32, 256, 5, 64, 16, 1000)
-    assert c.policy == "random_controller" and c.env_id == "CarRacing-v3"
-    assert c.select_by_real and c.eval_every == 25 and c.eval_episodes == 8
+    assert (c.collect.episodes, c.collect.max_steps, c.vae.z_dim, c.vae.width, c.mdn.hidden, c.mdn.mixtures,
+            c.search.popsize, c.search.rollouts, c.dream.horizon) == (10_000, 1000, 32, 32, 256, 5, 64, 16, 1000)
+    assert c.collect.policy == "random_controller" and c.collect.env_id == "CarRacing-v3"
+    assert c.selection.by_real and c.selection.check_every == 25 and c.selection.check_episodes == 8
     from agents.worldmodel_cli import _plan
 
     plan = _plan(dataclasses.replace(c, device="cpu"), Path("runs/x"))
@@ -207,10 +199,31 @@ def test_cli_offers_every_preset_and_medium_uses_full_length_episodes() -> None:
     assert PRESET_NAMES == list(PRESETS)
     c = make_config("medium")
     # medium's point: whole 1000-step episodes in the data, the dream and the real checks, the paper's LSTM
-    assert (c.max_steps, c.horizon, c.eval_max_steps, c.hidden, c.final_episodes) == (1000, 1000, 1000, 256, 100)
-    assert c.select_by_real and c.env_id == "dreamlab/CarRacing64-v3" and c.eval_env_id == "CarRacing-v3"
+    assert (c.collect.max_steps, c.dream.horizon, c.evaluation.max_steps, c.mdn.hidden, c.evaluation.episodes) == \
+        (1000, 1000, 1000, 256, 100)
+    assert c.selection.by_real and c.collect.env_id == "dreamlab/CarRacing64-v3" and c.evaluation.env_id == "CarRacing-v3"
     # the best 3 checks of each search are re-scored on 16 episodes; rounds are compared on 16 episodes
-    assert (c.playoff_top, c.playoff_episodes, c.round_check_episodes) == (3, 16, 16)
+    assert (c.selection.playoff_top, c.selection.playoff_episodes, c.rounds.check_episodes) == (3, 16, 16)
+
+
+def test_a_run_folder_of_the_earlier_flat_layout_still_loads(tmp_path: Path) -> None:
+    """config.json written by an earlier release (flat names, removed options at their neutral values) loads."""
+    from agents.wm_config import load_config, make_config
+
+    flat = {"env_id": "dreamlab/CarRacing64-v3", "episodes": 160, "vae_steps": 1000, "popsize": 32, "eval_every": 5,
+            "select_by_real": True, "rounds": 1, "mdn_ensemble": 1, "steer_penalty": 0.0, "state_stride": 16,
+            "features": "zh", "threads": 1}
+    (tmp_path / "config.json").write_text(json.dumps({"preset": "quick", "config": flat}))
+    c = load_config(tmp_path)
+    assert (c.collect.episodes, c.vae.steps, c.search.popsize, c.selection.check_every, c.threads) == (160, 1000, 32, 5, 1)
+    assert c.selection.by_real and c.rounds.count == 1
+    assert c.collect.env_id == make_config("quick").collect.env_id and c.collect.policy == "random_controller"
+    (tmp_path / "config.json").write_text(json.dumps({"preset": "quick", "config": {**flat, "steer_penalty": 0.5}}))
+    with pytest.raises(DreamlabError, match="steer_penalty=0.5 is an experiment option"):
+        load_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"name": "vae", "config": {"z_dim": 2}}))
+    with pytest.raises(DreamlabError, match="a 'vae' model's run folder"):
+        load_config(tmp_path)
 
 
 def test_random_baseline_episodes_are_measured_once_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from dreamlab.config import check_ranges
 from dreamlab.errors import DreamlabError
 from worlds.driving import BrownianPolicy, PursuitPolicy, episode_seed, make_env, policy_kind, run_episode
 from worlds.rollouts import episode_name, read_manifest, save_episode, write_manifest
@@ -38,20 +39,33 @@ Policy = Literal["brownian", "random_controller", "mixed", "pursuit", "explore",
 EnvSetup = Callable[[], None]
 
 
+BROWNIAN_SIGMA = 0.25  # std of the brownian policy's action steps
+FRAME_SIZE = 64        # episodes store frames at 64x64 (World Models' V input)
+MAX_RESTARTS = 8       # crashed workers restarted before the collector gives up
+
+
 @dataclass
 class CollectConfig:
-    out: str = "runs/rollouts"
+    """What to collect (the `collect` stage of a world-model run); `collect` takes where to, the seed and the workers."""
+
+    env_id: str = "CarRacing-v3"     # any gymnasium id; dreamlab/CarRacing64-v3 is the same physics drawn ~10x faster
     episodes: int = 16
     max_steps: int = 1000            # per episode; 0 = the env's own limit
-    workers: int = 0                 # 0 = all cores
     policy: Policy = "brownian"
-    env_id: str = "CarRacing-v3"
-    seed: int = 0
-    brownian_sigma: float = 0.25
+
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("episodes",), nonneg=("max_steps",))
+
+
+@dataclass
+class _Job:
+    """Everything a worker process needs (pickled to it)."""
+
+    cfg: CollectConfig
+    out: Path
+    seed: int
     world_model: str = ""            # run folder holding vae/ and mdn/ (policy=controller)
     controller: str = ""             # controller .safetensors (policy=controller)
-    frame_size: int = 64
-    max_restarts: int = 8            # crashed workers restarted before giving up
 
 
 # ----------------------------------------------------------------------------- policies that act through V and M
@@ -61,7 +75,7 @@ class ModelPolicy:
     """a = C([z, h]) with z = V's mean code of the frame and h the MDN-RNN state after (z, a) steps.
 
     The mean, not a draw from V's posterior as in the paper's code: the dream-trained controllers drive 117 points
-    worse on average with a sampled z (docs/worldmodels.md, "V's mean code, not a sampled one")."""
+    worse on average with a sampled z (docs/experiments/test-time.md)."""
 
     def __init__(self, vae: Any, mdn: Any, theta: Any) -> None:
         import torch
@@ -111,16 +125,16 @@ def random_model_policy(rng: np.random.Generator) -> ModelPolicy:
     return ModelPolicy(vae, mdn, theta)
 
 
-def _make_policy(cfg: CollectConfig, rng: np.random.Generator, cached: dict[str, Any], index: int = 0) -> Any:
-    kind = policy_kind(cfg.policy, index)
+def _make_policy(job: _Job, rng: np.random.Generator, cached: dict[str, Any], index: int = 0) -> Any:
+    kind = policy_kind(job.cfg.policy, index)
     if kind == "brownian":
-        return BrownianPolicy(rng, cfg.brownian_sigma)
+        return BrownianPolicy(rng, BROWNIAN_SIGMA)
     if kind == "random_controller":
         return random_model_policy(rng)
     if kind == "pursuit":
         return PursuitPolicy(rng)
     if "model" not in cached:
-        cached["model"] = load_model_policy(cfg.world_model, cfg.controller)
+        cached["model"] = load_model_policy(job.world_model, job.controller)
     return cached["model"]
 
 
@@ -134,15 +148,14 @@ def _crash_hook(out: Path, index: int) -> None:
             os._exit(17)
 
 
-def _worker(wid: int, cfg_d: dict[str, Any], tasks: Any, results: Any, parent: int, env_setup: EnvSetup | None) -> None:
+def _worker(wid: int, job: _Job, tasks: Any, results: Any, parent: int, env_setup: EnvSetup | None) -> None:
     """Run the episodes the parent hands over `tasks`; report on `results`, this worker's own pipe (send is
     synchronous and shares no lock with other workers, so a worker that dies mid-message breaks only its pipe)."""
-    cfg = CollectConfig(**cfg_d)
+    cfg, out = job.cfg, job.out
     if any(policy_kind(cfg.policy, i) in ("random_controller", "controller") for i in range(3)):
         import torch  # only the model policies need it: env-only policies skip the ~1.3 s import
 
         torch.set_num_threads(1)  # one worker per core: torch's own threads would oversubscribe
-    out = Path(cfg.out)
     if env_setup is not None:
         env_setup()
     env = make_env(cfg.env_id, cfg.max_steps)
@@ -157,8 +170,8 @@ def _worker(wid: int, cfg_d: dict[str, Any], tasks: Any, results: Any, parent: i
         if idx is None:
             return
         t0 = time.perf_counter()
-        seed = episode_seed(cfg.seed, idx)
-        policy = _make_policy(cfg, np.random.default_rng(seed), cached, idx)
+        seed = episode_seed(job.seed, idx)
+        policy = _make_policy(job, np.random.default_rng(seed), cached, idx)
 
         def on_steps(n: int) -> None:
             if os.getppid() != parent:
@@ -166,7 +179,7 @@ def _worker(wid: int, cfg_d: dict[str, Any], tasks: Any, results: Any, parent: i
             results.send(("steps", wid, n))
 
         try:
-            ep = run_episode(env, policy, seed, cfg.frame_size, on_steps)
+            ep = run_episode(env, policy, seed, FRAME_SIZE, on_steps)
             _crash_hook(out, idx)
             save_episode(out / episode_name(idx), ep)
         except Exception as e:  # reported to the main process, which decides whether to retry
@@ -180,30 +193,34 @@ def _worker(wid: int, cfg_d: dict[str, Any], tasks: Any, results: Any, parent: i
 # ----------------------------------------------------------------------------- the collector
 
 
-def collect(cfg: CollectConfig, *, resume: bool = False, progress: bool = True, inprocess: bool = False,
+def collect(cfg: CollectConfig, out: str | Path, *, seed: int = 0, workers: int = 0, world_model: str = "",
+            controller: str = "", resume: bool = False, progress: bool = True, inprocess: bool = False,
             env_setup: EnvSetup | None = None) -> dict[str, Any]:
-    """Collect `cfg.episodes` episodes into `cfg.out`; returns a summary (episodes, steps, env-steps/s, restarts).
-    `env_setup` (a module-level function, e.g. `envs.register_all`) runs in every process before it makes an env."""
+    """Collect `cfg.episodes` episodes into `out` with `workers` processes (0 = all cores); episode i is seeded from
+    (seed, i) alone. `policy="controller"` drives the controller file `controller` with the V and M of the run folder
+    `world_model`. `env_setup` (a module-level function, e.g. `envs.register_all`) runs in every process before it
+    makes an env. Returns a summary (episodes, steps, env-steps/s, restarts)."""
     from tqdm.auto import tqdm
 
     if env_setup is not None:
         env_setup()
-
-    if cfg.episodes < 1:
-        raise DreamlabError(f"episodes={cfg.episodes} must be at least 1")
     if cfg.policy == "controller":
-        if not (cfg.world_model and cfg.controller):
-            raise DreamlabError("policy=controller needs --world-model RUN (with vae/ and mdn/) and --controller FILE.safetensors")
-        load_model_policy(cfg.world_model, cfg.controller)  # a missing or mismatched V, M or C fails here, once, not in every worker
-    out = Path(cfg.out)
+        if not (world_model and controller):
+            raise DreamlabError("policy=controller needs --world-model RUN (with vae/ and mdn/) and "
+                                "--controller FILE.safetensors")
+        load_model_policy(world_model, controller)  # a missing or mismatched V, M or C fails here, not in every worker
+    out = Path(out)
+    job = _Job(cfg, out, seed, world_model, controller)
     manifest = read_manifest(out, must_exist=False)
     if manifest["episodes"] and not resume:
-        raise DreamlabError(f"{out} already holds {len(manifest['episodes'])} episodes; pass --resume to continue, or choose another --out")
+        raise DreamlabError(f"{out} already holds {len(manifest['episodes'])} episodes; pass --resume to continue, "
+                            "or choose another --out")
     old = manifest.get("config")
-    if resume and old and (old.get("env_id"), old.get("frame_size")) != (cfg.env_id, cfg.frame_size):
-        raise DreamlabError(f"{out} was collected with env_id={old.get('env_id')} frame_size={old.get('frame_size')}; resume with the same settings")
+    if resume and old and (old.get("env_id"), old.get("frame_size")) != (cfg.env_id, FRAME_SIZE):
+        raise DreamlabError(f"{out} was collected with env_id={old.get('env_id')} frame_size={old.get('frame_size')}; "
+                            "resume with the same settings")
     out.mkdir(parents=True, exist_ok=True)
-    manifest["config"] = dataclasses.asdict(cfg)
+    manifest["config"] = {**dataclasses.asdict(cfg), "seed": seed, "frame_size": FRAME_SIZE}
     manifest.setdefault("version", 1)
     done = {e["index"] for e in manifest["episodes"]}
     todo = [i for i in range(cfg.episodes) if i not in done]
@@ -217,7 +234,7 @@ def collect(cfg: CollectConfig, *, resume: bool = False, progress: bool = True, 
 
     def record(idx: int, info: dict[str, Any]) -> None:
         manifest["episodes"] = [e for e in manifest["episodes"] if e["index"] != idx]
-        who = {"policy": policy_kind(cfg.policy, idx), **({"controller": cfg.controller} if cfg.policy == "controller" else {})}
+        who = {"policy": policy_kind(cfg.policy, idx), **({"controller": controller} if cfg.policy == "controller" else {})}
         manifest["episodes"].append({"index": idx, "file": episode_name(idx), **info, **who})
         write_manifest(out, manifest)
         summary["new_episodes"] += 1
@@ -229,13 +246,15 @@ def collect(cfg: CollectConfig, *, resume: bool = False, progress: bool = True, 
             env = make_env(cfg.env_id, cfg.max_steps)
             cached: dict[str, Any] = {}
             for idx in todo:
-                seed = episode_seed(cfg.seed, idx)
-                ep = run_episode(env, _make_policy(cfg, np.random.default_rng(seed), cached, idx), seed, cfg.frame_size, bar.update)
+                ep_seed = episode_seed(seed, idx)
+                policy = _make_policy(job, np.random.default_rng(ep_seed), cached, idx)
+                ep = run_episode(env, policy, ep_seed, FRAME_SIZE, bar.update)
                 save_episode(out / episode_name(idx), ep)
-                record(idx, {"steps": ep.steps, "return": ep.ret, "terminated": bool(ep.terminated[-1]), "seed": seed})
+                record(idx, {"steps": ep.steps, "return": ep.ret, "terminated": bool(ep.terminated[-1]),
+                             "seed": ep_seed})
             env.close()
         else:
-            _run_pool(cfg, todo, record, bar, summary, env_setup)
+            _run_pool(job, workers, todo, record, bar, summary, env_setup)
     finally:
         bar.close()
     summary["episodes"] = len(manifest["episodes"])
@@ -244,7 +263,7 @@ def collect(cfg: CollectConfig, *, resume: bool = False, progress: bool = True, 
     return summary
 
 
-def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summary: dict[str, Any],
+def _run_pool(job: _Job, workers: int, todo: list[int], record: Any, bar: Any, summary: dict[str, Any],
               env_setup: EnvSetup | None) -> None:
     """Run episodes on worker processes. The parent hands each worker one episode at a time through the
     worker's own queue, so it always knows what a worker was doing: when a worker dies (even before any of
@@ -255,10 +274,10 @@ def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summar
     from multiprocessing.connection import wait
 
     ctx = mp.get_context("spawn")
-    n = cfg.workers or os.cpu_count() or 1
+    cfg = job.cfg
+    n = workers or os.cpu_count() or 1
     n = max(1, min(n, len(todo)))
     conns: dict[int, Any] = {}  # wid -> the read end of the worker's pipe (None once it hit EOF)
-    cfg_d = dataclasses.asdict(cfg)
     parent = os.getpid()
     pending = list(reversed(todo))  # popped from the end: episodes in order
     remaining = set(todo)
@@ -269,7 +288,8 @@ def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summar
     def spawn(wid: int) -> Any:
         queues[wid] = ctx.Queue()
         recv, send = ctx.Pipe(duplex=False)
-        p = ctx.Process(target=_worker, args=(wid, cfg_d, queues[wid], send, parent, env_setup), daemon=True, name=f"collect-{wid}")
+        p = ctx.Process(target=_worker, args=(wid, job, queues[wid], send, parent, env_setup), daemon=True,
+                        name=f"collect-{wid}")
         p.start()
         send.close()  # the worker holds the only write end: its death reads as EOF here
         conns[wid] = recv
@@ -328,7 +348,7 @@ def _run_pool(cfg: CollectConfig, todo: list[int], record: Any, bar: Any, summar
                 while conns[wid] is not None and receive(wid):  # messages it sent before dying (it may have finished its episode)
                     pass
                 summary["restarts"] += 1
-                if summary["restarts"] > cfg.max_restarts:
+                if summary["restarts"] > MAX_RESTARTS:
                     raise DreamlabError(f"collector workers crashed {summary['restarts']} times (last exit code {p.exitcode}); "
                                         "see the messages above, fix the env, then rerun with --resume")
                 lost = assigned.get(wid)

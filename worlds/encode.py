@@ -77,26 +77,11 @@ def load_latents(path: str | Path) -> dict[str, torch.Tensor]:
             "done": t["done"].float()}
 
 
-def _frame_latents(folder: str | Path, stride: int, max_episodes: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(mu, logvar) of every `stride`-th frame (the first included) of each encoded episode, one read per file."""
-    if stride < 1:
-        raise DreamlabError(f"state_stride={stride}: take every N-th frame with N >= 1")
-    out = []
-    for f in latent_files(folder)[:max_episodes]:
-        t = load_tensors(f)
-        out.append((t["mu"][::stride].float(), t["logvar"][::stride].float()))
-    return out
-
-
 def initial_latents(folder: str | Path, max_episodes: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
     """(mu, logvar) of the first frame of each encoded episode: the dream's real initial states."""
-    eps = _frame_latents(folder, 1_000_000, max_episodes)
-    return torch.cat([mu for mu, _ in eps]), torch.cat([lv for _, lv in eps])
-
-
-def state_latents(folder: str | Path, stride: int = 16, max_episodes: int = 1000) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """The initial states (as `initial_latents`) and the (mu, logvar) of every `stride`-th frame of each encoded
-    episode, from one read: real states from anywhere in the episodes (DreamConfig.start_anywhere)."""
-    eps = _frame_latents(folder, stride, max_episodes)
-    initial = torch.cat([mu[:1] for mu, _ in eps]), torch.cat([lv[:1] for _, lv in eps])
-    return initial, (torch.cat([mu for mu, _ in eps]), torch.cat([lv for _, lv in eps]))
+    mus, lvs = [], []
+    for f in latent_files(folder)[:max_episodes]:
+        t = load_tensors(f)
+        mus.append(t["mu"][:1].float())
+        lvs.append(t["logvar"][:1].float())
+    return torch.cat(mus), torch.cat(lvs)

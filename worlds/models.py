@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -157,6 +157,9 @@ class WorldVAE(ConvVAE):
 
 @dataclass
 class MDNRNNConfig:
+    #: options of earlier versions, now fixed (docs/experiments/m-training.md): saved configs holding these values load
+    REMOVED: ClassVar[dict[str, Any]] = {"chunk_stride": 0, "self_feed": 0.0}
+
     dataset: str = "latents"
     latents: str = ""           # latent folder written by `encode`; "" = procedural toy dynamics (tests)
     z_dim: int = 32
@@ -164,18 +167,10 @@ class MDNRNNConfig:
     hidden: int = 256
     mixtures: int = 5
     seq_len: int = 32           # training chunk length (the paper trains on whole 1000-step episodes)
-    chunk_stride: int = 0       # training chunks start every N steps of an episode (0 = seq_len: chunks don't overlap).
-                                # Smaller: overlapping chunks, so M starts from h = 0 at seq_len / N times as many points
-                                # and sees as many more distinct windows; validation and test chunks never overlap.
     val_every: int = 10
     reward_weight: float = 1.0
     done_weight: float = 1.0
     temperature: float = 1.0    # default tau for `sample`
-    # training on M's own samples (Venkatraman et al. 2015, "data as demonstrator"): each input z_t is, with this
-    # probability, replaced by a z drawn (tau 1, no gradient) from M's prediction at the step before, so runs of
-    # M's own predictions are fed back as in the dream and the loss teaches M to come back to the real sequence.
-    # 0 = teacher forcing (the paper). Runs step by step, so slower than one fused LSTM call.
-    self_feed: float = 0.0
 
 
 @register
@@ -196,12 +191,8 @@ class MDNRNN(Generator):
         super().__init__(config)
         z, a, h, k = config.z_dim, config.action_dim, config.hidden, config.mixtures
         if min(z, a, h, k, config.seq_len) < 1:
-            raise DreamlabError(f"mdn_rnn sizes must be positive (z_dim={z}, action_dim={a}, hidden={h}, mixtures={k}, seq_len={config.seq_len})")
-        if not 0 <= config.chunk_stride <= config.seq_len:
-            raise DreamlabError(f"mdn_rnn chunk_stride={config.chunk_stride} must be in [0, seq_len={config.seq_len}] "
-                                "(0 = seq_len: chunks don't overlap; larger would skip steps)")
-        if not 0.0 <= config.self_feed <= 1.0:
-            raise DreamlabError(f"mdn_rnn self_feed={config.self_feed} must be a probability in [0, 1]")
+            raise DreamlabError(f"mdn_rnn sizes must be positive (z_dim={z}, action_dim={a}, hidden={h}, mixtures={k}, "
+                                f"seq_len={config.seq_len})")
         self.rnn = nn.LSTM(z + a, h, batch_first=True)
         self.head = nn.Linear(h, k * (2 * z + 1) + 2)
 
@@ -261,9 +252,8 @@ class MDNRNN(Generator):
         from worlds.encode import latent_files, load_latents
 
         files = split_files(latent_files(cfg.latents), split, cfg.val_every)
-        stride = cfg.chunk_stride if split == "train" else 0  # held-out numbers stay comparable across strides
-        return chunk_sequences([load_latents(f) for f in files], cfg.seq_len, cfg.z_dim, cfg.action_dim, where=cfg.latents,
-                               stride=stride)
+        return chunk_sequences([load_latents(f) for f in files], cfg.seq_len, cfg.z_dim, cfg.action_dim,
+                               where=cfg.latents)
 
     # ---- training -------------------------------------------------------------------------
     def forward_sequence(self, z: torch.Tensor, action: torch.Tensor, state: Any = None) -> tuple[tuple, Any]:
@@ -276,10 +266,7 @@ class MDNRNN(Generator):
         mu, action, logvar = x[..., :zd], x[:, :-1, zd:], batch["logvar"].to(dt)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp() if sample_z else mu
         mask = batch["mask"].to(dt)
-        if self.training and self.config.self_feed > 0:
-            logpi, m, ls, r_hat, d_logit = self._self_fed(z[:, :-1], action, self.config.self_feed)
-        else:
-            (logpi, m, ls, r_hat, d_logit), _ = self.forward_sequence(z[:, :-1], action)
+        (logpi, m, ls, r_hat, d_logit), _ = self.forward_sequence(z[:, :-1], action)
         logp = self.mixture_log_prob(z[:, 1:], logpi, m, ls)
         n = mask.sum().clamp(min=1.0)
         nll = -(logp * mask).sum() / n
@@ -287,24 +274,6 @@ class MDNRNN(Generator):
         done = batch["done"].to(dt)
         d_bce = (F.binary_cross_entropy_with_logits(d_logit, done, reduction="none") * mask).sum() / n
         return {"nll": nll, "reward_mse": r_mse, "done_bce": d_bce}
-
-    def _self_fed(self, z: torch.Tensor, action: torch.Tensor, p: float) -> tuple[torch.Tensor, ...]:
-        """The head over a chunk (B, T, .) where each input z_t is, with probability p, M's own draw from step t-1."""
-        b, t, _ = z.shape
-        h = z.new_zeros(b, self.config.hidden)
-        c = torch.zeros_like(h)
-        feed = torch.rand(b, t, 1, device=z.device) < p
-        feed[:, 0] = False  # the first input is always real: there is no prediction before it
-        outs, own = [], z[:, 0]
-        for i in range(t):
-            zin = torch.where(feed[:, i], own, z[:, i])
-            h, c, out = self.step(zin, action[:, i], h, c)
-            outs.append(out)
-            if i + 1 < t:
-                with torch.no_grad():
-                    logpi, mu, logsig, _, _ = self.split_head(out)
-                    own = self.sample_mixture(logpi, mu, logsig, 1.0).to(z.dtype)
-        return self.split_head(torch.stack(outs, 1))
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, Metrics]:
         t = self._terms(batch)
@@ -359,11 +328,10 @@ class MDNRNN(Generator):
         return [p] if p else []
 
 
-def chunk_sequences(eps: list[dict[str, torch.Tensor]], seq_len: int, z_dim: int, action_dim: int, where: str = "",
-                    stride: int = 0) -> dict[str, torch.Tensor]:
-    """Cut episodes into chunks of seq_len transitions (seq_len + 1 latents) starting every `stride` steps
-    (0 = seq_len), padding a chunk that runs past the end with mask 0."""
-    stride = stride or seq_len
+def chunk_sequences(eps: list[dict[str, torch.Tensor]], seq_len: int, z_dim: int, action_dim: int,
+                    where: str = "") -> dict[str, torch.Tensor]:
+    """Cut episodes into consecutive chunks of seq_len transitions (seq_len + 1 latents), padding the last chunk of
+    an episode with mask 0."""
     mus, lvs, acts, rews, dones, masks = [], [], [], [], [], []
     for e in eps:
         if e["mu"].shape[-1] != z_dim:
@@ -372,24 +340,19 @@ def chunk_sequences(eps: list[dict[str, torch.Tensor]], seq_len: int, z_dim: int
         if e["action"].shape[-1] != action_dim:
             raise DreamlabError(f"actions in {where} have {e['action'].shape[-1]} dims, expected action_dim={action_dim}")
         t = len(e["action"])
-        starts = list(range(0, t, seq_len))
-        if stride < seq_len and t > seq_len:  # overlapping full windows, the last one ending at the episode's end (its done step)
-            starts = list(range(0, t - seq_len + 1, stride))
-            if starts[-1] != t - seq_len:
-                starts.append(t - seq_len)
-        for s in starts:
+        for s in range(0, t, seq_len):
             L = min(seq_len, t - s)
             pad = seq_len - L
 
-            def p(x: torch.Tensor, n: int, pad: int = pad) -> torch.Tensor:
+            def p(x: torch.Tensor, pad: int = pad) -> torch.Tensor:
                 return F.pad(x, (0, 0) * (x.ndim - 1) + (0, pad)) if pad else x
 
-            mus.append(p(e["mu"][s:s + L + 1], 0))
-            lvs.append(p(e["logvar"][s:s + L + 1], 0))
-            acts.append(p(e["action"][s:s + L], 0))
-            rews.append(p(e["reward"][s:s + L], 0))
-            dones.append(p(e["done"][s:s + L].float(), 0))
-            masks.append(p(torch.ones(L), 0))
+            mus.append(p(e["mu"][s:s + L + 1]))
+            lvs.append(p(e["logvar"][s:s + L + 1]))
+            acts.append(p(e["action"][s:s + L]))
+            rews.append(p(e["reward"][s:s + L]))
+            dones.append(p(e["done"][s:s + L].float()))
+            masks.append(p(torch.ones(L)))
     if not mus:
         raise DreamlabError(f"no latent sequences found in {where}; run encode first: dreamlab worldmodel encode")
     mu, act = torch.stack(mus), torch.stack(acts)
