@@ -183,14 +183,16 @@ def test_shipped_weights_are_small_fp16_and_load_offline():
 
 
 def test_shipped_autoencoder_round_trip_on_held_out_images():
-    """Test-split images of the held-out combinations (never seen by the autoencoder's training split)."""
+    """Fresh images of the held-out combinations (never in the autoencoder's training split): the reconstruction
+    error must be under half that of the best constant image (the batch's own mean image)."""
     pipe = _default()
-    for kind, bound in (("faces", 0.004), ("flowers", 0.006), ("bricks", 0.004)):
-        x, _ = P.generate(kind, 16, seed=99, labels=torch.tensor([P.combo_indices(kind, c) for c in P.HELD_OUT[kind]]
-                                                                 ).repeat(16, 1)[:16].numpy())
+    for kind in P.KINDS:
+        labels = torch.tensor([P.combo_indices(kind, c) for c in P.HELD_OUT[kind]]).repeat(16, 1)[:16].numpy()
+        x, _ = P.generate(kind, 16, seed=99, labels=labels)
         x = torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255
         mse = float(((pipe.ae.reconstruct(x) - x) ** 2).mean())
-        assert mse < bound, (kind, mse)
+        constant = float(((x.mean(0, keepdim=True) - x) ** 2).mean())
+        assert mse < 0.5 * constant, (kind, mse, constant)
 
 
 def test_cli_default_weights_and_model_flag(runs, tmp_path, capsys):
