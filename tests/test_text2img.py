@@ -115,7 +115,7 @@ def test_cli_text2img(run, tmp_path, capsys):
     assert out.exists() and out.stat().st_size > 100
     assert main(["text2img", "a face", "--run", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
-    assert "no trained text-to-image model" in err and "dreamlab multimodal train-text2img" in err
+    assert "no trained text-to-image model" in err and "dreamlab multimodal train-latent" in err
     assert main(["text2img", "", "--run", str(run_dir)]) == 2
     assert "prompt is empty" in capsys.readouterr().err
     # the cheap checks come before the model: a bad prompt or --out is reported even where no model exists
