@@ -30,6 +30,7 @@ from dreamlab.config import to_dict
 from dreamlab.device import resolve_device
 from dreamlab.errors import DreamlabError
 from dreamlab.io import atomic_write_text, save_json
+from dreamlab.parallel import Backend
 from worlds.dream import DreamConfig, load_dream
 from worlds.policies import num_params
 
@@ -39,10 +40,11 @@ _VAL_SEED = 987_654_321  # dream validation rollouts: disjoint from the per-gene
 def train_controller(run_dir: str | Path, search: SearchConfig, selection: SelectionConfig, dream: DreamConfig, *,
                      seed: int = 0, workers: int = 0, env_id: str = "CarRacing-v3", device: str = "auto",
                      resume: bool = False, progress: bool = True, out: str | Path | None = None,
-                     reset_best: bool = False, restart: bool = False) -> dict[str, Any]:
+                     reset_best: bool = False, restart: bool = False, backend: Backend | None = None
+                     ) -> dict[str, Any]:
     """CMA-ES on C for `search.generations` generations (counted over every call on this folder) in the dream of the
-    run's V and M; real episodes (checks, `fitness="real"`) run in `env_id` with `workers` processes. State and
-    curves go to `out` (default RUN/controller).
+    run's V and M; real episodes (checks, `fitness="real"`) run in `env_id` with `workers` processes (or Ray tasks,
+    with a Ray `backend`). State and curves go to `out` (default RUN/controller).
 
     `resume` continues the saved search; with `restart` as well, it keeps the generation count, the curves and the
     kept controllers but starts a fresh search (mean 0, sigma0): for a new M (iterative training), whose landscape the
@@ -76,7 +78,7 @@ def train_controller(run_dir: str | Path, search: SearchConfig, selection: Selec
             (out_dir / name).unlink(missing_ok=True)
         shutil.rmtree(out_dir / "checks", ignore_errors=True)
     real = search.fitness == "real" or selection.check_every > 0
-    evaluator = RealEvaluator(run_dir, env_id, workers, dream.horizon) if real else None
+    evaluator = RealEvaluator(run_dir, env_id, workers, dream.horizon, backend=backend) if real else None
     bar = tqdm(total=search.generations, initial=gen, desc=f"CMA-ES ({search.fitness})", unit="gen",
                disable=not progress, dynamic_ncols=True)
     t_start = time.perf_counter()

@@ -5,12 +5,16 @@ Env seeds are `seed + i` for episode i, so a score file says exactly which track
 it, and a side-by-side video (real frame | V reconstruction | dream driven by the same actions). Evaluations
 in another env, at another episode length or of another controller file than RUN/controller/best.safetensors
 add that to the name (`_dreamlab-CarRacing64-v3`, `_steps500`, `_gen_00120`), so they never overwrite each other.
+With a Ray backend (dreamlab.parallel) the episodes are Ray tasks; V and M travel to them from this process.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
+import signal
 import time
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -21,23 +25,50 @@ import torch
 
 from dreamlab.errors import DreamlabError
 from dreamlab.io import atomic_write_text, load_json, save_json
+from dreamlab.parallel import Backend
 
 _G: dict[str, Any] = {}
 
 
-def _init_worker(world_model: str, env_id: str, max_steps: int, mdn_dir: str = "") -> None:
+def _make_env(env_id: str, max_steps: int) -> Any:
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
-    torch.set_num_threads(1)
     from envs import register_all
     from worlds.driving import make_env
 
     register_all()
-    _G["env"] = make_env(env_id, max_steps)
-    _G["wm"] = None
-    if world_model:
-        from worlds.dream import load_world_model
+    return make_env(env_id, max_steps)
 
-        _G["wm"] = load_world_model(world_model, device="cpu", mdn_dir=mdn_dir or None)
+
+def _load_wm(world_model: str, mdn_dir: str) -> Any:
+    from worlds.dream import load_world_model
+
+    return load_world_model(world_model, device="cpu", mdn_dir=mdn_dir or None) if world_model else None
+
+
+def _setup(world_model: str, env_id: str, max_steps: int, mdn_dir: str = "") -> None:
+    torch.set_num_threads(1)
+    _G["env"] = _make_env(env_id, max_steps)
+    _G["wm"] = _load_wm(world_model, mdn_dir)
+
+
+def _init_worker(world_model: str, env_id: str, max_steps: int, mdn_dir: str = "") -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the pool; no traceback per worker
+    _setup(world_model, env_id, max_steps, mdn_dir)
+
+
+def real_episode(setup: list[Any], task: tuple[str, np.ndarray | None, int, bool]) -> dict[str, Any]:
+    """One episode as a Ray task; `setup[0]` is the ObjectRef of (env id, max steps, V and M or None), fetched and
+    its env made once per worker process and evaluator."""
+    key = setup[0].hex()
+    if _G.get("key") != key:
+        import ray
+
+        env_id, max_steps, wm = ray.get(setup[0])
+        torch.set_num_threads(1)
+        if "env" in _G:
+            _G["env"].close()
+        _G.update(key=key, env=_make_env(env_id, max_steps), wm=wm)
+    return _episode(task)
 
 
 class _RandomPolicy:
@@ -89,25 +120,48 @@ class RealEvaluator:
     """Runs episodes of controllers (or the random policy) in `workers` processes (1 = in this process).
     Controllers act with V and M of `world_model`, or with the M in `mdn_dir` (the one they were trained with).
     A worker that dies (killed, out of memory) restarts the workers and re-runs the unfinished episodes, which are
-    exact repeats (an episode depends only on its task); multiprocessing.Pool would have waited forever for them."""
+    exact repeats (an episode depends only on its task); multiprocessing.Pool would have waited forever for them.
+    With a Ray `backend` the episodes are Ray tasks (`workers` at once; 0 = every CPU of the cluster), which Ray
+    re-runs when their worker or node dies."""
 
     max_restarts = 3
 
     def __init__(self, world_model: str | Path | None, env_id: str = "CarRacing-v3", workers: int = 0, max_steps: int = 1000,
-                 mdn_dir: str | Path | None = None) -> None:
+                 mdn_dir: str | Path | None = None, backend: Backend | None = None) -> None:
         self.args = (str(world_model or ""), env_id, int(max_steps), str(mdn_dir or ""))
+        self.backend = backend or Backend()
+        self.requested = workers
         self.workers = max(1, workers or os.cpu_count() or 1)
         self.pool = None
+        self.ray: Any = None  # the Ray session: (contextlib.ExitStack, remote function, setup ref, tasks in flight)
 
     def __enter__(self) -> RealEvaluator:
-        if self.workers > 1:
+        if self.backend.is_ray:
+            self._start_ray()
+        elif self.workers > 1:
+            _make_env(self.args[1], self.args[2]).close()  # a bad env id fails here, once, not in every worker
             self._start()
         else:
-            _init_worker(*self.args)
+            _setup(*self.args)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self._stop()
+        if self.ray is not None:
+            stack, self.ray = self.ray[0], None
+            stack.close()
+
+    def _start_ray(self) -> None:
+        from dreamlab.parallel import cluster_cpus, import_ray, ray_session, remote
+
+        import_ray()  # without Ray: the one-line error with the pip command, first
+        world_model, env_id, max_steps, mdn_dir = self.args
+        _make_env(env_id, max_steps).close()  # a bad env id fails here, before Ray starts
+        wm = _load_wm(world_model, mdn_dir)   # V and M go to the tasks from here: the nodes need no run folder
+        with contextlib.ExitStack() as stack:
+            ray = stack.enter_context(ray_session(self.backend, self.workers))
+            in_flight = self.requested or 2 * cluster_cpus(ray)  # 0 workers: every CPU, a task queued behind each
+            self.ray = (stack.pop_all(), remote(real_episode), [ray.put((env_id, max_steps, wm))], in_flight)
 
     def _start(self) -> None:
         self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=self.args)
@@ -131,6 +185,27 @@ class RealEvaluator:
         t0, steps = time.perf_counter(), 0
         results: list[dict[str, Any]] = [None] * len(tasks)  # type: ignore[list-item]
         todo, restarts = set(range(len(tasks))), 0
+        if self.ray is not None:
+            from dreamlab.parallel import TASK_RETRIES, Failed, ray_unordered
+
+            _, fn, setup, in_flight = self.ray
+            for i, r in ray_unordered(fn, deque((i, (setup, tasks[i])) for i in range(len(tasks))), in_flight):
+                if i is None:
+                    bar.refresh()
+                    continue
+                if isinstance(r, Failed):
+                    bar.close()
+                    if r.lost:
+                        raise DreamlabError(f"a real-env episode of {self.args[1]} (env seed {tasks[i][2]}) was lost "
+                                            f"with its Ray worker or node {TASK_RETRIES + 1} times ({r.message()}); "
+                                            "check the nodes (memory, `ray status`)")
+                    raise r.error
+                results[i] = r
+                steps += r["steps"]
+                bar.update(1)
+                bar.set_postfix(env_steps_per_s=f"{steps / max(time.perf_counter() - t0, 1e-9):.0f}",
+                                ret=f"{r['return']:.1f}")
+            todo.clear()
         while todo:
             if self.pool is None:
                 it: Any = ((i, _episode(tasks[i])) for i in sorted(todo))
@@ -249,7 +324,7 @@ def random_baseline(ev: RealEvaluator, env_id: str, max_steps: int, seeds: list[
 def evaluate_run(run_dir: str | Path, *, episodes: int = 100, seed: int = 0, workers: int = 0, controller: str | Path | None = None,
                  env_id: str = "CarRacing-v3", max_steps: int = 1000, baseline: bool = True, video: bool = True,
                  video_frames: int = 300, temperature: float = 1.0, progress: bool = True,
-                 baseline_cache: bool = True) -> dict[str, Any]:
+                 baseline_cache: bool = True, backend: Backend | None = None) -> dict[str, Any]:
     from worlds.policies import controller_mdn, load_controller
 
     run_dir = Path(run_dir)
@@ -267,7 +342,7 @@ def evaluate_run(run_dir: str | Path, *, episodes: int = 100, seed: int = 0, wor
     seeds = [seed + i for i in range(episodes)]
     default_ctrl = ctrl.resolve() == (run_dir / "controller" / "best.safetensors").resolve()
     tag = "" if default_ctrl else ctrl.stem
-    with RealEvaluator(run_dir, env_id, workers, max_steps, mdn_dir) as ev:
+    with RealEvaluator(run_dir, env_id, workers, max_steps, mdn_dir, backend) as ev:
         rc = ev.run([("controller", theta.numpy(), s, video and i == 0) for i, s in enumerate(seeds)], desc="evaluate controller", progress=progress)
         res["controller"] = summarize(rc)
         res["files"].append(str(write_scores(out_dir, eval_name("controller", seed, episodes, env_id, max_steps, tag), res["controller"], meta)))

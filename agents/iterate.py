@@ -45,7 +45,7 @@ def iterate_rounds(run_dir: Path, cfg: WorldModelConfig, *, progress: bool = Tru
         theta = load_controller(ctrl)[0].numpy()
         seeds = [cfg.evaluation.seed + 500 + i for i in range(rounds.check_episodes or cfg.selection.check_episodes)]
         with RealEvaluator(run_dir, cfg.collect.env_id, cfg.workers, cfg.evaluation.max_steps,
-                           controller_mdn(ctrl)) as ev:
+                           controller_mdn(ctrl), cfg.parallel(run_dir)) as ev:
             real = summarize(ev.run([("controller", theta, s, False) for s in seeds], desc=f"round {k} real check",
                                     progress=progress))
         kept = ctrl.with_name(f"round_{k}_best.safetensors")
@@ -89,7 +89,8 @@ def iterate_rounds(run_dir: Path, cfg: WorldModelConfig, *, progress: bool = Tru
         gens = int(cma_state_info(run_dir / "controller")["generation"]) + rounds.generations
         c_res = train_controller(run_dir, dataclasses.replace(cfg.search, generations=gens), cfg.selection, cfg.dream,
                                  seed=cfg.seed, workers=cfg.workers, env_id=cfg.collect.env_id, device=cfg.device,
-                                 resume=True, progress=progress, reset_best=True, restart=rounds.restart)
+                                 resume=True, progress=progress, reset_best=True, restart=rounds.restart,
+                                 backend=cfg.parallel(run_dir))
         info = {"round": k, "episodes_total": n_now + rounds.episodes, "collect": collected,
                 "encode_seconds": encoded.get("seconds"), "mdn_test_nll_per_step": mdn_res.get("test_nll_per_step"),
                 "dream_best": c_res["best_dream_fitness"], **real_check(k)}

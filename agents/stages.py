@@ -63,7 +63,7 @@ def stage_collect(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = True, 
     over = {k: v for k, v in {"episodes": episodes, "policy": policy}.items() if v is not None}
     res = collect(dataclasses.replace(cfg.collect, **over), run_dir / "rollouts", seed=cfg.seed if seed is None else seed,
                   workers=cfg.workers, world_model=str(run_dir) if controller else "", controller=controller,
-                  resume=resume, progress=progress, env_setup=register_all)
+                  resume=resume, progress=progress, env_setup=register_all, backend=cfg.parallel(run_dir))
     if record:
         record_summary(run_dir, "collect", res)
     return res
@@ -131,7 +131,7 @@ def stage_train_controller(run_dir: Path, cfg: WorldModelConfig, *, resume: bool
     set_threads(cfg)
     res = train_controller(run_dir, cfg.search, cfg.selection, cfg.dream, seed=cfg.seed, workers=cfg.workers,
                            env_id=cfg.collect.env_id, device=cfg.device, resume=resume, progress=progress,
-                           reset_best=reset_best, restart=restart)
+                           reset_best=reset_best, restart=restart, backend=cfg.parallel(run_dir))
     record_summary(run_dir, "train_controller", res)
     return res
 
@@ -140,7 +140,8 @@ def stage_evaluate(run_dir: Path, cfg: WorldModelConfig, *, progress: bool = Tru
     e = cfg.evaluation
     t0 = time.perf_counter()
     res = evaluate_run(run_dir, episodes=e.episodes, seed=e.seed, workers=cfg.workers, env_id=e.env_id,
-                       max_steps=e.max_steps, temperature=cfg.dream.temperature, progress=progress)
+                       max_steps=e.max_steps, temperature=cfg.dream.temperature, progress=progress,
+                       backend=cfg.parallel(run_dir))
     short = {k: {kk: v[kk] for kk in ("episodes", "mean", "std", "seeds")} if isinstance(v, dict) else v
              for k, v in res.items()}
     short["seconds"] = round(time.perf_counter() - t0, 1)

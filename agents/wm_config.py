@@ -7,6 +7,7 @@
     selection   which dream-trained controller to keep (agents.selection.SelectionConfig)
     evaluation  the final real-env score       rounds      iterative training (collect with C, retrain M and C)
     seed, workers, device, threads: the whole run's
+    backend, ray_address: where collection and real-env episodes run (dreamlab.parallel: local processes or Ray)
 
 Each stage reads its own part; every field is checked once, where its dataclass is made (`__post_init__`), so a bad
 `--set search.popsize=1` fails before any collection. Settings are given as `stage.field=value`; the flat names of
@@ -25,6 +26,7 @@ from agents.selection import SelectionConfig
 from dreamlab.config import apply_overrides, check_ranges, to_dict
 from dreamlab.errors import DreamlabError
 from dreamlab.io import load_json
+from dreamlab.parallel import Backend
 from worlds.collect import CollectConfig
 from worlds.dream import DreamConfig
 
@@ -103,13 +105,20 @@ class WorldModelConfig:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     rounds: RoundsConfig = field(default_factory=RoundsConfig)
     seed: int = 0
-    workers: int = 0         # worker processes for collection and real-env episodes (0 = all cores)
+    workers: int = 0         # worker processes for collection and real-env episodes (0 = all cores; Ray: every CPU)
     device: str = "auto"
     threads: int = 0         # torch CPU threads in this process (0 = torch's default); 1 avoids OpenMP
                              # oversubscription on a busy machine (measured 7x faster there)
+    backend: Literal["local", "ray"] = "local"  # collection and real-env episodes: worker processes here, or Ray
+    ray_address: str = ""    # with backend=ray: "" = an embedded instance (temp dir RUN/ray), "auto" or HOST:PORT
 
     def __post_init__(self) -> None:
         check_ranges(self, nonneg=("seed", "workers", "threads"))
+        Backend(self.backend, self.ray_address)  # checks the pair
+
+    def parallel(self, run_dir: str | Path) -> Backend:
+        """Where this run's parallel episodes go; an embedded Ray keeps its temp dir in RUN/ray."""
+        return Backend(self.backend, self.ray_address, str(Path(run_dir) / "ray"))
 
 
 STAGES = tuple(f.name for f in dataclasses.fields(WorldModelConfig) if f.default_factory is not dataclasses.MISSING)

@@ -6,6 +6,7 @@
     dreamlab worldmodel evaluate RUN --episodes 100 --seed 0        # real CarRacing-v3 scores + video
     dreamlab worldmodel dream-video RUN                             # the controller driving in the dream
     dreamlab worldmodel iterate RUN --rounds 3                      # collect with C, retrain M and C
+    dreamlab worldmodel collect RUN --backend ray --ray-address auto # episodes on a Ray cluster (docs/scale.md)
     dreamlab worldmodel report RUN                                  # RUN/report.md: scores, stages, pictures on one page
 
 Stage commands read RUN/config.json (written by `run`, or created from --preset on first use); `--set stage.field=v`
@@ -32,7 +33,7 @@ def _cfg(args: argparse.Namespace, write: bool = True, flags: dict[str, Any] | N
     from dreamlab.io import load_json, save_json
 
     run = Path(args.run)
-    over = parse_set_args(getattr(args, "set", None))
+    over = {**parse_set_args(getattr(args, "set", None)), **_backend_flags(args)}
     exists = (run / "config.json").exists()
     cfg = apply_settings(load_config(run), over) if exists else make_config(args.preset, over)
     with_flags = apply_settings(cfg, flags or {})  # checked before anything is written
@@ -42,6 +43,15 @@ def _cfg(args: argparse.Namespace, write: bool = True, flags: dict[str, Any] | N
         run.mkdir(parents=True, exist_ok=True)
         save_json(run / "config.json", config_json(cfg, args.preset))
     return with_flags
+
+
+def _backend_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """--backend and --ray-address as the run's settings `backend` and `ray_address` (saved like --set: the run
+    folder remembers where its episodes run); `--backend local` also clears a saved cluster address."""
+    backend, address = getattr(args, "backend", None), getattr(args, "ray_address", None)
+    if backend == "local" and address is None:
+        address = ""
+    return {k: v for k, v in {"backend": backend, "ray_address": address}.items() if v is not None}
 
 
 def _print(d: Any) -> None:
@@ -66,11 +76,17 @@ def _plan(cfg: Any, out: Path) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     from agents.pipeline import run_pipeline
-    from agents.wm_config import load_config, make_config
+    from agents.wm_config import apply_settings, config_json, load_config, make_config
     from dreamlab.config import parse_set_args
+    from dreamlab.io import load_json, save_json
 
     out = Path(args.out or f"runs/worldmodel-{args.preset}")
-    cfg = load_config(out) if args.resume and (out / "config.json").exists() else make_config(args.preset, parse_set_args(args.set))
+    resuming = args.resume and (out / "config.json").exists()
+    cfg = load_config(out) if resuming else make_config(args.preset, parse_set_args(args.set))
+    if _backend_flags(args):
+        cfg = apply_settings(cfg, _backend_flags(args))
+        if resuming:  # the resumed pipeline reads the run's config.json: the new backend goes there first
+            save_json(out / "config.json", config_json(cfg, load_json(out / "config.json").get("preset")))
     print(_plan(cfg, out), flush=True)
     res = run_pipeline(out, cfg, preset=args.preset, progress=not args.no_progress, resume=args.resume)
     print(f"run folder: {out}")
@@ -143,7 +159,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                        workers=args.workers if args.workers is not None else cfg.workers, controller=args.controller,
                        env_id=args.env_id or "CarRacing-v3", max_steps=args.max_steps, baseline=not args.no_baseline,
                        video=not args.no_video, temperature=cfg.dream.temperature, progress=not args.no_progress,
-                       baseline_cache=not args.fresh_baseline)
+                       baseline_cache=not args.fresh_baseline, backend=cfg.parallel(args.run))
     for k in ("controller", "random"):
         if k in res:
             r = res[k]
@@ -193,20 +209,31 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         if resume:
             p.add_argument("--resume", action="store_true", help="continue an interrupted stage")
 
+    def backend(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--backend", choices=["local", "ray"],
+                       help="where episodes run: local worker processes (default) or Ray (pip install "
+                            "'dreamlab[scale]'); saved in RUN/config.json")
+        p.add_argument("--ray-address", metavar="ADDR",
+                       help="with --backend ray: empty = an embedded instance (temp dir RUN/ray, no dashboard), "
+                            "'auto' = the cluster this machine joined with `ray start`, or HOST:PORT")
+
     p = ws.add_parser("run", help="every stage in one command (collect, train-vae, encode, train-mdn, train-controller, evaluate)")
     common(p, run=False)
     p.add_argument("--out", help="run folder (default: runs/worldmodel-PRESET)")
+    backend(p)
     p.set_defaults(func=_run)
 
     p = ws.add_parser("collect", help="collect rollouts with N worker processes into RUN/rollouts")
     common(p)
     p.add_argument("--episodes", type=int, help="total episodes wanted (resume continues up to it)")
     p.add_argument("--max-steps", type=int, help="steps per episode (default from the preset)")
-    p.add_argument("--workers", type=int, help="worker processes (0 = all cores)")
+    p.add_argument("--workers", type=int, help="worker processes (0 = all cores); with --backend ray: episodes at "
+                   "once (0 = every CPU of the cluster)")
     p.add_argument("--policy", default=None, choices=["brownian", "random_controller", "mixed", "pursuit", "explore", "controller"])
     p.add_argument("--controller", help="controller .safetensors for --policy controller (default RUN/controller/best.safetensors)")
     p.add_argument("--env-id", help="gymnasium env id (default CarRacing-v3; e.g. dreamlab/CarRacing-v3)")
     p.add_argument("--seed", type=int)
+    backend(p)
     p.set_defaults(func=_collect)
 
     for name, fn, hlp in (("train-vae", _train_vae, "train V (ConvVAE) on RUN/rollouts with a streaming loader"),
@@ -229,6 +256,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float)
     p.add_argument("--eval-every", type=int, help="real-env check of the search's best every N generations")
     p.add_argument("--restart-every", type=int, help="a fresh search every N generations; the checks and the playoff choose among them")
+    backend(p)
     p.set_defaults(func=_train_controller)
 
     p = ws.add_parser("evaluate", help="score the controller in the real CarRacing-v3 (per-episode file, mean ± std, video)")
@@ -243,6 +271,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fresh-baseline", action="store_true",
                    help="re-run every random-policy episode instead of reading those measured earlier from $DREAMLAB_CACHE/random_baseline.json")
     p.add_argument("--no-video", action="store_true")
+    backend(p)
     p.set_defaults(func=_evaluate)
 
     p = ws.add_parser("dream-video", help="decode the controller's drive in the dream into a video")
@@ -259,4 +288,5 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p = ws.add_parser("iterate", help="iterative training: collect with C, retrain M and C, for N rounds")
     common(p, resume=False)
     p.add_argument("--rounds", type=int, default=2)
+    backend(p)
     p.set_defaults(func=_iterate)

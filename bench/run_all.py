@@ -1,6 +1,6 @@
 """Every benchmark in bench/, one after another, each printing its own table (`make bench`).
 
-    python bench/run_all.py                 # envs, world models, text-to-image, fid_fmnist
+    python bench/run_all.py                 # envs, world models, text-to-image, fid_fmnist, scale (local vs Ray)
     python bench/run_all.py --only envs wm  # a subset
     python bench/run_all.py --quick         # fewer repetitions (a smoke run, not figures to quote)
 
@@ -28,12 +28,14 @@ BENCHES = {
     "wm": "bench/worldmodel_bench.py",
     "t2i": "bench/text2img_bench.py",
     "fid": "bench/fid_fmnist.py",
+    "scale": "bench/scale_bench.py",
 }
 QUICK = {  # smoke sizes: the scripts' own defaults are the figures' sizes
     "envs": ["--reps", "1", "--steps", "60", "--vec-steps", "30", "--vec-reps", "1"],
     "wm": ["--steps", "60", "--workers", "1"],
     "t2i": ["--n", "2", "--steps", "2"],
     "fid": [],
+    "scale": ["--reps", "1", "--max-steps", "100", "--episodes-per-worker", "2", "--policy", "brownian"],
 }
 FID_RUNS = ["runs/vae-quick", "runs/autoencoder-quick"]
 

@@ -143,6 +143,8 @@ def test_evaluation_tables_and_grids(run):
         assert 0 <= r["clip_score"] <= 100 and 0 <= r["attr_acc"] <= 1 and (run_dir / r["grid"]).exists()
     assert len(res["prompts"]["faces"]) == len(P.HELD_OUT["faces"])
     assert (run_dir / "eval_text2img.md").read_text().count("|") > 20
+    # the judge is the shipped one (generators/assets/featnet_faces): nothing is trained at evaluation time
+    assert set(res["judge"]["faces"]) == {*P.attribute_names("faces"), "all"} and res["judge"]["faces"]["all"] > 0.9
     # the v1-sampler row restored the model's own settings
     assert model.config.x0_limit == "dynamic" and model.config.timestep_spacing == "trailing"
 

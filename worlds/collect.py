@@ -4,6 +4,9 @@ N worker processes (default: all cores) each run their own env and write one com
 (`worlds.rollouts`); the main process keeps the manifest, shows a progress bar in env-steps/s, restarts
 a worker that dies (its episode is re-run) and can `resume` a killed run up to the requested count.
 Episode i is seeded from (seed, i) alone, so which worker runs it does not change it.
+With `backend=Backend("ray", ...)` (dreamlab.parallel) the episodes are Ray tasks instead, on an embedded instance or
+a cluster: each returns its compressed file to this process, which writes it (the nodes never see the run folder),
+and Ray re-runs a task whose worker or node died. The same seeds give the same files and manifest either way.
 
 Policies (brownian and pursuit are described in `worlds.driving`):
   brownian           random-walk actions
@@ -22,9 +25,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import queue
+import signal
+import sys
 import time
-from dataclasses import dataclass
+import uuid
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,8 +39,10 @@ import numpy as np
 
 from dreamlab.config import check_ranges
 from dreamlab.errors import DreamlabError
+from dreamlab.io import atomic_write_bytes
+from dreamlab.parallel import Backend
 from worlds.driving import BrownianPolicy, PursuitPolicy, episode_seed, make_env, policy_kind, run_episode
-from worlds.rollouts import episode_name, read_manifest, save_episode, write_manifest
+from worlds.rollouts import episode_bytes, episode_name, read_manifest, save_episode, write_manifest
 
 Policy = Literal["brownian", "random_controller", "mixed", "pursuit", "explore", "controller"]
 EnvSetup = Callable[[], None]
@@ -148,17 +157,28 @@ def _crash_hook(out: Path, index: int) -> None:
             os._exit(17)
 
 
-def _worker(wid: int, job: _Job, tasks: Any, results: Any, parent: int, env_setup: EnvSetup | None) -> None:
-    """Run the episodes the parent hands over `tasks`; report on `results`, this worker's own pipe (send is
-    synchronous and shares no lock with other workers, so a worker that dies mid-message breaks only its pipe)."""
-    cfg, out = job.cfg, job.out
+def _setup_worker(cfg: CollectConfig, env_setup: EnvSetup | None) -> Any:
+    """A worker's env (local pool or Ray task), after torch's threads are set to one for the model policies."""
     if any(policy_kind(cfg.policy, i) in ("random_controller", "controller") for i in range(3)):
         import torch  # only the model policies need it: env-only policies skip the ~1.3 s import
 
         torch.set_num_threads(1)  # one worker per core: torch's own threads would oversubscribe
     if env_setup is not None:
         env_setup()
-    env = make_env(cfg.env_id, cfg.max_steps)
+    return make_env(cfg.env_id, cfg.max_steps)
+
+
+def _worker(wid: int, job: _Job, tasks: Any, results: Any, parent: int, env_setup: EnvSetup | None) -> None:
+    """Run the episodes the parent hands over `tasks`; report on `results`, this worker's own pipe (send is
+    synchronous and shares no lock with other workers, so a worker that dies mid-message breaks only its pipe)."""
+    # Ctrl-C reaches every process of the terminal's group: the parent stops the workers, who print nothing
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cfg, out = job.cfg, job.out
+    try:
+        env = _setup_worker(cfg, env_setup)
+    except Exception as e:  # reported as one line by the parent, not as a traceback per worker and restart
+        results.send(("fatal", wid, f"{type(e).__name__}: {e}"))
+        return
     cached: dict[str, Any] = {}
     while True:
         if os.getppid() != parent:
@@ -190,25 +210,123 @@ def _worker(wid: int, job: _Job, tasks: Any, results: Any, parent: int, env_setu
                                        "seed": seed, "seconds": round(time.perf_counter() - t0, 3)}))
 
 
+# ----------------------------------------------------------------------------- Ray tasks
+
+_RAY_WORKER: dict[str, Any] = {}  # in a Ray worker process: the env (and model policy) of the collection `token`
+
+
+def collect_episode(job: _Job, idx: int, token: str, shared: list[Any], env_setup: EnvSetup | None
+                    ) -> tuple[dict[str, Any], bytes]:
+    """Episode `idx` as a Ray task: its manifest info and its file's bytes (the driver writes the file). The env is
+    made once per worker process and collection; `shared[0]` is the ObjectRef of the controller policy (or None)."""
+    st = _RAY_WORKER
+    if st.get("token") != token:
+        if "env" in st:
+            st["env"].close()
+        st.clear()
+        env = _setup_worker(job.cfg, env_setup)
+        cached: dict[str, Any] = {}
+        if shared[0] is not None:
+            import ray
+
+            cached["model"] = ray.get(shared[0])
+        st.update(token=token, env=env, cached=cached)
+    t0 = time.perf_counter()
+    seed = episode_seed(job.seed, idx)
+    policy = _make_policy(job, np.random.default_rng(seed), st["cached"], idx)
+    try:
+        ep = run_episode(st["env"], policy, seed, FRAME_SIZE)
+    except Exception:
+        st["env"] = make_env(job.cfg.env_id, job.cfg.max_steps)  # the next try starts from a fresh env, as locally
+        raise
+    data = episode_bytes(ep, f"episode {idx}")
+    return {"steps": ep.steps, "return": ep.ret, "terminated": bool(ep.terminated[-1]), "seed": seed,
+            "seconds": round(time.perf_counter() - t0, 3)}, data
+
+
+def _run_ray(job: _Job, workers: int, todo: list[int], record: Any, flush: Any, bar: Any, backend: Backend,
+             env_setup: EnvSetup | None, model: Any) -> float:
+    """The episodes as Ray tasks, at most `workers` at once (0: every CPU of the cluster); files written here, and the
+    manifest once per batch of episodes that landed together (`flush`): rewriting a manifest of 10,000 episodes takes
+    about 0.5 s, so a large cluster's episodes would otherwise queue behind it. Returns Ray's start-up seconds."""
+    from dreamlab.parallel import cluster_cpus, describe, ray_session, ray_unordered, remote
+
+    t0 = time.perf_counter()
+    with ray_session(backend, workers or os.cpu_count() or 1) as ray:
+        started = round(time.perf_counter() - t0, 2)
+        if not bar.disable:
+            bar.write(describe(ray, backend), file=sys.stderr)
+        bar.reset(total=bar.total)  # the rate counts from here, not from Ray's start-up
+        in_flight = workers or 2 * cluster_cpus(ray)  # 0 workers: every CPU busy, with a task queued behind each
+        fn = remote(collect_episode)
+        token, shared = uuid.uuid4().hex, [ray.put(model) if model is not None else None]
+        args = {i: (job, i, token, shared, env_setup) for i in todo}
+        tasks = deque((i, args[i]) for i in todo)
+        errors: dict[int, int] = {}
+        unlisted = 0  # episodes written and recorded, not yet in the manifest file
+        try:
+            for idx, res in ray_unordered(fn, tasks, in_flight):
+                if idx is None:  # the end of a batch (or a quiet moment)
+                    if unlisted:
+                        flush()
+                        unlisted = 0
+                    bar.refresh()  # keeps the rate current
+                    continue
+                unlisted += _ray_result(job, idx, res, tasks, args, errors, record, bar)
+        finally:
+            if unlisted:  # an error or Ctrl-C: what landed is listed
+                flush()
+    return started
+
+
+def _ray_result(job: _Job, idx: int, res: Any, tasks: deque, args: dict[int, tuple], errors: dict[int, int],
+                record: Any, bar: Any) -> int:
+    """One finished task: its file written and recorded (1), or a retry queued (0); an error when it keeps failing."""
+    from dreamlab.parallel import TASK_RETRIES, Failed
+
+    if isinstance(res, Failed) and res.lost:
+        raise DreamlabError(f"episode {idx} was lost with its Ray worker or node {TASK_RETRIES + 1} times "
+                            f"({res.message()}); check the nodes (memory, `ray status`), then rerun with --resume")
+    if isinstance(res, Failed):
+        errors[idx] = errors.get(idx, 0) + 1
+        if errors[idx] > 2:
+            raise DreamlabError(f"episode {idx} failed 3 times in {job.cfg.env_id}: {res.message()}")
+        tasks.append((idx, args[idx]))
+        return 0
+    info, data = res
+    atomic_write_bytes(job.out / episode_name(idx), data)
+    bar.update(info["steps"])
+    record(idx, info, write=False)
+    return 1
+
+
 # ----------------------------------------------------------------------------- the collector
 
 
 def collect(cfg: CollectConfig, out: str | Path, *, seed: int = 0, workers: int = 0, world_model: str = "",
             controller: str = "", resume: bool = False, progress: bool = True, inprocess: bool = False,
-            env_setup: EnvSetup | None = None) -> dict[str, Any]:
+            env_setup: EnvSetup | None = None, backend: Backend | None = None) -> dict[str, Any]:
     """Collect `cfg.episodes` episodes into `out` with `workers` processes (0 = all cores); episode i is seeded from
     (seed, i) alone. `policy="controller"` drives the controller file `controller` with the V and M of the run folder
     `world_model`. `env_setup` (a module-level function, e.g. `envs.register_all`) runs in every process before it
-    makes an env. Returns a summary (episodes, steps, env-steps/s, restarts)."""
+    makes an env. `backend` (default: local worker processes) may run the episodes on Ray instead (`workers` = Ray
+    tasks at once, 0 = every CPU). Returns a summary (episodes, steps, env-steps/s, restarts)."""
     from tqdm.auto import tqdm
 
+    backend = backend or Backend()
+    if backend.is_ray and not inprocess:
+        from dreamlab.parallel import import_ray
+
+        import_ray()  # without Ray installed: the one-line error with the pip command, before anything is written
     if env_setup is not None:
         env_setup()
+    make_env(cfg.env_id, cfg.max_steps).close()  # a bad env id fails here, once, before any worker starts
+    model = None
     if cfg.policy == "controller":
         if not (world_model and controller):
             raise DreamlabError("policy=controller needs --world-model RUN (with vae/ and mdn/) and "
                                 "--controller FILE.safetensors")
-        load_model_policy(world_model, controller)  # a missing or mismatched V, M or C fails here, not in every worker
+        model = load_model_policy(world_model, controller)  # a missing or mismatched V, M or C fails here, once
     out = Path(out)
     job = _Job(cfg, out, seed, world_model, controller)
     manifest = read_manifest(out, must_exist=False)
@@ -232,11 +350,14 @@ def collect(cfg: CollectConfig, out: str | Path, *, seed: int = 0, workers: int 
                disable=not progress, dynamic_ncols=True)
     t0 = time.perf_counter()
 
-    def record(idx: int, info: dict[str, Any]) -> None:
+    def record(idx: int, info: dict[str, Any], write: bool = True) -> None:
+        """List episode idx (its file is written); `write=False` leaves writing the manifest to a later record()
+        or flush (the Ray driver writes once per batch of episodes that landed together)."""
         manifest["episodes"] = [e for e in manifest["episodes"] if e["index"] != idx]
         who = {"policy": policy_kind(cfg.policy, idx), **({"controller": controller} if cfg.policy == "controller" else {})}
         manifest["episodes"].append({"index": idx, "file": episode_name(idx), **info, **who})
-        write_manifest(out, manifest)
+        if write:
+            write_manifest(out, manifest)
         summary["new_episodes"] += 1
         summary["steps"] += info["steps"]
         bar.set_postfix(episodes=f"{len(manifest['episodes'])}/{cfg.episodes}", ret=f"{info['return']:.1f}")
@@ -253,13 +374,17 @@ def collect(cfg: CollectConfig, out: str | Path, *, seed: int = 0, workers: int 
                 record(idx, {"steps": ep.steps, "return": ep.ret, "terminated": bool(ep.terminated[-1]),
                              "seed": ep_seed})
             env.close()
+        elif backend.is_ray:
+            summary["ray_start_seconds"] = _run_ray(job, workers, todo, record, lambda: write_manifest(out, manifest),
+                                                    bar, backend, env_setup, model)
         else:
             _run_pool(job, workers, todo, record, bar, summary, env_setup)
     finally:
         bar.close()
     summary["episodes"] = len(manifest["episodes"])
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    summary["env_steps_per_s"] = round(summary["steps"] / max(summary["seconds"], 1e-9), 1)
+    busy = summary["seconds"] - summary.get("ray_start_seconds", 0.0)  # the rate of collection, not of Ray's start
+    summary["env_steps_per_s"] = round(summary["steps"] / max(busy, 1e-9), 1)
     return summary
 
 
@@ -318,6 +443,8 @@ def _run_pool(job: _Job, workers: int, todo: list[int], record: Any, bar: Any, s
         if kind == "steps":
             bar.update(msg[2])
             return
+        if kind == "fatal":
+            raise DreamlabError(f"a collector worker could not start: {msg[2]}")
         idx = msg[2]
         if assigned.get(wid) != idx:
             return  # a stale message from a worker that has since been replaced

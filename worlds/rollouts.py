@@ -69,12 +69,17 @@ def validate_episode(ep: Episode, where: str) -> None:
         raise DreamlabError(f"{where}: {problems[0]}; delete it and re-collect with --resume")
 
 
-def save_episode(path: str | Path, ep: Episode) -> Path:
-    validate_episode(ep, str(path))
+def episode_bytes(ep: Episode, where: str) -> bytes:
+    """The episode file's content (checked first): a Ray worker returns it and the driver writes it."""
+    validate_episode(ep, where)
     buf = io.BytesIO()
     np.savez_compressed(buf, obs=ep.obs, actions=ep.actions.astype(np.float32), rewards=ep.rewards.astype(np.float32),
                         terminated=ep.terminated.astype(bool), truncated=ep.truncated.astype(bool))
-    return atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def save_episode(path: str | Path, ep: Episode) -> Path:
+    return atomic_write_bytes(path, episode_bytes(ep, str(path)))
 
 
 def load_episode(path: str | Path) -> Episode:
