@@ -4,9 +4,9 @@ ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE}
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 SDL_VIDEODRIVER=dummy MPLBACKEND=Agg
-# Debian data packages (Fashion-MNIST) plus what Box2D/pygame and video writing need; python3 for CUDA bases
+# Debian data packages (Fashion-MNIST, fortunes) plus what Box2D/pygame and video writing need; python3 for CUDA bases
 RUN apt-get update && apt-get install -y --no-install-recommends \
-        dataset-fashion-mnist make git ffmpeg libgl1 python3 python3-venv python3-pip \
+        dataset-fashion-mnist fortunes make git ffmpeg libgl1 python3 python3-venv python3-pip \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/dreamlab

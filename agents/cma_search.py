@@ -128,11 +128,24 @@ class Search:
 # adaptation, TPA, from 300 dimensions: every real controller) and the cma version, so the state is every numeric
 # leaf reachable from the strategy object through cma's own classes, not a hand-picked list: a hand-picked list
 # missed TPA's state and resumed a paper-size search on different samples.
-_CMA_SKIP = {"logger", "timer", "opts", "inopts", "_stopdict", "callbackstop", "gp", "boundary_handler", "noise_handler",
-             "sp", "sp0"}  # sp/sp0: parameters derived from the options, rebuilt by the constructor
+_CMA_SKIP = {
+    "logger",
+    "timer",
+    "opts",
+    "inopts",
+    "_stopdict",
+    "callbackstop",
+    "gp",
+    "boundary_handler",
+    "noise_handler",
+    "sp",
+    "sp0",
+}  # sp/sp0: parameters derived from the options, rebuilt by the constructor
 
 
-def _cma_leaves(obj: Any, prefix: str = "", seen: set[int] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _cma_leaves(
+    obj: Any, prefix: str = "", seen: set[int] | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Numeric state of a cma object: arrays (for safetensors) and JSON scalars/lists, keyed by attribute path."""
     seen = set() if seen is None else seen
     seen.add(id(obj))
@@ -175,10 +188,17 @@ def save_cma_state(folder: Path, es: Any, extra: dict[str, Any]) -> None:
     rng = np.random.get_state()  # cma samples from numpy's global RNG
     meta = {"format": 2, "cma_version": _cma_version(), "plain": plain,
             "numpy_rng": [rng[0], rng[1].tolist(), int(rng[2]), int(rng[3]), float(rng[4])], **extra}
-    tensors = {k: torch.from_numpy(np.array(v, dtype=np.float64 if v.dtype.kind == "f" else np.int64, order="C")) for k, v in arrays.items()}
-    save_tensors(folder / "cma_state.safetensors", tensors, metadata={"cma_state": json.dumps(meta, default=_json_float)})
+    tensors = {
+        k: torch.from_numpy(np.array(v, dtype=np.float64 if v.dtype.kind == "f" else np.int64, order="C"))
+        for k, v in arrays.items()
+    }
+    save_tensors(
+        folder / "cma_state.safetensors", tensors, metadata={"cma_state": json.dumps(meta, default=_json_float)}
+    )
     readable = {k: plain[k] for k in ("sigma", "countiter", "countevals") if k in plain}
-    save_json(folder / "cma_state.json", {**readable, **{k: v for k, v in meta.items() if k not in ("plain", "numpy_rng")}})
+    save_json(
+        folder / "cma_state.json", {**readable, **{k: v for k, v in meta.items() if k not in ("plain", "numpy_rng")}}
+    )
 
 
 def _json_float(x: Any) -> Any:
@@ -203,9 +223,19 @@ def _cma_header(folder: Path) -> dict[str, Any] | None:
     try:
         with safe_open(str(path), "pt") as fh:
             header = (fh.metadata() or {}).get("cma_state")
+        meta = None if header is None else json.loads(header)
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
-        raise DreamlabError(f"{path} is not a readable CMA-ES state ({e}); start a new run (another --out) or delete it") from e
-    return None if header is None else json.loads(header)
+        raise DreamlabError(f"{path} is not a readable CMA-ES state ({type(e).__name__}: {e}); {_FRESH}") from e
+    if meta is not None and not (isinstance(meta, dict) and isinstance(meta.get("generation"), int)
+                                 and meta["generation"] >= 0 and isinstance(meta.get("plain"), dict)
+                                 and isinstance(meta.get("numpy_rng"), list) and len(meta["numpy_rng"]) == 5):
+        raise DreamlabError(f"{path} holds no complete CMA-ES state (its metadata lacks generation, plain or "
+                            f"numpy_rng); {_FRESH}")
+    return meta
+
+
+# what to do with a damaged state: the search starts again (train-controller without --resume once it is gone)
+_FRESH = "delete it and start the search again without --resume, or train into another --out"
 
 
 def cma_state_info(folder: str | Path) -> dict[str, Any]:
@@ -223,21 +253,39 @@ def load_cma_state(folder: Path, n: int, cfg: SearchConfig, seed: int) -> tuple[
     if meta is None:
         return _load_legacy_cma_state(folder, n, cfg, seed)
     t = {k: v.numpy() for k, v in load_tensors(path).items()}
+    sigma = meta["plain"].get("sigma")
+    if "mean" not in t or not np.isfinite(t["mean"]).all() or not all(np.isfinite(t[k]).all() for k in ("C", "sm.C")
+                                                                       if k in t):
+        raise DreamlabError(f"{path} has no finite mean and covariance (missing, NaN or inf); {_FRESH}")
+    if not isinstance(sigma, (int, float)) or not 0 < sigma < float("inf"):
+        raise DreamlabError(f"{path} holds sigma={sigma!r}, not a finite step size > 0; {_FRESH}")
     if meta.get("cma_version") != _cma_version():
         import warnings
 
-        warnings.warn(f"{path} was written with cma {meta.get('cma_version')}, this is cma {_cma_version()}: the resumed "
-                      "search may not replay the uninterrupted one exactly", stacklevel=2)
+        warnings.warn(
+            f"{path} was written with cma {meta.get('cma_version')}, this is cma {_cma_version()}: the resumed "
+            "search may not replay the uninterrupted one exactly",
+            stacklevel=2,
+        )
     es = _fresh_es(path, t["mean"], n, cfg, seed)
-    for k, v in t.items():
-        if not k.endswith("]"):  # "key[i]": an element of a list of arrays, restored with its list below
-            _set_path(es, k, v.copy())
-    for k, v in meta["plain"].items():
-        if isinstance(v, dict) and "arrays" in v:
-            _set_path(es, k, [t[f"{k}[{i}]"].copy() for i in range(int(v["arrays"]))])
-        else:
-            _set_path(es, k, list(v["list"]) if isinstance(v, dict) else v)
-    _set_numpy_rng(meta["numpy_rng"])
+    shapes = {**dict.fromkeys(("C", "B", "sm.C", "sm.B"), (n, n)),
+              **dict.fromkeys(("D", "pc", "sm.D", "mean_old"), (n,))}
+    wrong = [k for k, s in shapes.items() if k in t and t[k].shape != s]
+    if wrong:
+        k = wrong[0]
+        raise DreamlabError(f"{path} holds {k} of shape {t[k].shape}, expected {shapes[k]}; {_FRESH}")
+    try:
+        for k, v in t.items():
+            if not k.endswith("]"):  # "key[i]": an element of a list of arrays, restored with its list below
+                _set_path(es, k, v.copy())
+        for k, v in meta["plain"].items():
+            if isinstance(v, dict) and "arrays" in v:
+                _set_path(es, k, [t[f"{k}[{i}]"].copy() for i in range(int(v["arrays"]))])
+            else:
+                _set_path(es, k, list(v["list"]) if isinstance(v, dict) else v)
+        _set_numpy_rng(meta["numpy_rng"])
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        raise DreamlabError(f"{path} is an incomplete CMA-ES state ({type(e).__name__}: {e}); {_FRESH}") from e
     return es, {k: v for k, v in meta.items() if k not in ("plain", "numpy_rng")}
 
 
@@ -245,7 +293,7 @@ def _fresh_es(path: Path, mean: np.ndarray, n: int, cfg: SearchConfig, seed: int
     """A strategy of the saved one's size after one throw-away iteration, which creates the attributes cma builds
     lazily (mean_old, fit, ...); the caller then writes the saved state over it and restores numpy's RNG last."""
     if mean.shape != (n,):
-        raise DreamlabError(f"{path} is for {mean.shape[0]} parameters, this controller has {n}; "
+        raise DreamlabError(f"{path} is for {tuple(mean.shape)} parameters, this controller has {n}; "
                             "start a new run (another --out) or match the world model")
     es = make_es(n, cfg, seed, x0=mean.astype(np.float64))
     xs = es.ask()

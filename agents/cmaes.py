@@ -29,7 +29,7 @@ from agents.selection import SelectionConfig, Selector, prune_mdn_snapshots
 from dreamlab.config import to_dict
 from dreamlab.device import resolve_device
 from dreamlab.errors import DreamlabError
-from dreamlab.io import atomic_write_text, save_json
+from dreamlab.io import atomic_write_text, remove_stale_temps, save_json
 from dreamlab.parallel import Backend
 from worlds.dream import DreamConfig, load_dream
 from worlds.policies import num_params
@@ -53,15 +53,20 @@ def train_controller(run_dir: str | Path, search: SearchConfig, selection: Selec
 
     run_dir = Path(run_dir)
     out_dir = Path(out) if out else run_dir / "controller"
-    has_state = (out_dir / "cma_state.json").exists()
+    # the state file itself (cma_state.json only repeats it for people, and is written after it: a kill between the
+    # two, or a damaged state deleted as its error advised, left one without the other)
+    has_state = (out_dir / "cma_state.safetensors").exists()
     if has_state and not resume:
         raise DreamlabError(f"{out_dir} already holds a CMA-ES state; pass --resume to continue it, or choose another "
                             "--out")
     if resume and not has_state:
-        raise DreamlabError(f"--resume given but {out_dir / 'cma_state.json'} does not exist; start without --resume")
+        raise DreamlabError(f"--resume given but {out_dir / 'cma_state.safetensors'} does not exist; start without "
+                            "--resume")
     _, mdn, sim = load_dream(run_dir, resolve_device(device), dream)
     n = num_params(mdn.config.z_dim, mdn.config.hidden)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for folder in (out_dir, out_dir / "checks"):  # what a kill in the middle of a write left behind
+        remove_stale_temps(folder)
     save_json(out_dir / "config.json", {"search": to_dict(search), "selection": to_dict(selection),
                                         "dream": to_dict(dream), "seed": seed, "env_id": env_id,
                                         "world_model": str(run_dir), "num_params": n})
@@ -147,13 +152,30 @@ def train_controller(run_dir: str | Path, search: SearchConfig, selection: Selec
 
 
 def read_fitness(folder: Path) -> list[dict[str, Any]]:
+    """The rows of controller/fitness.jsonl; a last line cut off by a crash is left out (the resumed search writes
+    that generation again), a damaged line before it is an error naming the file."""
     p = Path(folder) / "fitness.jsonl"
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()] if p.exists() else []
+    if not p.exists():
+        return []
+    lines = [ln for ln in p.read_text(errors="replace").splitlines() if ln.strip()]
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict) or not isinstance(row.get("generation"), int):
+                raise ValueError("no generation")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                break
+            raise DreamlabError(f"{p} line {i + 1} is not a fitness row ({e}); delete the file's lines from there on "
+                                "and resume: the search state has every generation") from e
+        rows.append(row)
+    return rows
 
 
 def _truncate_jsonl(path: Path, generation: int) -> None:
     if path.exists():
-        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["generation"] <= generation]
+        keep = [json.dumps(r) for r in read_fitness(path.parent) if r["generation"] <= generation]
         atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
@@ -174,11 +196,22 @@ def plot_fitness(folder: Path) -> Path | None:
     ax.plot(g, [r["mean"] for r in rows], label="dream: population mean", alpha=0.6)
     ax.plot(g, [r["mean_candidate"] for r in rows], label="dream: distribution mean", lw=1)
     if any("mean_candidate_val" in r for r in rows):
-        ax.plot([r["generation"] for r in rows if "mean_candidate_val" in r], [r["mean_candidate_val"] for r in rows if "mean_candidate_val" in r],
-                label="dream: distribution mean, fixed validation rollouts", lw=2)
+        ax.plot(
+            [r["generation"] for r in rows if "mean_candidate_val" in r],
+            [r["mean_candidate_val"] for r in rows if "mean_candidate_val" in r],
+            label="dream: distribution mean, fixed validation rollouts",
+            lw=2,
+        )
     real = [(r["generation"], r["real_mean"], r.get("real_std", 0.0)) for r in rows if "real_mean" in r]
     if real:
-        ax.errorbar([x[0] for x in real], [x[1] for x in real], yerr=[x[2] for x in real], fmt="o-", color="k", label="real env: best controller")
+        ax.errorbar(
+            [x[0] for x in real],
+            [x[1] for x in real],
+            yerr=[x[2] for x in real],
+            fmt="o-",
+            color="k",
+            label="real env: best controller",
+        )
     starts = [b["generation"] - 1 for a, b in zip(rows, rows[1:]) if "search" in b and b["search"] != a.get("search")]
     for i, x in enumerate(starts):  # restart_every: where each fresh search began
         ax.axvline(x + 0.5, color="grey", ls=":", lw=1, label="fresh search" if i == 0 else None)

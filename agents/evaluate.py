@@ -28,6 +28,7 @@ from dreamlab.io import atomic_write_text, load_json, save_json
 from dreamlab.parallel import Backend
 
 _G: dict[str, Any] = {}
+MAX_EPISODES = 1_000_000  # an evaluation lists every episode's task and score
 
 
 def _make_env(env_id: str, max_steps: int) -> Any:
@@ -84,7 +85,8 @@ class _RandomPolicy:
 
 
 def _crash_hook(seed: int) -> None:
-    """Fault injection for the worker-death test: DREAMLAB_EVAL_CRASH_ONCE=DIR:SEED kills the worker once at that env seed."""
+    """Fault injection for the worker-death test: DREAMLAB_EVAL_CRASH_ONCE=DIR:SEED kills the worker once at that env
+    seed."""
     want = os.environ.get("DREAMLAB_EVAL_CRASH_ONCE")
     if want:
         folder, s = want.rsplit(":", 1)
@@ -126,8 +128,15 @@ class RealEvaluator:
 
     max_restarts = 3
 
-    def __init__(self, world_model: str | Path | None, env_id: str = "CarRacing-v3", workers: int = 0, max_steps: int = 1000,
-                 mdn_dir: str | Path | None = None, backend: Backend | None = None) -> None:
+    def __init__(
+        self,
+        world_model: str | Path | None,
+        env_id: str = "CarRacing-v3",
+        workers: int = 0,
+        max_steps: int = 1000,
+        mdn_dir: str | Path | None = None,
+        backend: Backend | None = None,
+    ) -> None:
         self.args = (str(world_model or ""), env_id, int(max_steps), str(mdn_dir or ""))
         self.backend = backend or Backend()
         self.requested = workers
@@ -164,7 +173,9 @@ class RealEvaluator:
             self.ray = (stack.pop_all(), remote(real_episode), [ray.put((env_id, max_steps, wm))], in_flight)
 
     def _start(self) -> None:
-        self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=self.args)
+        self.pool = ProcessPoolExecutor(
+            self.workers, mp_context=mp.get_context("spawn"), initializer=_init_worker, initargs=self.args
+        )
 
     def _stop(self) -> None:
         if self.pool is None:
@@ -178,7 +189,9 @@ class RealEvaluator:
             p.join(5)
         self.pool = None
 
-    def run(self, tasks: list[tuple[str, np.ndarray | None, int, bool]], desc: str = "real env", progress: bool = True) -> list[dict[str, Any]]:
+    def run(
+        self, tasks: list[tuple[str, np.ndarray | None, int, bool]], desc: str = "real env", progress: bool = True
+    ) -> list[dict[str, Any]]:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(tasks), desc=desc, unit="ep", disable=not progress, dynamic_ncols=True)
@@ -218,28 +231,44 @@ class RealEvaluator:
                     todo.discard(i)
                     steps += r["steps"]
                     bar.update(1)
-                    bar.set_postfix(env_steps_per_s=f"{steps / max(time.perf_counter() - t0, 1e-9):.0f}", ret=f"{r['return']:.1f}")
+                    bar.set_postfix(
+                        env_steps_per_s=f"{steps / max(time.perf_counter() - t0, 1e-9):.0f}", ret=f"{r['return']:.1f}"
+                    )
             except BrokenProcessPool as e:
                 restarts += 1
                 if restarts > self.max_restarts:
                     bar.close()
-                    raise DreamlabError(f"real-env workers of {self.args[1]} died {restarts} times ({e}); check memory "
-                                        "(fewer --workers) and the messages above") from e
-                bar.write(f"a real-env worker died; restarting {self.workers} workers and re-running {len(todo)} episodes")
+                    raise DreamlabError(
+                        f"real-env workers of {self.args[1]} died {restarts} times ({e}); check memory "
+                        "(fewer --workers) and the messages above"
+                    ) from e
+                bar.write(
+                    f"a real-env worker died; restarting {self.workers} workers and re-running {len(todo)} episodes"
+                )
                 self._stop()
                 self._start()
         bar.close()
         return results
 
     def returns(self, thetas: list[np.ndarray], seeds: list[int], progress: bool = False) -> list[float]:
-        return [r["return"] for r in self.run([("controller", t, s, False) for t, s in zip(thetas, seeds)], progress=progress)]
+        return [
+            r["return"]
+            for r in self.run([("controller", t, s, False) for t, s in zip(thetas, seeds)], progress=progress)
+        ]
 
 
 def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
     r = np.array([x["return"] for x in results], np.float64)
-    return {"episodes": len(r), "mean": float(r.mean()), "std": float(r.std()), "min": float(r.min()), "max": float(r.max()),
-            "seeds": [x["seed"] for x in results], "scores": [round(float(v), 3) for v in r],
-            "steps": [int(x["steps"]) for x in results]}
+    return {
+        "episodes": len(r),
+        "mean": float(r.mean()),
+        "std": float(r.std()),
+        "min": float(r.min()),
+        "max": float(r.max()),
+        "seeds": [x["seed"] for x in results],
+        "scores": [round(float(v), 3) for v in r],
+        "steps": [int(x["steps"]) for x in results],
+    }
 
 
 def eval_name(policy: str, seed: int, episodes: int | None, env_id: str = "CarRacing-v3", max_steps: int = 1000,
@@ -258,7 +287,9 @@ def eval_name(policy: str, seed: int, episodes: int | None, env_id: str = "CarRa
 def write_scores(out: Path, name: str, summ: dict[str, Any], meta: dict[str, Any]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_json(out / f"{name}.json", {**meta, **summ})
-    csv = "episode,seed,return,steps\n" + "".join(f"{i},{s},{r},{n}\n" for i, (s, r, n) in enumerate(zip(summ["seeds"], summ["scores"], summ["steps"])))
+    csv = "episode,seed,return,steps\n" + "".join(
+        f"{i},{s},{r},{n}\n" for i, (s, r, n) in enumerate(zip(summ["seeds"], summ["scores"], summ["steps"]))
+    )
     atomic_write_text(out / f"{name}.csv", csv)
     return out / f"{name}.json"
 
@@ -321,46 +352,104 @@ def random_baseline(ev: RealEvaluator, env_id: str, max_steps: int, seeds: list[
     return [ran[s] if s in ran else {"seed": s, **cache[k]} for s, k in zip(seeds, keys)]
 
 
-def evaluate_run(run_dir: str | Path, *, episodes: int = 100, seed: int = 0, workers: int = 0, controller: str | Path | None = None,
-                 env_id: str = "CarRacing-v3", max_steps: int = 1000, baseline: bool = True, video: bool = True,
-                 video_frames: int = 300, temperature: float = 1.0, progress: bool = True,
-                 baseline_cache: bool = True, backend: Backend | None = None) -> dict[str, Any]:
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    episodes: int = 100,
+    seed: int = 0,
+    workers: int = 0,
+    controller: str | Path | None = None,
+    env_id: str = "CarRacing-v3",
+    max_steps: int = 1000,
+    baseline: bool = True,
+    video: bool = True,
+    video_frames: int = 300,
+    temperature: float = 1.0,
+    progress: bool = True,
+    baseline_cache: bool = True,
+    backend: Backend | None = None,
+) -> dict[str, Any]:
     from worlds.policies import controller_mdn, load_controller
 
     run_dir = Path(run_dir)
-    if episodes < 1:
-        raise DreamlabError(f"--episodes {episodes} must be at least 1")
+    if not 1 <= episodes <= MAX_EPISODES:
+        raise DreamlabError(f"--episodes {episodes} must be from 1 to {MAX_EPISODES:,}")
+    if seed < 0:  # gymnasium refused it deep in a worker, with a traceback
+        raise DreamlabError(f"--seed {seed} must be >= 0 (episode i drives env seed SEED + i; env seeds are >= 0)")
+    if max_steps < 0 or workers < 0:
+        raise DreamlabError(f"--max-steps {max_steps} and --workers {workers} must be >= 0")
     ctrl = Path(controller) if controller else run_dir / "controller" / "best.safetensors"
     if not ctrl.exists():
-        raise DreamlabError(f"{ctrl} does not exist; train a controller first: dreamlab worldmodel train-controller {run_dir}")
+        raise DreamlabError(
+            f"{ctrl} does not exist; train a controller first: dreamlab worldmodel train-controller {run_dir}"
+        )
     theta, _, _ = load_controller(ctrl)
     mdn_dir = controller_mdn(ctrl)
     out_dir = run_dir / "eval"
-    meta = {"env_id": env_id, "max_steps": max_steps, "env_seeds": f"{seed}..{seed + episodes - 1}", "controller": str(ctrl),
-            "mdn": str(mdn_dir or run_dir / "mdn")}
+    meta = {
+        "env_id": env_id,
+        "max_steps": max_steps,
+        "env_seeds": f"{seed}..{seed + episodes - 1}",
+        "controller": str(ctrl),
+        "mdn": str(mdn_dir or run_dir / "mdn"),
+    }
     res: dict[str, Any] = {"files": []}
     seeds = [seed + i for i in range(episodes)]
     default_ctrl = ctrl.resolve() == (run_dir / "controller" / "best.safetensors").resolve()
     tag = "" if default_ctrl else ctrl.stem
     with RealEvaluator(run_dir, env_id, workers, max_steps, mdn_dir, backend) as ev:
-        rc = ev.run([("controller", theta.numpy(), s, video and i == 0) for i, s in enumerate(seeds)], desc="evaluate controller", progress=progress)
+        rc = ev.run(
+            [("controller", theta.numpy(), s, video and i == 0) for i, s in enumerate(seeds)],
+            desc="evaluate controller",
+            progress=progress,
+        )
         res["controller"] = summarize(rc)
-        res["files"].append(str(write_scores(out_dir, eval_name("controller", seed, episodes, env_id, max_steps, tag), res["controller"], meta)))
+        res["files"].append(
+            str(
+                write_scores(
+                    out_dir, eval_name("controller", seed, episodes, env_id, max_steps, tag), res["controller"], meta
+                )
+            )
+        )
         if baseline:
             rr = random_baseline(ev, env_id, max_steps, seeds, use_cache=baseline_cache, progress=progress)
             res["random"] = summarize(rr)
-            res["files"].append(str(write_scores(out_dir, eval_name("random", seed, episodes, env_id, max_steps), res["random"],
-                                                 {**meta, "controller": "uniform random actions"})))
+            res["files"].append(
+                str(
+                    write_scores(
+                        out_dir,
+                        eval_name("random", seed, episodes, env_id, max_steps),
+                        res["random"],
+                        {**meta, "controller": "uniform random actions"},
+                    )
+                )
+            )
     if video and "obs" in rc[0]:
         name = eval_name("side_by_side", seed, None, env_id, max_steps, tag)
-        res["video"] = str(side_by_side_video(run_dir, rc[0]["obs"][: video_frames + 1], rc[0]["actions"][:video_frames],
-                                              out_dir / f"{name}.mp4", temperature=temperature, seed=seed, mdn_dir=mdn_dir))
+        res["video"] = str(
+            side_by_side_video(
+                run_dir,
+                rc[0]["obs"][: video_frames + 1],
+                rc[0]["actions"][:video_frames],
+                out_dir / f"{name}.mp4",
+                temperature=temperature,
+                seed=seed,
+                mdn_dir=mdn_dir,
+            )
+        )
     return res
 
 
 @torch.no_grad()
-def side_by_side_video(run_dir: Path, obs: np.ndarray, actions: np.ndarray, path: Path, temperature: float = 1.0, seed: int = 0,
-                       mdn_dir: Path | None = None) -> Path:
+def side_by_side_video(
+    run_dir: Path,
+    obs: np.ndarray,
+    actions: np.ndarray,
+    path: Path,
+    temperature: float = 1.0,
+    seed: int = 0,
+    mdn_dir: Path | None = None,
+) -> Path:
     """Real frame | V reconstruction | dream (M from the first real z, driven open-loop by the real actions)."""
     from dreamlab.images import save_video
     from worlds.dream import decode_frames, load_world_model
@@ -369,7 +458,9 @@ def side_by_side_video(run_dir: Path, obs: np.ndarray, actions: np.ndarray, path
     mu, _ = vae.encode_frames(obs)
     recon = decode_frames(vae, mu).numpy()
     g = torch.Generator().manual_seed(seed)
-    z_seq = mdn.sample(1, generator=g, actions=torch.from_numpy(actions)[None], z0=mu[:1], temperature=temperature)[0, :, :mdn.config.z_dim]
+    z_seq = mdn.sample(1, generator=g, actions=torch.from_numpy(actions)[None], z0=mu[:1], temperature=temperature)[
+        0, :, : mdn.config.z_dim
+    ]
     dream = decode_frames(vae, z_seq).numpy()
     n = min(len(obs), len(recon), len(dream))
     frames = np.concatenate([obs[:n], recon[:n], dream[:n]], axis=2)

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from agents.cmaes import read_fitness
+from agents.cma_search import cma_state_info
 from agents.iterate import iterate_rounds
+from agents.report import not_a_world_model_run
 from agents.stages import (
     record_summary,
     refresh_report,
@@ -35,13 +36,26 @@ from agents.stages import (
 )
 from agents.wm_config import WorldModelConfig, config_json, load_config
 from dreamlab.errors import DreamlabError
-from dreamlab.io import save_json
+from dreamlab.io import load_json, save_json
+
+
+def _controller_done(run_dir: Path, cfg: WorldModelConfig) -> bool:
+    """C's stage finished: its search state reached the generations asked for and the stage recorded its result (a
+    kill after the last generation, in the playoff, left fitness.jsonl complete but best.safetensors unchosen)."""
+    state = run_dir / "controller" / "cma_state.safetensors"
+    summary = run_dir / "summary.json"
+    if not state.exists() or not summary.exists() or "train_controller" not in load_json(summary):
+        return False
+    return int(cma_state_info(run_dir / "controller")["generation"]) >= cfg.search.generations
 
 
 def run_pipeline(run_dir: Path, cfg: WorldModelConfig, *, preset: str | None, progress: bool = True,
                  resume: bool = False) -> dict[str, Any]:
     """All stages; with `resume`, stages already completed in RUN are skipped and an interrupted one continues."""
     run_dir = Path(run_dir)
+    why = not_a_world_model_run(run_dir)  # another kind of run (or other files): say so, write nothing
+    if why:
+        raise DreamlabError(why)
     if (run_dir / "config.json").exists() and not resume:
         raise DreamlabError(f"{run_dir} already holds a world-model run; pass --resume to continue it, or choose "
                             "another --out")
@@ -66,7 +80,7 @@ def run_pipeline(run_dir: Path, cfg: WorldModelConfig, *, preset: str | None, pr
     timed("encode", stage_encode, run_dir, cfg, progress=progress)
     if not (run_dir / "mdn" / "model").exists():
         timed("train_mdn", stage_train_mdn, run_dir, cfg, resume=True, progress=progress)
-    if len(read_fitness(run_dir / "controller")) < cfg.search.generations:
+    if not _controller_done(run_dir, cfg):
         timed("train_controller", stage_train_controller, run_dir, cfg,
               resume=(run_dir / "controller" / "cma_state.safetensors").exists(), progress=progress)
     if cfg.rounds.count > 1:

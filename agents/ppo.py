@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dreamlab.config import from_dict, to_dict
+from dreamlab.config import check_ranges, from_dict, to_dict
 from dreamlab.errors import DreamlabError
 
 # numpy, torch, gymnasium and sb3 are imported inside the functions: `dreamlab --help` builds its parser
@@ -81,8 +81,7 @@ def validate(cfg: PPOConfig) -> PPOConfig:
         raise DreamlabError(f"eval_episodes={cfg.eval_episodes} must be >= 0")
     if cfg.vec_env not in ("dummy", "subproc"):
         raise DreamlabError(f"vec_env={cfg.vec_env!r} is not allowed; choose one of dummy, subproc")
-    if cfg.learning_rate <= 0:
-        raise DreamlabError(f"learning_rate={cfg.learning_rate} must be > 0")
+    check_ranges(cfg, above_zero=("learning_rate",))  # and every float setting finite (NaN passed `<= 0`)
     return cfg
 
 

@@ -61,7 +61,10 @@ class Selector:
         self.best = {"fitness": s.get("best_mean_fitness", -float("inf")), "generation": s.get("best_generation", -1)}
         self.overall = {"fitness": s.get("overall_best_fitness", self.best["fitness"]),
                         "generation": s.get("overall_best_generation", self.best["generation"])}
-        self.best_real = {"mean": s.get("best_real_mean", -float("inf")), "generation": s.get("best_real_generation", -1)}
+        self.best_real = {
+            "mean": s.get("best_real_mean", -float("inf")),
+            "generation": s.get("best_real_generation", -1),
+        }
         if reset_best:
             self.best = {"fitness": -float("inf"), "generation": -1}
             self.overall = dict(self.best)
@@ -104,7 +107,10 @@ class Selector:
         """Real-env check at generation `gen` of `theta`, or by default of the search's best_dream; the checked
         controller is kept in checks/ (a later playoff re-scores the best of them). Returns (mean, std)."""
         if theta is None:
-            theta, checked = load_controller(self.out_dir / "best_dream.safetensors")[0].numpy(), self.best["generation"]
+            theta, checked = (
+                load_controller(self.out_dir / "best_dream.safetensors")[0].numpy(),
+                self.best["generation"],
+            )
         else:
             checked = gen
         if self.last_check[0] != checked:  # the same controller on the same seeds scores the same: not re-run

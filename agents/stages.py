@@ -19,7 +19,7 @@ from agents.wm_config import WorldModelConfig
 from dreamlab.device import seeded
 from dreamlab.errors import DreamlabError
 from dreamlab.images import save_video
-from dreamlab.io import load_json, save_json
+from dreamlab.io import check_finite_weights, load_json, save_json
 from envs import register_all
 from generators.base import TrainConfig
 from generators.trainer import load_run, train
@@ -61,9 +61,18 @@ def stage_collect(run_dir: Path, cfg: WorldModelConfig, *, resume: bool = True, 
     """Collect into RUN/rollouts (`episodes` and `policy` override the collect stage's: iterative rounds add
     controller episodes); `record=False` keeps the result out of RUN/summary.json (the rounds record their own)."""
     over = {k: v for k, v in {"episodes": episodes, "policy": policy}.items() if v is not None}
-    res = collect(dataclasses.replace(cfg.collect, **over), run_dir / "rollouts", seed=cfg.seed if seed is None else seed,
-                  workers=cfg.workers, world_model=str(run_dir) if controller else "", controller=controller,
-                  resume=resume, progress=progress, env_setup=register_all, backend=cfg.parallel(run_dir))
+    res = collect(
+        dataclasses.replace(cfg.collect, **over),
+        run_dir / "rollouts",
+        seed=cfg.seed if seed is None else seed,
+        workers=cfg.workers,
+        world_model=str(run_dir) if controller else "",
+        controller=controller,
+        resume=resume,
+        progress=progress,
+        env_setup=register_all,
+        backend=cfg.parallel(run_dir),
+    )
     if record:
         record_summary(run_dir, "collect", res)
     return res
@@ -94,6 +103,7 @@ def stage_encode(run_dir: Path, cfg: WorldModelConfig, *, progress: bool = True,
         raise DreamlabError(f"{run_dir / 'vae'} holds no trained V; train it first: dreamlab worldmodel train-vae "
                             f"{run_dir}" + (" --resume" if (run_dir / "vae" / "checkpoint").is_dir() else ""))
     vae = load_run(run_dir / "vae", device=cfg.device)
+    check_finite_weights(vae, weights)  # a diverged V would encode every frame to NaN
     st = weights.stat()
     res = encode_rollouts(vae, run_dir / "rollouts", run_dir / "latents", progress=progress,
                           vae_id=f"{st.st_size}:{st.st_mtime_ns}")

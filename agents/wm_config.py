@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from agents.cma_search import SearchConfig
+from agents.report import not_a_world_model_run
 from agents.selection import SelectionConfig
 from dreamlab.config import apply_overrides, check_ranges, to_dict
 from dreamlab.errors import DreamlabError
@@ -74,7 +75,8 @@ class EvalConfig:
     seed: int = 1000         # episode i uses env seed seed + i
 
     def __post_init__(self) -> None:
-        check_ranges(self, positive=("episodes", "max_steps"), nonneg=("seed",))
+        check_ranges(self, positive=("episodes", "max_steps"), nonneg=("seed",),
+                     at_most={"episodes": 1_000_000, "max_steps": 100_000})
 
 
 @dataclass
@@ -86,12 +88,15 @@ class RoundsConfig:
     episodes: int = 1000     # new episodes per round
     mdn_steps: int = 5000    # M's extra steps per round
     generations: int = 100   # CMA-ES generations per round
-    restart: bool = False    # a fresh CMA-ES search in each round's new dream (the kept controllers stay)
-    collect: Literal["best", "dream", "both"] = "both"  # who drives the new episodes: the kept C, the dream-best C, both
+    restart: bool = False  # a fresh CMA-ES search in each round's new dream (the kept controllers stay)
+    collect: Literal["best", "dream", "both"] = (
+        "both"  # who drives the new episodes: the kept C, the dream-best C, both
+    )
     check_episodes: int = 0  # episodes of the full-length check that compares the rounds' controllers (0 = selection's)
 
     def __post_init__(self) -> None:
-        check_ranges(self, positive=("count", "episodes", "mdn_steps", "generations"), nonneg=("check_episodes",))
+        check_ranges(self, positive=("count", "episodes", "mdn_steps", "generations"), nonneg=("check_episodes",),
+                     at_most={"episodes": 1_000_000})
 
 
 @dataclass
@@ -271,8 +276,10 @@ def load_config(run_dir: str | Path) -> WorldModelConfig:
         raise DreamlabError(f"{run_dir} is not a world-model run (no config.json); start one with: "
                             f"dreamlab worldmodel run --preset quick --out {run_dir}")
     d = load_json(p)
-    if not isinstance(d, dict) or not isinstance(d.get("config"), dict) or "name" in d:
-        what = f"a {d['name']!r} model's run folder" if isinstance(d, dict) and "name" in d else "not a world-model run"
-        raise DreamlabError(f"{run_dir} is {what} ({p} has no world-model settings); world-model commands take a folder "
-                            "made by: dreamlab worldmodel run --out RUN")
-    return apply_settings(WorldModelConfig(), flatten(d["config"]), warn=False)
+    why = not_a_world_model_run(run_dir)
+    if why:
+        raise DreamlabError(why)
+    try:
+        return apply_settings(WorldModelConfig(), flatten(d["config"]), warn=False)
+    except DreamlabError as e:  # a value that no --set would pass: the file is named, with the fix
+        raise DreamlabError(f"{p}: {e}; correct it there (or give it with --set)") from e

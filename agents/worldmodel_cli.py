@@ -7,7 +7,7 @@
     dreamlab worldmodel dream-video RUN                             # the controller driving in the dream
     dreamlab worldmodel iterate RUN --rounds 3                      # collect with C, retrain M and C
     dreamlab worldmodel collect RUN --backend ray --ray-address auto # episodes on a Ray cluster (docs/scale.md)
-    dreamlab worldmodel report RUN                                  # RUN/report.md: scores, stages, pictures on one page
+    dreamlab worldmodel report RUN                                  # RUN/report.md: scores, stages, pictures, one page
 
 Stage commands read RUN/config.json (written by `run`, or created from --preset on first use); `--set stage.field=v`
 overrides any pipeline setting (agents.wm_config). Only the standard library is imported at module level.
@@ -19,20 +19,29 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dreamlab.config import finite_float  # standard library only, like this module
+
 # agents.wm_config.PRESETS' keys, spelled out so that --help needs no torch import (a test keeps them equal)
 PRESET_NAMES = ["quick", "medium", "paper", "tiny"]
 
-def _cfg(args: argparse.Namespace, write: bool = True, flags: dict[str, Any] | None = None, create: bool = False) -> Any:
+def _cfg(
+    args: argparse.Namespace, write: bool = True, flags: dict[str, Any] | None = None, create: bool = False
+) -> Any:
     """The run's config (its config.json, else the preset) with --set applied, then a stage's own flags (`flags`:
     setting -> value, e.g. collect's --episodes as collect.episodes), which apply to this command only. A bad value
     fails here, before anything is written. --set changes are saved into an existing run's config.json; a new folder
     gets one only with `create` (collect, the first stage: a later stage pointed at a folder that does not exist fails
     with its own error and leaves nothing behind)."""
+    from agents.report import not_a_world_model_run
     from agents.wm_config import apply_settings, config_json, load_config, make_config
     from dreamlab.config import parse_set_args
+    from dreamlab.errors import DreamlabError
     from dreamlab.io import load_json, save_json
 
     run = Path(args.run)
+    why = not_a_world_model_run(run)  # another kind of run, or a folder of other files: say what it is, write nothing
+    if why:
+        raise DreamlabError(why)
     over = {**parse_set_args(getattr(args, "set", None)), **_backend_flags(args)}
     exists = (run / "config.json").exists()
     cfg = apply_settings(load_config(run), over) if exists else make_config(args.preset, over)
@@ -91,7 +100,10 @@ def _run(args: argparse.Namespace) -> int:
     res = run_pipeline(out, cfg, preset=args.preset, progress=not args.no_progress, resume=args.resume)
     print(f"run folder: {out}")
     c, r = res["controller"], res["random"]
-    print(f"controller: {c['mean']:.1f} ± {c['std']:.1f} over {c['episodes']} real CarRacing episodes (env seeds {c['seeds'][0]}..{c['seeds'][-1]})")
+    print(
+        f"controller: {c['mean']:.1f} ± {c['std']:.1f} over {c['episodes']} real CarRacing episodes (env seeds "
+        f"{c['seeds'][0]}..{c['seeds'][-1]})"
+    )
     if r:
         print(f"random policy: {r['mean']:.1f} ± {r['std']:.1f} on the same seeds")
     print(f"total {res['seconds_total']} s; stages: {res['stage_seconds']}")
@@ -100,16 +112,27 @@ def _run(args: argparse.Namespace) -> int:
 
 def _collect(args: argparse.Namespace) -> int:
     from agents.stages import stage_collect
+    from dreamlab.config import parse_set_args
+    from worlds.collect import collected_settings
 
     flags = {k: v for k, v in {"collect.episodes": args.episodes, "collect.max_steps": args.max_steps,
-                               "workers": args.workers, "collect.env_id": args.env_id, "seed": args.seed}.items()
-             if v is not None}
-    cfg = _cfg(args, flags=flags, create=True)
+                               "workers": args.workers, "collect.env_id": args.env_id, "seed": args.seed,
+                               "collect.policy": args.policy}.items() if v is not None}
     run = Path(args.run)
+    if args.resume and args.policy != "controller":
+        # --resume continues the folder's collection with its recorded settings (episodes, max_steps, policy, seed,
+        # env): the flags of the first command are not in config.json. A setting this command gives explicitly is
+        # checked against the recorded one by the collector (an error naming both).
+        given = set(flags) | set(parse_set_args(getattr(args, "set", None)))
+        old = collected_settings(run / "rollouts")
+        flags = {**{k: old[k.split(".")[-1]] for k in ("collect.episodes", "collect.max_steps", "collect.env_id",
+                                                       "collect.policy", "seed")
+                    if k.split(".")[-1] in old and k not in given}, **flags}
+    cfg = _cfg(args, flags=flags, create=True)
     ctrl = ""
     if args.policy == "controller":
         ctrl = args.controller or str(run / "controller" / "best.safetensors")
-    res = stage_collect(run, cfg, resume=args.resume, progress=not args.no_progress, policy=args.policy,
+    res = stage_collect(run, cfg, resume=args.resume, progress=not args.no_progress, policy=cfg.collect.policy,
                         controller=ctrl)
     _print(res)
     return 0
@@ -163,7 +186,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     for k in ("controller", "random"):
         if k in res:
             r = res[k]
-            print(f"{k}: {r['mean']:.1f} ± {r['std']:.1f} over {r['episodes']} episodes (env seeds {r['seeds'][0]}..{r['seeds'][-1]})")
+            print(
+                f"{k}: {r['mean']:.1f} ± {r['std']:.1f} over {r['episodes']} episodes "
+                f"(env seeds {r['seeds'][0]}..{r['seeds'][-1]})"
+            )
     if "video" in res:
         print(f"video: {res['video']}")
     print("scores: " + ", ".join(res.get("files", [])))
@@ -183,7 +209,13 @@ def _report(args: argparse.Namespace) -> int:
 def _dream_video(args: argparse.Namespace) -> int:
     from agents.stages import stage_dream_video
 
-    p = stage_dream_video(Path(args.run), _cfg(args, write=False), steps=args.steps, seed=args.seed, out=Path(args.out) if args.out else None)
+    p = stage_dream_video(
+        Path(args.run),
+        _cfg(args, write=False),
+        steps=args.steps,
+        seed=args.seed,
+        out=Path(args.out) if args.out else None,
+    )
     print(f"wrote {p}")
     return 0
 
@@ -203,8 +235,19 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     def common(p: argparse.ArgumentParser, resume: bool = True, run: bool = True) -> None:
         if run:
             p.add_argument("run", help="the world-model run folder")
-        p.add_argument("--preset", default="quick", choices=PRESET_NAMES, help="settings for a new run folder (default: quick; medium: about 40 min on 2 cores)")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a pipeline setting (repeatable), e.g. --set collect.episodes=100 (stages: collect, vae, mdn, dream, search, selection, evaluation, rounds)")
+        p.add_argument(
+            "--preset",
+            default="quick",
+            choices=PRESET_NAMES,
+            help="settings for a new run folder (default: quick; medium: about 40 min on 2 cores)",
+        )
+        p.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override a pipeline setting (repeatable), e.g. --set collect.episodes=100 (stages: collect, vae, "
+            "mdn, dream, search, selection, evaluation, rounds)",
+        )
         p.add_argument("--no-progress", action="store_true", help="hide progress bars")
         if resume:
             p.add_argument("--resume", action="store_true", help="continue an interrupted stage")
@@ -217,7 +260,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
                        help="with --backend ray: empty = an embedded instance (temp dir RUN/ray, no dashboard), "
                             "'auto' = the cluster this machine joined with `ray start`, or HOST:PORT")
 
-    p = ws.add_parser("run", help="every stage in one command (collect, train-vae, encode, train-mdn, train-controller, evaluate)")
+    p = ws.add_parser(
+        "run", help="every stage in one command (collect, train-vae, encode, train-mdn, train-controller, evaluate)"
+    )
     common(p, run=False)
     p.add_argument("--out", help="run folder (default: runs/worldmodel-PRESET)")
     backend(p)
@@ -229,8 +274,12 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=int, help="steps per episode (default from the preset)")
     p.add_argument("--workers", type=int, help="worker processes (0 = all cores); with --backend ray: episodes at "
                    "once (0 = every CPU of the cluster)")
-    p.add_argument("--policy", default=None, choices=["brownian", "random_controller", "mixed", "pursuit", "explore", "controller"])
-    p.add_argument("--controller", help="controller .safetensors for --policy controller (default RUN/controller/best.safetensors)")
+    p.add_argument(
+        "--policy", default=None, choices=["brownian", "random_controller", "mixed", "pursuit", "explore", "controller"]
+    )
+    p.add_argument(
+        "--controller", help="controller .safetensors for --policy controller (default RUN/controller/best.safetensors)"
+    )
     p.add_argument("--env-id", help="gymnasium env id (default CarRacing-v3; e.g. dreamlab/CarRacing-v3)")
     p.add_argument("--seed", type=int)
     backend(p)
@@ -245,21 +294,30 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
     p = ws.add_parser("train-controller", help="train C with CMA-ES in the dream (or the real env)")
     common(p)
-    p.add_argument("--fitness", choices=["dream", "real"],
-                   help="where CMA-ES scores candidates: in M's dream (default) or in the real env (the run's env_id, "
-                        "parallel workers; affordable with dreamlab/CarRacing64-v3: about 45 s per generation of 32 x 2 "
-                        "episodes on 2 cores)")
+    p.add_argument(
+        "--fitness",
+        choices=["dream", "real"],
+        help="where CMA-ES scores candidates: in M's dream (default) or in the real env (the run's env_id, "
+        "parallel workers; affordable with dreamlab/CarRacing64-v3: about 45 s per generation of 32 x 2 "
+        "episodes on 2 cores)",
+    )
     p.add_argument("--generations", type=int)
     p.add_argument("--popsize", type=int)
     p.add_argument("--rollouts", type=int)
-    p.add_argument("--sigma0", type=float)
-    p.add_argument("--temperature", type=float)
+    p.add_argument("--sigma0", type=finite_float("--sigma0", above=0))
+    p.add_argument("--temperature", type=finite_float("--temperature", above=0))
     p.add_argument("--eval-every", type=int, help="real-env check of the search's best every N generations")
-    p.add_argument("--restart-every", type=int, help="a fresh search every N generations; the checks and the playoff choose among them")
+    p.add_argument(
+        "--restart-every",
+        type=int,
+        help="a fresh search every N generations; the checks and the playoff choose among them",
+    )
     backend(p)
     p.set_defaults(func=_train_controller)
 
-    p = ws.add_parser("evaluate", help="score the controller in the real CarRacing-v3 (per-episode file, mean ± std, video)")
+    p = ws.add_parser(
+        "evaluate", help="score the controller in the real CarRacing-v3 (per-episode file, mean ± std, video)"
+    )
     common(p, resume=False)
     p.add_argument("--episodes", type=int, default=100)
     p.add_argument("--seed", type=int, default=0, help="episode i uses env seed SEED + i")
@@ -268,8 +326,12 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--env-id", help="default CarRacing-v3 (gymnasium's)")
     p.add_argument("--max-steps", type=int, default=1000, help="steps per episode (default 1000, CarRacing-v3's limit)")
     p.add_argument("--no-baseline", action="store_true", help="skip the random-policy baseline")
-    p.add_argument("--fresh-baseline", action="store_true",
-                   help="re-run every random-policy episode instead of reading those measured earlier from $DREAMLAB_CACHE/random_baseline.json")
+    p.add_argument(
+        "--fresh-baseline",
+        action="store_true",
+        help="re-run every random-policy episode instead of reading those measured earlier from "
+        "$DREAMLAB_CACHE/random_baseline.json",
+    )
     p.add_argument("--no-video", action="store_true")
     backend(p)
     p.set_defaults(func=_evaluate)
@@ -281,7 +343,9 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="video path (.mp4 or .gif; default RUN/dream.mp4)")
     p.set_defaults(func=_dream_video)
 
-    p = ws.add_parser("report", help="(re)write RUN/report.md: scores, stage times and figures, pictures and videos on one page")
+    p = ws.add_parser(
+        "report", help="(re)write RUN/report.md: scores, stage times and figures, pictures and videos on one page"
+    )
     p.add_argument("run", help="the world-model run folder")
     p.set_defaults(func=_report)
 

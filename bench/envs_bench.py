@@ -180,7 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n(medians over repetitions; ratios are medians of per-repetition ratios; load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores)")
     for k, row in enumerate(table):
-        print("| " + " | ".join(v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(row, widths))) + " |")
+        print(
+            "| " + " | ".join(v.ljust(w) if c == 0 else v.rjust(w) for c, (v, w) in enumerate(zip(row, widths))) + " |"
+        )
         if k == 0:
             print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     if args.fidelity > 0:

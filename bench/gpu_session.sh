@@ -9,8 +9,8 @@
 #   .gpu/shared_bench/        copies of ../shared/bench/*.py (the reference scripts)
 #   .gpu/fmnist/              /usr/share/datasets/fashion-mnist (for the CUDA contract tests)
 # and run it with carry [".whl", ".gpu"]:  bash bench/gpu_session.sh [PIPELINE_SECONDS]
-# SECTIONS (default "tests wmbench t2i pipeline") picks what runs; WM_BENCH_ARGS and PYTEST_K pass options on.
-# Results land in $OUT: env.txt gpu_tests.txt wm_bench.txt t2i_bench.txt pipeline.txt pipeline_run.tar.gz
+# SECTIONS (default "tests wmbench t2i ddpm pipeline") picks what runs; WM_BENCH_ARGS and PYTEST_K pass options on.
+# Results land in $OUT: env.txt gpu_tests.txt wm_bench.txt t2i_bench.txt ddpm_bench.txt pipeline.txt pipeline_run.tar.gz
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -28,7 +28,7 @@ print('gymnasium', gymnasium.__version__, 'diffusers', diffusers.__version__, 'o
 import dreamlab, generators, worlds, envs, agents, multimodal; print('dreamlab packages import from', dreamlab.__file__)"; } >"$OUT/env.txt" 2>&1
 stamp env; cat "$OUT/env.txt"
 
-SECTIONS=${SECTIONS:-tests wmbench t2i pipeline}
+SECTIONS=${SECTIONS:-tests wmbench t2i ddpm pipeline}
 has() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 if has tests; then
@@ -47,6 +47,11 @@ if has t2i; then
   stamp text2img bench
   timeout 90 python3 bench/text2img_bench.py --run .gpu/text2img --n 64 --steps 25 >"$OUT/t2i_bench.txt" 2>&1
   tail -8 "$OUT/t2i_bench.txt"
+fi
+if has ddpm; then
+  stamp ddpm bench
+  timeout 240 python3 bench/ddpm_bench.py --preset full --device cuda --threads 0 --steps 100 --n 64 >"$OUT/ddpm_bench.txt" 2>&1
+  tail -16 "$OUT/ddpm_bench.txt"
 fi
 has pipeline || { stamp done; exit 0; }
 

@@ -1,6 +1,6 @@
 """Every benchmark in bench/, one after another, each printing its own table (`make bench`).
 
-    python bench/run_all.py                 # envs, world models, text-to-image, fid_fmnist, scale (local vs Ray)
+    python bench/run_all.py                 # every script in BENCHES below
     python bench/run_all.py --only envs wm  # a subset
     python bench/run_all.py --quick         # fewer repetitions (a smoke run, not figures to quote)
 
@@ -29,6 +29,10 @@ BENCHES = {
     "t2i": "bench/text2img_bench.py",
     "fid": "bench/fid_fmnist.py",
     "scale": "bench/scale_bench.py",
+    "text": "bench/text_bench.py",
+    "trainer": "bench/trainer_bench.py",
+    "likelihood": "bench/likelihood_bench.py",
+    "ddpm": "bench/ddpm_bench.py",
 }
 QUICK = {  # smoke sizes: the scripts' own defaults are the figures' sizes
     "envs": ["--reps", "1", "--steps", "60", "--vec-steps", "30", "--vec-reps", "1"],
@@ -36,6 +40,10 @@ QUICK = {  # smoke sizes: the scripts' own defaults are the figures' sizes
     "t2i": ["--n", "2", "--steps", "2"],
     "fid": [],
     "scale": ["--reps", "1", "--max-steps", "100", "--episodes-per-worker", "2", "--policy", "brownian"],
+    "text": ["--steps", "3", "--reps", "1"],
+    "trainer": ["--steps", "30", "--warmup", "5", "--reps", "1"],
+    "likelihood": ["--steps", "2", "--reps", "1", "--sample-n", "2", "--ebm-steps", "2"],
+    "ddpm": ["--preset", "tiny", "--steps", "5", "--reps", "1", "--n", "2", "--sample-steps", "2", "--ddpm-steps", "5"],
 }
 FID_RUNS = ["runs/vae-quick", "runs/autoencoder-quick"]
 
@@ -58,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "fid":
             runs = [r for r in FID_RUNS if (ROOT / r).is_dir()]
             if not runs:
-                note = f"fid: skipped, no run folder among {FID_RUNS} (train them with `dreamlab train vae --preset quick`)"
+                note = (f"fid: skipped, no run folder among {FID_RUNS} "
+                        "(train them with `dreamlab train vae --preset quick`)")
                 print(note, flush=True)
                 report.append(note)
                 continue

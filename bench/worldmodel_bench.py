@@ -10,7 +10,8 @@ Rows (ours | reference | ratio ours/ref):
       fixed cost of a worker (importing torch, ~1.5 s) is not amortised and dominates short runs
   V training images/s                  (WorldVAE.loss on uint8 frames, paper width 32)  vs wm_core_bench.py VAE
   M training steps/s                   (MDNRNN.loss, LSTM 256, 5 mixtures)               vs wm_core_bench.py MDN-RNN
-  dream steps/s, P64 x R16             (DreamSimulator: controller + LSTM + mixture draw + reward/done)  vs wm_core_bench.py dream
+  dream steps/s, P64 x R16             (DreamSimulator: controller + LSTM + mixture draw + reward/done)
+                                       vs wm_core_bench.py dream
 On CUDA the same sizes as the reference's GPU rows are used (bf16 autocast, CUDA-graph dream, T=1000).
 """
 from __future__ import annotations
@@ -30,8 +31,14 @@ sys.path.insert(0, str(ROOT))
 
 
 def _ref(script: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, str(Path(os.environ.get("DREAMLAB_REF_BENCH", REF)) / script), *args], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "SDL_VIDEODRIVER": "dummy"}, timeout=3600)
+    out = subprocess.run(
+        [sys.executable, str(Path(os.environ.get("DREAMLAB_REF_BENCH", REF)) / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "SDL_VIDEODRIVER": "dummy"},
+        timeout=3600,
+    )
     if out.returncode != 0:
         raise SystemExit(f"reference {script} failed: {out.stderr[-1500:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -80,9 +87,13 @@ def ours_mdn(dev, bs: int, t: int, amp: bool) -> float:
 
     m = MDNRNN(MDNRNNConfig(hidden=256, mixtures=5, seq_len=t)).to(dev)
     opt = torch.optim.Adam(m.parameters(), 1e-3)
-    b = {"x": torch.randn(bs, t + 1, 35, device=dev).half(), "logvar": torch.full((bs, t + 1, 32), -2.0, device=dev).half(),
-         "reward": torch.randn(bs, t, device=dev),
-         "done": torch.zeros(bs, t, device=dev), "mask": torch.ones(bs, t, device=dev)}
+    b = {
+        "x": torch.randn(bs, t + 1, 35, device=dev).half(),
+        "logvar": torch.full((bs, t + 1, 32), -2.0, device=dev).half(),
+        "reward": torch.randn(bs, t, device=dev),
+        "done": torch.zeros(bs, t, device=dev),
+        "mask": torch.ones(bs, t, device=dev),
+    }
 
     def step() -> None:
         with autocast(dev, amp):
@@ -142,7 +153,11 @@ def main() -> None:
     torch.manual_seed(0)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
-    name = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+    name = (
+        torch.cuda.get_device_name()
+        if dev.type == "cuda"
+        else f"CPU ({os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+    )
     rows: list[tuple[str, float, float | None]] = []
 
     def add(k: str, ours: float, refv: float | None) -> None:  # printed as measured: a cut-off run keeps its rows
@@ -156,20 +171,37 @@ def main() -> None:
             raise SystemExit(f"--episodes-per-worker ({k}) and --steps ({args.steps}) must be at least 1")
         ref = _ref("carracing_bench.py", str(args.steps * k), args.workers)
         for w in ws:
-            add(f"collect CarRacing-v3 env-steps/s, {w} workers x {k} episodes", ours_collect(w, args.steps, "CarRacing-v3", k),
-                ref[str(w)]["total_steps_per_s"])
+            add(
+                f"collect CarRacing-v3 env-steps/s, {w} workers x {k} episodes",
+                ours_collect(w, args.steps, "CarRacing-v3", k),
+                ref[str(w)]["total_steps_per_s"],
+            )
         for w in ws:
             add(f"collect dreamlab/CarRacing64-v3 env-steps/s, {w} workers x {k} episodes",
                 ours_collect(w, args.steps, "dreamlab/CarRacing64-v3", k), ref[str(w)]["total_steps_per_s"])
     ref = _ref("wm_core_bench.py")
     big = dev.type == "cuda"
     for bs, amp in ([(256, False), (256, True), (1024, True)] if big else [(64, False)]):
-        add(f"V train images/s bs{bs} amp{int(amp)}", ours_vae(dev, bs, amp), ref.get(f"vae_img_per_s bs{bs} amp{int(amp)}"))
+        add(
+            f"V train images/s bs{bs} amp{int(amp)}",
+            ours_vae(dev, bs, amp),
+            ref.get(f"vae_img_per_s bs{bs} amp{int(amp)}"),
+        )
     for bs, t, amp in ([(100, 999, False), (100, 999, True), (512, 999, True)] if big else [(16, 200, False)]):
-        add(f"M train steps/s bs{bs} T{t} amp{int(amp)}", ours_mdn(dev, bs, t, amp), ref.get(f"mdnrnn_steps_per_s bs{bs} T{t} amp{int(amp)}"))
+        add(
+            f"M train steps/s bs{bs} T{t} amp{int(amp)}",
+            ours_mdn(dev, bs, t, amp),
+            ref.get(f"mdnrnn_steps_per_s bs{bs} T{t} amp{int(amp)}"),
+        )
     t = 1000 if big else 100
     # on CUDA the dream runs with and without bf16 autocast (DreamSimulator(amp=...)); the reference is fp32 (TF32 on)
-    dreams = [(64, 16, False, True), (64, 16, True, True), (64, 16, True, False), (1024, 16, True, True), (1024, 16, True, False)]
+    dreams = [
+        (64, 16, False, True),
+        (64, 16, True, True),
+        (64, 16, True, False),
+        (1024, 16, True, True),
+        (1024, 16, True, False),
+    ]
     for p, r, graph, amp in (dreams if big else [(64, 16, False, False)]):
         sec = ours_dream(dev, p, r, t, graph, amp)
         tag = f" amp{int(amp)}" if big else ""

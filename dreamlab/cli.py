@@ -11,6 +11,8 @@ import os
 import sys
 
 from dreamlab.errors import DreamlabError
+from dreamlab.runtime import cpu_defaults
+
 
 def _data_list(args: argparse.Namespace) -> int:
     from dreamlab.data import list_datasets
@@ -67,6 +69,7 @@ def _plugins() -> list:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never hang on a hub look-up: dreamlab is offline by design
     os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+    cpu_defaults()  # passive OpenMP threads and kept heap memory: graceful on shared cores (dreamlab.runtime)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -75,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        hint = "; finished work and checkpoints are saved: run the same command with --resume to continue" if hasattr(args, "resume") else ""
+        hint = ("; finished work and checkpoints are saved: run the same command with --resume to continue"
+                if hasattr(args, "resume") else "")
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 from dreamlab.errors import DreamlabError
@@ -64,7 +65,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             inner = args[0] if args else str
             out = [coerce(v, inner, key) for v in items]
             return tuple(out) if origin is tuple else out
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, OverflowError) as e:  # OverflowError: int("1e400") (inf)
         raise DreamlabError(f"{key}={value!r} is not a valid {getattr(base, '__name__', base)}") from e
     return value
 
@@ -81,22 +82,64 @@ def apply_overrides(cfg: T, overrides: Mapping[str, Any], *, what: str = "config
 
 
 def check_ranges(cfg: Any, *, positive: Iterable[str] = (), nonneg: Iterable[str] = (),
-                 fraction: Iterable[str] = ()) -> None:
+                 fraction: Iterable[str] = (), above_zero: Iterable[str] = (),
+                 at_most: Mapping[str, float] | None = None, unbounded: Iterable[str] = ()) -> None:
     """A config's `__post_init__` calls this so a bad value fails when the config is made (a `--set`, a preset, a
     saved config.json), before any data loads or a run folder exists: `positive` fields (ints, or tuples of them)
-    must be >= 1, `nonneg` ones >= 0, `fraction` ones in [0, 1]. The error names the field and the value."""
+    must be >= 1, `nonneg` ones >= 0, `fraction` ones in [0, 1], `above_zero` ones (floats: a learning rate, a
+    temperature) > 0, and `at_most` caps a size whose absurd values would fill the memory before any output. Every
+    float field (or tuple of floats) of the dataclass must be finite, NaN and inf included, except the `unbounded`
+    ones: a NaN compares False with everything, so it used to pass every range check and poison the run later.
+    The error names the field and the value."""
+    skip = set(unbounded)
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name in skip:
+            continue
+        items = v if isinstance(v, (tuple, list)) else (v,)
+        if any(isinstance(x, float) and not math.isfinite(x) for x in items):
+            raise DreamlabError(f"{f.name}={_show(v)} must be a finite number (NaN and inf are not allowed)")
     for name in positive:
         v = getattr(cfg, name)
-        if isinstance(v, (tuple, list)) and (not v or any(x < 1 for x in v)):
-            raise DreamlabError(f"{name}={','.join(map(str, v)) or '(empty)'} must be one or more sizes, each at least 1")
-        if not isinstance(v, (tuple, list)) and v < 1:
+        if isinstance(v, (tuple, list)) and (not v or any(not x >= 1 for x in v)):
+            raise DreamlabError(f"{name}={_show(v) or '(empty)'} must be one or more sizes, each at least 1")
+        if not isinstance(v, (tuple, list)) and not v >= 1:
             raise DreamlabError(f"{name}={v} must be at least 1")
     for name in nonneg:
-        if getattr(cfg, name) < 0:
+        if not getattr(cfg, name) >= 0:
             raise DreamlabError(f"{name}={getattr(cfg, name)} must be >= 0")
     for name in fraction:
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise DreamlabError(f"{name}={getattr(cfg, name)} must be in [0, 1]")
+    for name in above_zero:
+        if not getattr(cfg, name) > 0:
+            raise DreamlabError(f"{name}={getattr(cfg, name)} must be > 0")
+    for name, cap in (at_most or {}).items():
+        if getattr(cfg, name) > cap:
+            raise DreamlabError(f"{name}={getattr(cfg, name)} is more than this setting allows (at most {cap:,})")
+
+
+def _show(v: Any) -> str:
+    return ",".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+
+
+def finite_float(flag: str, *, minimum: float | None = None, above: float | None = None) -> Callable[[str], float]:
+    """An argparse `type` for a float flag: a finite number (NaN/inf refused, they pass `<`/`>` checks silently),
+    optionally >= `minimum` or > `above`; argparse prints the message on one line."""
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {s!r} is not a number") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"{flag} {s} must be a finite number")
+        if minimum is not None and v < minimum:
+            raise argparse.ArgumentTypeError(f"{flag} {v} must be >= {minimum}")
+        if above is not None and v <= above:
+            raise argparse.ArgumentTypeError(f"{flag} {v} must be > {above}")
+        return v
+
+    return parse
 
 
 def parse_set_args(items: Iterable[str] | None) -> dict[str, str]:
@@ -121,8 +164,8 @@ def from_dict(cls: type[T], d: Mapping[str, Any], *, what: str = "config") -> T:
     removed: Mapping[str, Any] = getattr(cls, "REMOVED", {})
     for k, v in d.items():
         if k in removed and v != removed[k]:
-            raise DreamlabError(f"{what}: {k}={v!r} was an experiment option that this version of dreamlab no longer has "
-                                f"(its results are in docs/experiments/); use the dreamlab release that wrote it")
+            raise DreamlabError(f"{what}: {k}={v!r} was an experiment option that this version of dreamlab no longer "
+                                "has (its results are in docs/experiments/); use the dreamlab release that wrote it")
     return apply_overrides(cls(), {k: v for k, v in d.items() if k not in removed}, what=what)
 
 

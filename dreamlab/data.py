@@ -9,8 +9,8 @@ nothing of this registry); higher layers add their own with `register_dataset`.
 """
 from __future__ import annotations
 
-import gzip
 import functools
+import gzip
 import hashlib
 import os
 import struct
@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dreamlab.errors import DreamlabError
 from dreamlab import procedural
+from dreamlab import text as _text
+from dreamlab.errors import DreamlabError
 from dreamlab.io import cache_dir, cached_array  # noqa: F401  (part of this module's API)
 
 SPLITS = ("train", "val", "test")
@@ -152,18 +153,35 @@ def load_mnist5k(split: str) -> dict[str, torch.Tensor]:
 
 # ----------------------------------------------------------------------------- two moons
 
+MOONS_NOISE = 0.05
+
+
+def moons_standardisation() -> tuple[np.ndarray, np.ndarray]:
+    """The (mean, std) per axis that `moons` subtracts and divides by: statistics of a fixed large sample, so every
+    split shares one transform (a density in these coordinates is the raw one times the product of the stds)."""
+    from sklearn.datasets import make_moons
+
+    ref, _ = make_moons(n_samples=20000, noise=MOONS_NOISE, random_state=123)
+    return ref.mean(0), ref.std(0)
+
+
 @register_dataset("moons", "sklearn two moons, 2-d, standardised (3k train / 1k val / 1k test)", "sklearn make_moons")
 def load_moons(split: str) -> dict[str, torch.Tensor]:
     from sklearn.datasets import make_moons
 
     n = {"train": 3000, "val": 1000, "test": 1000}[split]
-    x, y = make_moons(n_samples=n, noise=0.05, random_state={"train": 0, "val": 1, "test": 2}[split])
-    # standardise with statistics of a fixed large sample so every split shares one transform
-    ref, _ = make_moons(n_samples=20000, noise=0.05, random_state=123)
-    x = (x - ref.mean(0)) / ref.std(0)
+    x, y = make_moons(n_samples=n, noise=MOONS_NOISE, random_state={"train": 0, "val": 1, "test": 2}[split])
+    mean, std = moons_standardisation()
+    x = (x - mean) / std
     return {"x": torch.from_numpy(x.astype(np.float32)), "y": torch.from_numpy(y.astype(np.int64))}
 # ----------------------------------------------------------------------------- procedural sets
 
 for _kind in procedural.KINDS:
     register_dataset(_kind, procedural.DESCRIPTIONS[_kind], "procedural (dreamlab.procedural)")(
         functools.partial(procedural.load_procedural, _kind))
+
+# ----------------------------------------------------------------------------- text corpora (dreamlab.text)
+
+for _corpus in _text.CORPORA:
+    register_dataset(_corpus, _text.DESCRIPTIONS[_corpus], _text.SOURCES[_corpus])(
+        functools.partial(_text.load_text_windows, _corpus))

@@ -30,13 +30,17 @@ def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractC
     return contextlib.nullcontext()
 
 
-def randn(shape: tuple[int, ...], *, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+def randn(
+    shape: tuple[int, ...], *, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Standard normal noise on `device`, drawn on the generator's own device: a seeded CPU generator works
     for a CUDA model (torch refuses a generator of another device) and gives the same numbers on CPU and CUDA."""
     return _draw(torch.randn, shape, generator, device)
 
 
-def rand(shape: tuple[int, ...], *, generator: torch.Generator | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
+def rand(
+    shape: tuple[int, ...], *, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Uniform [0, 1) noise on `device`, drawn on the generator's own device (see `randn`)."""
     return _draw(torch.rand, shape, generator, device)
 

@@ -153,7 +153,12 @@ def caption(kind: str, labels: np.ndarray | list[int], rng: np.random.Generator)
     if kind == "faces":
         hair, skin, smile, glasses = vals
         w = _FACE_WORDS
-        hw, sw, mw, gw = pick(w["hair"][hair]), pick(w["skin"][skin]), pick(w["smiling"][smile]), pick(w["glasses"][glasses])
+        hw, sw, mw, gw = (
+            pick(w["hair"][hair]),
+            pick(w["skin"][skin]),
+            pick(w["smiling"][smile]),
+            pick(w["glasses"][glasses]),
+        )
         noun = pick(["face", "person", "man or woman"])
         with_part = [f"{hw} hair", sw]
         rng.shuffle(with_part)
@@ -201,7 +206,8 @@ def prompt_for(kind: str, combo: tuple) -> str:
         glasses = "with glasses" if vals["glasses"] else "without glasses"
         return f"a {smile} face with {vals['hair']} hair and {vals['skin']} skin, {glasses}"
     if kind == "flowers":
-        return f"a {vals['colour']} flower with {_FLOWER_WORDS['petals'][vals['petals']][0]} petals and a {vals['centre']} centre"
+        petals = _FLOWER_WORDS["petals"][vals["petals"]][0]
+        return f"a {vals['colour']} flower with {petals} petals and a {vals['centre']} centre"
     return f"a {vals['colour']} {vals['size']} brick"
 
 
@@ -277,7 +283,9 @@ def _ellipse(x, y, cx, cy, rx, ry, size):
     return _soft(d * np.minimum(rx, ry), size)
 
 
-_HAIR_RGB = np.array([[0.08, 0.07, 0.07], [0.42, 0.25, 0.12], [0.95, 0.82, 0.42], [0.80, 0.28, 0.10], [0.70, 0.70, 0.72]], np.float32)
+_HAIR_RGB = np.array(
+    [[0.08, 0.07, 0.07], [0.42, 0.25, 0.12], [0.95, 0.82, 0.42], [0.80, 0.28, 0.10], [0.70, 0.70, 0.72]], np.float32
+)
 _SKIN_RGB = np.array([[0.98, 0.84, 0.73], [0.80, 0.59, 0.42], [0.42, 0.28, 0.18]], np.float32)
 _COLOURS = {"red": (0.85, 0.12, 0.12), "yellow": (0.97, 0.85, 0.15), "blue": (0.15, 0.30, 0.85),
             "purple": (0.55, 0.20, 0.70), "white": (0.96, 0.96, 0.96), "orange": (0.98, 0.55, 0.10),
@@ -304,7 +312,9 @@ def _draw_faces(lab: np.ndarray, rng: np.random.Generator, size: int) -> np.ndar
     _paint(img, hair, hair_c)
     _paint(img, _ellipse(x, y, cx, cy, rx, ry, size), skin_c)
     # fringe over the forehead
-    fringe = _ellipse(x, y, cx, cy - 0.08, rx + 0.12, ry + 0.12, size) * _soft(cy - 0.62 * ry - y + 0.05 * np.cos(9 * x), size)
+    fringe = _ellipse(x, y, cx, cy - 0.08, rx + 0.12, ry + 0.12, size) * _soft(
+        cy - 0.62 * ry - y + 0.05 * np.cos(9 * x), size
+    )
     _paint(img, fringe, hair_c)
     ex, ey = col(rng.uniform(0.17, 0.22, n)), cy - col(rng.uniform(0.06, 0.12, n))
     eye_c = np.tile(np.array([[0.08, 0.06, 0.05]], np.float32), (n, 1))
@@ -333,7 +343,9 @@ def _draw_flowers(lab: np.ndarray, rng: np.random.Generator, size: int) -> np.nd
     n = len(lab)
     x, y = _grid(size)
     col = lambda a: a.reshape(n, 1, 1).astype(np.float32)  # noqa: E731
-    sky = np.stack([rng.uniform(0.55, 0.8, n), rng.uniform(0.75, 0.95, n), rng.uniform(0.55, 0.75, n)], 1).astype(np.float32)
+    sky = np.stack([rng.uniform(0.55, 0.8, n), rng.uniform(0.75, 0.95, n), rng.uniform(0.55, 0.75, n)], 1).astype(
+        np.float32
+    )
     img = np.broadcast_to(sky[:, None, None, :], (n, size, size, 3)).copy()
     cx, cy = col(rng.uniform(-0.12, 0.12, n)), col(rng.uniform(-0.15, 0.05, n))
     stem = _soft(0.035 - np.abs(x - cx), size) * _soft(y - cy, size)
@@ -344,7 +356,9 @@ def _draw_flowers(lab: np.ndarray, rng: np.random.Generator, size: int) -> np.nd
     rho = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
     theta = np.arctan2(y - cy, x - cx)
     petal_r = R * (0.25 + 0.75 * np.abs(np.cos(k * theta / 2 + phase)) ** 1.5)
-    petal_c = np.clip(_rgb(ATTRIBUTES["flowers"]["colour"], lab[:, 1]) + rng.normal(0, 0.03, (n, 3)), 0, 1).astype(np.float32)
+    petal_c = np.clip(_rgb(ATTRIBUTES["flowers"]["colour"], lab[:, 1]) + rng.normal(0, 0.03, (n, 3)), 0, 1).astype(
+        np.float32
+    )
     petals = _soft(petal_r - rho, size)
     # darker petal edges give the shape some relief
     _paint(img, petals, petal_c * 0.8)
@@ -359,7 +373,11 @@ def _draw_bricks(lab: np.ndarray, rng: np.random.Generator, size: int) -> np.nda
     x, y = _grid(size)
     col = lambda a: a.reshape(n, 1, 1).astype(np.float32)  # noqa: E731
     grey = rng.uniform(0.55, 0.9, n).astype(np.float32)
-    bg = np.stack([grey, grey * rng.uniform(0.95, 1.05, n), grey * rng.uniform(0.9, 1.1, n)], 1).clip(0, 1).astype(np.float32)
+    bg = (
+        np.stack([grey, grey * rng.uniform(0.95, 1.05, n), grey * rng.uniform(0.9, 1.1, n)], 1)
+        .clip(0, 1)
+        .astype(np.float32)
+    )
     img = np.broadcast_to(bg[:, None, None, :], (n, size, size, 3)).copy()
     studs_w = col(np.array([2, 2, 4])[lab[:, 0]])  # studs along the front edge
     studs_d = col(np.array([1, 2, 2])[lab[:, 0]])  # studs along the depth

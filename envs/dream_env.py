@@ -26,12 +26,22 @@ from worlds.policies import ACTION_HIGH, ACTION_LOW
 class DreamEnv(gym.Env):
     metadata = {"render_modes": ["rgb_array"], "render_fps": 50}
 
-    def __init__(self, run_dir: str | Path | None = None, obs: str = "vector", temperature: float = 1.0, max_steps: int = 1000,
-                 done_threshold: float = 0.5, render_mode: str | None = None, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        run_dir: str | Path | None = None,
+        obs: str = "vector",
+        temperature: float = 1.0,
+        max_steps: int = 1000,
+        done_threshold: float = 0.5,
+        render_mode: str | None = None,
+        device: str = "cpu",
+    ) -> None:
         from worlds.dream import decode_frames, load_world_model, tiny_world_model
 
         if obs not in ("vector", "image"):
-            raise DreamlabError(f"obs={obs!r} is not an observation mode; choose 'vector' ([z, h]) or 'image' (decoded 64x64 frame)")
+            raise DreamlabError(
+                f"obs={obs!r} is not an observation mode; choose 'vector' ([z, h]) or 'image' (decoded 64x64 frame)"
+            )
         if render_mode not in (None, "rgb_array"):
             raise DreamlabError(f"render_mode={render_mode!r} is not supported; use 'rgb_array' or None")
         if run_dir is None:
@@ -45,10 +55,17 @@ class DreamEnv(gym.Env):
         self._decode = decode_frames
         self.dev = self.mdn.device
         self.init_mu, self.init_std = init_mu.float().to(self.dev), (0.5 * init_lv.float()).exp().to(self.dev)
-        self.obs_mode, self.temperature, self.max_steps, self.done_threshold = obs, float(temperature), int(max_steps), float(done_threshold)
+        self.obs_mode, self.temperature, self.max_steps, self.done_threshold = (
+            obs,
+            float(temperature),
+            int(max_steps),
+            float(done_threshold),
+        )
         self.render_mode = render_mode
         z, h = self.mdn.config.z_dim, self.mdn.config.hidden
-        self.action_space = gym.spaces.Box(np.array(ACTION_LOW, np.float32), np.array(ACTION_HIGH, np.float32), dtype=np.float32)
+        self.action_space = gym.spaces.Box(
+            np.array(ACTION_LOW, np.float32), np.array(ACTION_HIGH, np.float32), dtype=np.float32
+        )
         if obs == "vector":
             self.observation_space = gym.spaces.Box(-np.inf, np.inf, (z + h,), np.float32)
         else:
@@ -62,7 +79,9 @@ class DreamEnv(gym.Env):
             return torch.cat([self._z, self._h], -1)[0].float().cpu().numpy().astype(np.float32)
         return self._decode(self.vae, self._z)[0].numpy()
 
-    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         super().reset(seed=seed)
         self._g.manual_seed(int(self.np_random.integers(2**63 - 1)))
         i = int(torch.randint(0, len(self.init_mu), (1,), generator=self._g, device=self.dev))

@@ -1,4 +1,5 @@
 """Every generative model of dreamlab behind one interface (see `generators.base`)."""
+import dreamlab  # noqa: F401  (first: it sets the OpenMP wait policy before generators.base imports torch)
 from generators.base import (
     Generator,
     Model,
@@ -10,4 +11,5 @@ from generators.base import (
     register,
 )
 
-__all__ = ["Generator", "Model", "TrainConfig", "list_generators", "list_models", "make_generator", "make_model", "register"]
+__all__ = ["Generator", "Model", "TrainConfig", "list_generators", "list_models", "make_generator", "make_model",
+           "register"]

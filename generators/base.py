@@ -12,6 +12,10 @@ it is exact or a bound). Everything is trained by the one shared trainer in `gen
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import operator
+import os
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -20,7 +24,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from dreamlab.config import apply_overrides, from_dict, to_dict
+from dreamlab.config import apply_overrides, check_ranges, from_dict, to_dict
 from dreamlab.data import load_dataset
 from dreamlab.device import autocast, resolve_device
 from dreamlab.errors import DreamlabError
@@ -53,14 +57,20 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         # a bad --set fails here, before any data loads (a negative lr or a zero batch used to end in a traceback)
+        check_ranges(self)  # NaN/inf in any float setting (lr=inf trained to NaN; nan passed every `< 0` check)
         for name in ("steps", "batch_size", "log_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise DreamlabError(f"{name}={getattr(self, name)} must be at least 1")
         for name, why in (("eval_every", "0 = only at the end"), ("eval_items", "0 = the whole split"),
                           ("num_workers", "0 = load in this process"), ("threads", "0 = torch's default"),
-                          ("grad_clip", "0 = off"), ("weight_decay", "0 = none"), ("seed", "numpy seeds are non-negative")):
+                          ("grad_clip", "0 = off"), ("weight_decay", "0 = none"),
+                          ("seed", "numpy seeds are non-negative")):
             if getattr(self, name) < 0:
                 raise DreamlabError(f"{name}={getattr(self, name)} must be >= 0 ({why})")
+        for name in ("lr", "grad_clip", "weight_decay"):  # nan passes every comparison, inf every lower bound
+            if not math.isfinite(getattr(self, name)):
+                raise DreamlabError(f"{name}={getattr(self, name)} must be a finite number, e.g. --set {name}="
+                                    f"{getattr(TrainConfig, name)}")
         if not self.lr > 0:
             raise DreamlabError(f"lr={self.lr} must be > 0")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
@@ -142,7 +152,8 @@ class Model(nn.Module):
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         save_json(tmp / "config.json", {"name": self.name, "config": to_dict(self.config)})
-        save_tensors(tmp / "model.safetensors", self.state_dict(), metadata={"name": self.name, **self.weights_metadata})
+        save_tensors(tmp / "model.safetensors", self.state_dict(),
+                     metadata={"name": self.name, **self.weights_metadata})
         self.save_extra(tmp)
         replace_dir(tmp, directory)
         return directory
@@ -150,23 +161,22 @@ class Model(nn.Module):
     def save_extra(self, directory: Path) -> None:
         """Hook: write other libraries' files (open_clip's, diffusers') beside dreamlab's in a model folder."""
 
+    def load_extra(self, directory: Path) -> None:
+        """Hook: read back what `save_extra` wrote (e.g. a text model's tokenizer), before the weights load."""
+
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "auto") -> Model:
         directory = Path(directory)
-        meta = load_json(directory / "config.json")
-        name = meta.get("name")
+        meta = read_config_json(directory / "config.json")
+        name = meta["name"]
         target = get_model_class(name) if cls in (Model, Generator) else cls
         if target.name != name:
             raise DreamlabError(f"{directory} holds a {name!r} model, not {target.name!r}")
-        cfg = from_dict(target.config_class, meta["config"], what=f"{name} config")
+        cfg = from_dict(target.config_class, meta["config"], what=f"{directory / 'config.json'}")
+        check_model_size(target, cfg)
         model = target(cfg)
-        state = load_tensors(directory / "model.safetensors")
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise DreamlabError(
-                f"{directory / 'model.safetensors'} does not match {name!r} with its config.json "
-                f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
-            )
+        model.load_extra(directory)
+        load_weights(model, load_tensors(directory / "model.safetensors"), directory / "model.safetensors")
         return model.to(resolve_device(device)).eval()
 
     def num_parameters(self) -> int:
@@ -181,11 +191,21 @@ class Generator(Model):
     example_condition: ClassVar[dict[str, Any]] = {}
     #: range every sample lies in (images: [0, 1]); None for unbounded outputs such as latent sequences
     sample_range: ClassVar[tuple[float, float] | None] = (0.0, 1.0)
+    #: dtype of what `sample` returns: float32 values, or integer token ids (language models: torch.long)
+    sample_dtype: ClassVar[torch.dtype] = torch.float32
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, **condition: Any) -> torch.Tensor:
         raise NotImplementedError
 
-    #: file suffixes `save_samples` writes (`dreamlab sample --out`); a model with other outputs (MIDI, text) adds its own
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # every model's own `sample` checks n first: sample(-1) or sample(2.5) is a one-line error, not a traceback
+        # from deep inside torch (one check here instead of one per model file)
+        super().__init_subclass__(**kwargs)
+        if "sample" in cls.__dict__:
+            cls.sample = _checked_sample(cls.__dict__["sample"])
+
+    #: file suffixes `save_samples` writes (`dreamlab sample --out`); a model with other outputs (MIDI, text) adds
+    #: its own
     sample_formats: ClassVar[tuple[str, ...]] = (".png", ".safetensors")
 
     def save_samples(self, samples: torch.Tensor, path: str | Path) -> list[Path]:
@@ -204,6 +224,97 @@ class Generator(Model):
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Per-item log-likelihood in nats (exact, or a lower bound: see `log_prob_kind`)."""
         raise NotImplementedError(f"{self.name} offers no log_prob (it has no tractable likelihood or bound)")
+
+
+def _checked_sample(fn: Any) -> Any:
+    if getattr(fn, "_checks_n", False):
+        return fn
+
+    @functools.wraps(fn)
+    def sample(self: Generator, n: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        try:
+            k = operator.index(n) if not isinstance(n, bool) else None
+        except TypeError:
+            k = None
+        if k is None or k < 1:
+            raise DreamlabError(f"{self.name}.sample(n={n!r}): n is the number of samples, a whole number >= 1")
+        return fn(self, n, *args, **kwargs)
+
+    sample._checks_n = True  # type: ignore[attr-defined]
+    return sample
+
+
+# ----------------------------------------------------------------------------- loading and sizing models
+
+
+def read_config_json(path: Path, *, run: bool = False) -> dict[str, Any]:
+    """A model's (or, with `run`, a run folder's) config.json, checked for the structure dreamlab writes: an object
+    with "name" and "config" (and "train" for a run). Anything else is a one-line error naming the file."""
+    meta = load_json(path)
+    keys = ("name", "config", "train") if run else ("name", "config")
+    if not isinstance(meta, dict) or not isinstance(meta.get("name"), str) or \
+            not all(isinstance(meta.get(k), dict) for k in keys[1:]):
+        found = type(meta).__name__ if not isinstance(meta, dict) else "keys " + ", ".join(map(str, meta))
+        raise DreamlabError(f"{path} is not a dreamlab config.json (expected an object with {', '.join(keys)}; "
+                            f"found {found or 'nothing'}); restore it from the run or retrain")
+    return meta
+
+
+def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor], source: Path) -> None:
+    """Load `state` into `model`, every tensor with its shape, or a one-line error naming `source` and the first
+    mismatch (a config.json edited after training, or weights of another model)."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # size mismatches: torch lists them one per line
+        first = next((ln.strip() for ln in str(e).splitlines() if "mismatch" in ln), str(e).splitlines()[0])
+        raise DreamlabError(f"{source} does not match the model its config.json describes: {first}") from None
+    if missing or unexpected:
+        raise DreamlabError(f"{source} does not match the model its config.json describes "
+                            f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
+
+
+def available_memory(device: str | torch.device = "cpu") -> int:
+    """Bytes free for new tensors on `device`: MemAvailable of /proc/meminfo (or physical memory) for the CPU,
+    the free memory of a CUDA device."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info(dev)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_model_size(cls: type[Model], cfg: Any, *, copies: int = 1, device: str | torch.device = "cpu") -> None:
+    """Refuse, before allocating anything, a model whose weights (times `copies`: 4 when training with AdamW:
+    weights, gradients and two moments) exceed the memory free on `device`: `--set z_dim=1e8` is a one-line error
+    naming the setting instead of minutes of swapping and an out-of-memory kill. The model is built on torch's meta
+    device (shapes, no storage); a model whose constructor cannot run there (it reads files, computes values) is
+    not checked."""
+    try:
+        with torch.device("meta"):
+            probe = cls(cfg)
+        count = sum(p.numel() for p in probe.parameters())
+        need = sum(t.numel() * t.element_size() for t in [*probe.parameters(), *probe.buffers()])
+    except Exception:  # noqa: BLE001 - see the docstring: the check is skipped, the real constructor still runs
+        return
+    free = available_memory(device)
+    if need * copies <= free:
+        return
+    defaults = to_dict(type(cfg)()) if dataclasses.is_dataclass(cfg) else {}
+    changed = [f"{k}={v}" for k, v in to_dict(cfg).items() if defaults.get(k) != v] if defaults else []
+    what = "weights" if copies == 1 else "weights, gradients and optimiser state"
+    raise DreamlabError(
+        f"{cls.name} with {', '.join(changed) or 'its default sizes'} has {count:,} parameters: its {what} "
+        f"need {_gib(need * copies)} but {_gib(free)} is free on {torch.device(device).type}; lower those sizes")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
 
 
 # ----------------------------------------------------------------------------- held-out batches
@@ -232,7 +343,7 @@ def iterate_eval(model: Model, split: str, batch_size: int = 500,
         n = batch_count(data)
         n = min(n, max_items or n)
         for i in range(0, n, batch_size):
-            yield {k: v[i:i + batch_size].to(dev) for k, v in data.items()}
+            yield {k: v[i:min(i + batch_size, n)].to(dev) for k, v in data.items()}  # at most max_items in all
     else:
         seen = 0
         for b in torch.utils.data.DataLoader(data, batch_size=batch_size):
@@ -300,6 +411,7 @@ def get_model_class(name: str) -> type[Model]:
 def make_model(name: str, **overrides: Any) -> Model:
     cls = get_model_class(name)
     cfg = apply_overrides(cls.config_class(), overrides, what=f"{name} config")
+    check_model_size(cls, cfg)
     return cls(cfg)
 
 

@@ -138,7 +138,9 @@ class CNNClassifier(_Classifier):
             layers += [nn.Conv2d(cin, cout, 3, 2 if i % 2 else 1, 1), nn.BatchNorm2d(cout), nn.LeakyReLU(0.2)]
             cin = cout
         self.conv = nn.Sequential(*layers, nn.Flatten())
-        self.fc = nn.Sequential(nn.Linear(cin * 7 * 7, config.features), nn.BatchNorm1d(config.features), nn.LeakyReLU(0.2))
+        self.fc = nn.Sequential(
+            nn.Linear(cin * 7 * 7, config.features), nn.BatchNorm1d(config.features), nn.LeakyReLU(0.2)
+        )
         self.drop = nn.Dropout(config.dropout)
         self.head = nn.Linear(config.features, 10)
 

@@ -4,6 +4,7 @@ stays fast); torch and the models are imported inside the handlers."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from dreamlab.errors import DreamlabError
@@ -16,7 +17,8 @@ def _generators_list(args: argparse.Namespace) -> int:
     for name in list_models():
         cls = get_model_class(name)
         lp = getattr(cls, "log_prob_kind", None)
-        rows.append((name, cls.kind, ",".join(sorted(cls.presets)) or "-", lp or "-", (cls.__doc__ or "").strip().splitlines()[0]))
+        rows.append((name, cls.kind, ",".join(sorted(cls.presets)) or "-", lp or "-",
+                     (cls.__doc__ or "").strip().splitlines()[0]))
     header = ("name", "kind", "presets", "log_prob", "description")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(4)]
     for r in [header, *rows]:
@@ -31,11 +33,15 @@ def _train(args: argparse.Namespace) -> int:
     overrides = parse_set_args(args.set)
     if args.device:
         overrides["device"] = args.device
-    _, res, run_dir = train_from_name(args.name, preset=args.preset, overrides=overrides, out=args.out,
+    # --resume continues with the run's own settings: no --preset means the run's preset, not quick
+    preset = args.preset if args.resume else (args.preset or "quick")
+    out = args.out or f"runs/{args.name}-{args.preset or 'quick'}"
+    _, res, run_dir = train_from_name(args.name, preset=preset, overrides=overrides, out=out,
                                       resume=args.resume, progress=not args.no_progress)
-    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
-    print(f"run folder: {run_dir}")
-    print(" ".join(f"{k}={v}" for k, v in shown.items()))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process reports
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()}
+        print(f"run folder: {run_dir}")
+        print(" ".join(f"{k}={v}" for k, v in shown.items()))
     return 0 if res.get("status") == "finished" else 130
 
 
@@ -55,8 +61,8 @@ def _sample(args: argparse.Namespace) -> int:
     if out.suffix not in model.sample_formats:
         raise DreamlabError(f"--out {out}: {model.name} writes samples as {', '.join(model.sample_formats)}")
     # the named flags are the usual conditions; --cond passes any other keyword of the model's sample()
-    named = {"prompt": args.prompt, "labels": args.label, "truncation": args.truncation, "temperature": args.temperature,
-             "num_inference_steps": args.steps}
+    named = {"prompt": args.prompt, "labels": args.label, "truncation": args.truncation,
+             "temperature": args.temperature, "num_inference_steps": args.steps}
     cond = {k: _literal(v) for k, v in parse_set_args(args.cond).items()}
     cond.update({k: v for k, v in named.items() if v is not None})
     if not cond:
@@ -97,10 +103,13 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
 
     t = sub.add_parser("train", help="train a registered model into a run folder")
     t.add_argument("name", help="a registered model name (see: dreamlab generators list)")
-    t.add_argument("--preset", default="quick", help="quick (minutes on a CPU) or full (default: quick)")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a model or trainer setting (repeatable)")
+    t.add_argument("--preset", help="tiny (seconds), quick (minutes on a CPU) or full (a GPU) (default: quick; "
+                   "with --resume: the run's own)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a model or trainer setting (repeatable)")
     t.add_argument("--out", help="run folder (default: runs/NAME-PRESET)")
-    t.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the checkpoint in --out exactly, with the run's own settings (more --set steps=N)")
     t.add_argument("--device", help="auto (default), cpu or cuda")
     t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     t.set_defaults(func=_train)

@@ -61,7 +61,9 @@ class _LatentModel(Generator):
         return z[m].mean(0) - z[~m].mean(0)
 
     @torch.no_grad()
-    def add_attribute(self, x: torch.Tensor, vector: torch.Tensor, scales: tuple[float, ...] = (-2, -1, 0, 1, 2, 3)) -> torch.Tensor:
+    def add_attribute(
+        self, x: torch.Tensor, vector: torch.Tensor, scales: tuple[float, ...] = (-2, -1, 0, 1, 2, 3)
+    ) -> torch.Tensor:
         """Decode z + s·vector for each scale s: one row per image."""
         z, _ = self.encode(x.to(self.device))
         out = [self.decode(z + s * vector) for s in scales]
@@ -115,7 +117,10 @@ class _LatentModel(Generator):
         fig, ax = plt.subplots(figsize=(6, 5))
         sc = ax.scatter(z2[:, 0], z2[:, 1], c=y.numpy(), cmap="tab10", s=3, alpha=0.7)
         if int(y.max()) < 10 and getattr(self.config, "dataset", "") == "fashion_mnist":
-            handles = [plt.Line2D([], [], marker="o", ls="", color=sc.cmap(sc.norm(i)), label=c) for i, c in enumerate(FMNIST_CLASSES)]
+            handles = [
+                plt.Line2D([], [], marker="o", ls="", color=sc.cmap(sc.norm(i)), label=c)
+                for i, c in enumerate(FMNIST_CLASSES)
+            ]
             ax.legend(handles=handles, fontsize=6, loc="best")
         ax.set_title(f"{self.name}: test codes" + ("" if z.shape[1] == 2 else " (PCA)"))
         out.append(save_figure(fig, run_dir / "latent_scatter.png"))

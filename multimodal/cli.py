@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from dreamlab.errors import DreamlabError
@@ -41,8 +42,8 @@ def _nonneg_float(what: str):
             v = float(s)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{what} {s!r} is not a number") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{what} {v} must be >= 0")
+        if not v >= 0 or v == float("inf"):  # NaN passed `v < 0` and wrote black images
+            raise argparse.ArgumentTypeError(f"{what} {v} must be a finite number >= 0")
         return v
 
     return parse
@@ -56,10 +57,12 @@ def _train(name: str, args: argparse.Namespace, extra: dict[str, str] | None = N
     overrides = {**(extra or {}), **parse_set_args(args.set)}
     if args.device:
         overrides["device"] = args.device
-    _, res, run_dir = train_from_name(name, preset=args.preset, overrides=overrides, out=args.out, resume=args.resume,
+    preset = args.preset if args.resume else (args.preset or "quick")  # --resume: the run's own preset
+    _, res, run_dir = train_from_name(name, preset=preset, overrides=overrides, out=args.out, resume=args.resume,
                                       progress=not args.no_progress)
-    print(f"run folder: {run_dir}")
-    print(" ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in res.items()))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one process reports
+        print(f"run folder: {run_dir}")
+        print(" ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in res.items()))
     return 0 if res.get("status") == "finished" else 130
 
 
@@ -166,7 +169,8 @@ def _text2img(args: argparse.Namespace) -> int:
 
 
 def _common_train(p: argparse.ArgumentParser, default_out: str) -> None:
-    p.add_argument("--preset", default="quick", choices=["tiny", "quick", "full"], help="size preset (default: quick)")
+    p.add_argument("--preset", choices=["tiny", "quick", "full"],
+                   help="size preset (default: quick; with --resume: the run's own)")
     p.add_argument("--out", default=default_out, help=f"run folder (default: {default_out})")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a model or trainer setting (repeatable)")

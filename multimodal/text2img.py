@@ -290,8 +290,8 @@ class Text2ImgPipeline(Generator):
         cgs = c.clip_guidance_scale if cgs is None else float(cgs)
         if steps < 1:
             raise DreamlabError(f"num_inference_steps={steps} must be at least 1")
-        if gs < 0 or cgs < 0:
-            raise DreamlabError(f"guidance_scale={gs} and clip_guidance_scale={cgs} must be >= 0")
+        if not (0 <= gs < float("inf") and 0 <= cgs < float("inf")):  # NaN passed `gs < 0`: black images
+            raise DreamlabError(f"guidance_scale={gs} and clip_guidance_scale={cgs} must be finite numbers >= 0")
         was = self.training
         self.eval()
         dev = self.device

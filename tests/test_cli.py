@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_help_runs_as_a_program() -> None:
-    out = subprocess.run([sys.executable, "-m", "dreamlab", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "dreamlab", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert out.returncode == 0
     for cmd in ("generators", "train", "sample", "eval", "data"):
         assert cmd in out.stdout
@@ -28,7 +30,24 @@ def test_generators_list(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_train_sample_eval_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
-    assert main(["train", "vae", "--preset", "tiny", "--out", str(run), "--no-progress", "--set", "batch_size=8", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "vae",
+                "--preset",
+                "tiny",
+                "--out",
+                str(run),
+                "--no-progress",
+                "--set",
+                "batch_size=8",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert json.loads((run / "config.json").read_text())["train"]["batch_size"] == 8
     assert main(["sample", str(run), "-n", "5", "--out", str(tmp_path / "g.png"), "--device", "cpu"]) == 0
     from PIL import Image
@@ -68,7 +87,9 @@ def test_train_sample_eval_resume(tmp_path: Path, capsys: pytest.CaptureFixture[
         (["data", "prepare", "imagenet"], "unknown dataset 'imagenet'"),
     ],
 )
-def test_bad_input_gives_one_line_error(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_bad_input_gives_one_line_error(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     if argv[0] == "train":
         argv = [*argv, "--out", str(tmp_path / "r")]
     assert main(argv) == 2

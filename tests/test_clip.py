@@ -79,8 +79,18 @@ def test_training_fits_a_fixed_batch():
     from multimodal.clip import ClipConfig, ClipModel
 
     torch.manual_seed(0)
-    m = ClipModel(ClipConfig(sets="bricks", max_per_set=32, image_size=16, embed_dim=32, vision_width=32, vision_layers=1,
-                             vision_head_width=16, captions_per_class=1))
+    m = ClipModel(
+        ClipConfig(
+            sets="bricks",
+            max_per_set=32,
+            image_size=16,
+            embed_dim=32,
+            vision_width=32,
+            vision_layers=1,
+            vision_head_width=16,
+            captions_per_class=1,
+        )
+    )
     batch = m.train_data("train")
     (opt,) = m.configure_optimizers(TrainConfig(lr=3e-3))
     first = float(m.loss(batch)[0].detach())
@@ -96,8 +106,19 @@ def test_finetune_mode_updates_the_text_transformer():
     from generators.base import TrainConfig
     from multimodal.clip import ClipConfig, ClipModel
 
-    m = ClipModel(ClipConfig(sets="bricks", max_per_set=16, image_size=16, embed_dim=32, vision_width=32, vision_layers=1,
-                             vision_head_width=16, captions_per_class=1, text_mode="finetune"))
+    m = ClipModel(
+        ClipConfig(
+            sets="bricks",
+            max_per_set=16,
+            image_size=16,
+            embed_dim=32,
+            vision_width=32,
+            vision_layers=1,
+            vision_head_width=16,
+            captions_per_class=1,
+            text_mode="finetune",
+        )
+    )
     batch = m.train_data("train")
     before = m.text.transformer.encoder.layer[0].attention.self.query.weight.detach().clone()
     (opt,) = m.configure_optimizers(TrainConfig(lr=1e-3))
@@ -107,8 +128,18 @@ def test_finetune_mode_updates_the_text_transformer():
     assert not torch.equal(before, m.text.transformer.encoder.layer[0].attention.self.query.weight)
 
 
-@pytest.mark.parametrize("bad,match", [("", "empty"), ("   ", "empty"), (3, "must be a string"), (None, "must be a string"),
-                                       ("x" * 400, "shorten"), ([], "non-empty list"), (["ok", 5], r"prompt\[1\]")])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        (3, "must be a string"),
+        (None, "must be a string"),
+        ("x" * 400, "shorten"),
+        ([], "non-empty list"),
+        (["ok", 5], r"prompt\[1\]"),
+    ],
+)
 def test_prompt_validation(bad, match):
     from multimodal.clip import validate_prompts
 

@@ -14,7 +14,9 @@ needs_fmnist = pytest.mark.skipif(not FMNIST.exists(), reason="Debian dataset-fa
 
 
 def _write_idx(path: Path, arr: np.ndarray, truncate: int = 0) -> None:
-    raw = struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+    raw = (
+        struct.pack(">HBB", 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.astype(np.uint8).tobytes()
+    )
     path.write_bytes(gzip.compress(raw[: len(raw) - truncate]))
 
 
@@ -66,7 +68,11 @@ def test_unknown_names_list_allowed() -> None:
 @needs_fmnist
 def test_fashion_mnist_splits_are_deterministic_and_disjoint() -> None:
     tr, va, te = (load_dataset("fashion_mnist", s) for s in ("train", "val", "test"))
-    assert tr["x"].shape == (55000, 1, 28, 28) and va["x"].shape == (5000, 1, 28, 28) and te["x"].shape == (10000, 1, 28, 28)
+    assert (
+        tr["x"].shape == (55000, 1, 28, 28)
+        and va["x"].shape == (5000, 1, 28, 28)
+        and te["x"].shape == (10000, 1, 28, 28)
+    )
     assert tr["x"].dtype == torch.float32 and 0 <= tr["x"].min() and tr["x"].max() <= 1
     assert set(tr["y"].unique().tolist()) == set(range(10))
     again = load_dataset("fashion_mnist", "val")

@@ -71,7 +71,7 @@ def test_sample_shape_range_and_seed(name: str) -> None:
         return model.sample(3, generator=torch.Generator().manual_seed(seed), **cond)
 
     a, b, c = draw(1), draw(1), draw(2)
-    assert isinstance(a, torch.Tensor) and a.dtype == torch.float32 and a.shape[0] == 3
+    assert isinstance(a, torch.Tensor) and a.dtype == type(model).sample_dtype and a.shape[0] == 3
     assert torch.isfinite(a).all()
     lo_hi = type(model).sample_range
     if lo_hi is not None:

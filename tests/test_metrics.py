@@ -52,7 +52,9 @@ def test_save_video_writes_gif_when_ffmpeg_is_missing(tmp_path, monkeypatch) -> 
 
     frames = np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "imageio_ffmpeg" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "imageio_ffmpeg" else real(name, *a)
+    )
     out = save_video(frames, tmp_path / "v.mp4")
     assert out == tmp_path / "v.gif" and not (tmp_path / "v.mp4").exists()
     assert iio.imread(out, index=None).shape[0] == 5

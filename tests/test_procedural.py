@@ -74,7 +74,9 @@ def test_captions_name_the_attributes_in_varied_wording():
     caps = [c[0] for c in P.captions("faces", lab, seed=0)]
     assert len(set(caps)) >= 10
     for c in caps:
-        assert re.search(r"\b(red|ginger)\b", c) and re.search(r"glasses", c) and not re.search(r"without|no glasses", c)
+        assert (
+            re.search(r"\b(red|ginger)\b", c) and re.search(r"glasses", c) and not re.search(r"without|no glasses", c)
+        )
     assert P.captions("faces", lab, seed=5) == P.captions("faces", lab, seed=5)
     fl = np.array([[2, 1, 0]])  # five yellow petals, yellow centre
     for c in P.captions("flowers", fl, seed=1, per_image=10)[0]:
@@ -89,7 +91,9 @@ def test_paraphrase_words_never_occur_in_training_captions():
     for combo in P.all_combos("faces"):
         words = set(re.findall(r"[a-z0-9]+", P.paraphrase_for("faces", combo)))
         para |= {w for w in words}
-    attr_words = {w for d in P.PARAPHRASE_WORDS["faces"].values() for v in d.values() for w in re.findall(r"[a-z0-9]+", v)}
+    attr_words = {
+        w for d in P.PARAPHRASE_WORDS["faces"].values() for v in d.values() for w in re.findall(r"[a-z0-9]+", v)
+    }
     attr_words |= {w for p in P.PARAPHRASE_WORDS["fashion_mnist"] for w in re.findall(r"[a-z0-9]+", p)}
     attr_words -= {"a", "in"}
     assert not (attr_words & vocab)

@@ -34,7 +34,9 @@ class TinyMLP(_SmallData, MLPClassifier):
 
 
 def _tc(**kw) -> TrainConfig:
-    return TrainConfig(**{"steps": 6, "batch_size": 16, "device": "cpu", "log_every": 1, "ckpt_every": 2, "eval_items": 64, **kw})
+    return TrainConfig(
+        **{"steps": 6, "batch_size": 16, "device": "cpu", "log_every": 1, "ckpt_every": 2, "eval_items": 64, **kw}
+    )
 
 
 def _vae() -> TinyVAE:
@@ -60,8 +62,19 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
 def test_run_folder_contents(tmp_path: Path) -> None:
     res = train(_vae(), _tc(), tmp_path / "r", progress=False)
     run = tmp_path / "r"
-    for f in ("config.json", "metrics.jsonl", "eval.json", "model/config.json", "model/model.safetensors",
-              "checkpoint/state.json", "reconstructions.png", "samples.png", "latent_scatter.png", "latent_plane.png", "loss_curves.png"):
+    for f in (
+        "config.json",
+        "metrics.jsonl",
+        "eval.json",
+        "model/config.json",
+        "model/model.safetensors",
+        "checkpoint/state.json",
+        "reconstructions.png",
+        "samples.png",
+        "latent_scatter.png",
+        "latent_plane.png",
+        "loss_curves.png",
+    ):
         assert (run / f).exists(), f
     assert res["status"] == "finished" and res["test_elbo"] < 0
     assert any((run / "tb").iterdir())
@@ -98,7 +111,9 @@ def test_sigint_saves_checkpoint_and_exits_cleanly(tmp_path: Path) -> None:
     assert not (tmp_path / "r" / "model").exists()  # no final model from an interrupted run
     # and it resumes to the end
     torch.manual_seed(0)
-    res2 = train(TinyMLP(MLPConfig(hidden=(8,))), _tc(steps=5, ckpt_every=100), tmp_path / "r", resume=True, progress=False)
+    res2 = train(
+        TinyMLP(MLPConfig(hidden=(8,))), _tc(steps=5, ckpt_every=100), tmp_path / "r", resume=True, progress=False
+    )
     assert res2["status"] == "finished" and res2["step"] == 5
 
 

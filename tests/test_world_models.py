@@ -15,9 +15,13 @@ def _batch(b: int, t: int, z: int, a: int, seed: int = 0) -> dict[str, torch.Ten
     mask = torch.ones(b, t)
     mask[1, -2:] = 0  # padded tail must not count
     mu, act = torch.randn(b, t + 1, z, generator=g), torch.rand(b, t, a, generator=g)
-    return {"x": torch.cat([mu, torch.cat([act, torch.zeros(b, 1, a)], 1)], -1), "logvar": torch.full((b, t + 1, z), -30.0),
-            "reward": torch.randn(b, t, generator=g),
-            "done": (torch.rand(b, t, generator=g) < 0.3).float(), "mask": mask}
+    return {
+        "x": torch.cat([mu, torch.cat([act, torch.zeros(b, 1, a)], 1)], -1),
+        "logvar": torch.full((b, t + 1, z), -30.0),
+        "reward": torch.randn(b, t, generator=g),
+        "done": (torch.rand(b, t, generator=g) < 0.3).float(),
+        "mask": mask,
+    }
 
 
 def test_mdn_loss_matches_direct_computation() -> None:

@@ -65,7 +65,11 @@ def test_collector_kill_and_resume(tmp_path: Path) -> None:
             inprocess=True, env_setup=register_all)
     for i in (0, 1):
         a, b = load_episode(run / "rollouts" / f"ep_{i:06d}.npz"), load_episode(fresh / f"ep_{i:06d}.npz")
-        assert np.array_equal(a.obs, b.obs) and np.array_equal(a.actions, b.actions) and np.array_equal(a.rewards, b.rewards)
+        assert (
+            np.array_equal(a.obs, b.obs)
+            and np.array_equal(a.actions, b.actions)
+            and np.array_equal(a.rewards, b.rewards)
+        )
 
 
 def test_crashed_worker_is_restarted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,13 +92,34 @@ def test_corrupt_episode_error_names_file(tmp_path: Path) -> None:
     with pytest.raises(DreamlabError, match="ep_000001.npz"):
         load_episode(bad)
     # through the real CLI: the streaming V loader hits the file and the error names it (exit code 2)
-    r = subprocess.run([sys.executable, "-m", "dreamlab", "worldmodel", "train-vae", str(tmp_path / "run"), "--preset", "tiny",
-                        "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dreamlab",
+            "worldmodel",
+            "train-vae",
+            str(tmp_path / "run"),
+            "--preset",
+            "tiny",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2
     assert "ep_000001.npz" in r.stderr and r.stderr.strip().startswith("error:")
     # wrong shapes inside a well-formed file are caught too
-    np.savez_compressed(bad, obs=np.zeros((3, 64, 64, 3), np.uint8), actions=np.zeros((5, 3), np.float32), rewards=np.zeros(5, np.float32),
-                        terminated=np.zeros(5, bool), truncated=np.zeros(5, bool))
+    np.savez_compressed(
+        bad,
+        obs=np.zeros((3, 64, 64, 3), np.uint8),
+        actions=np.zeros((5, 3), np.float32),
+        rewards=np.zeros(5, np.float32),
+        terminated=np.zeros(5, bool),
+        truncated=np.zeros(5, bool),
+    )
     with pytest.raises(DreamlabError, match="ep_000001.npz.*frames"):
         load_episode(bad)
 

@@ -42,7 +42,10 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     assert summary["pipeline"]["controller"]["mean"] == pytest.approx(scores["mean"])
     # report.md: the score beside the random policy's, every stage, and only links to files that exist
     report = (run / "report.md").read_text()
-    assert f"**{scores['mean']:,.1f} ± {scores['std']:,.1f}**" in report and "controller_seed1000_n1_steps50.json" in report
+    assert (
+        f"**{scores['mean']:,.1f} ± {scores['std']:,.1f}**" in report
+        and "controller_seed1000_n1_steps50.json" in report
+    )
     rnd = json.loads((run / "eval" / "random_seed1000_n1_steps50.json").read_text())
     assert f"{rnd['mean']:,.1f} ± {rnd['std']:,.1f}" in report
     for stage in ("| collect |", "| V (ConvVAE) |", "| M (MDN-RNN) |", "| C (CMA-ES in the dream) |", "| evaluate |"):
@@ -52,14 +55,50 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     assert all((run / link).is_file() for link in links), [x for x in links if not (run / x).is_file()]
 
     # stage commands on the same run folder
-    assert main(["worldmodel", "evaluate", str(run), "--episodes", "2", "--seed", "7", "--max-steps", "30", "--no-video",
-                 "--no-baseline", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "worldmodel",
+                "evaluate",
+                str(run),
+                "--episodes",
+                "2",
+                "--seed",
+                "7",
+                "--max-steps",
+                "30",
+                "--no-video",
+                "--no-baseline",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     s2 = json.loads((run / "eval" / "controller_seed7_n2_steps30.json").read_text())
     assert s2["seeds"] == [7, 8] and len(s2["scores"]) == 2 and s2["max_steps"] == 30
     # another controller file on the same episodes gets its own score file: nothing earlier is overwritten
     earlier = (run / "eval" / "controller_seed7_n2_steps30.json").read_bytes()
-    assert main(["worldmodel", "evaluate", str(run), "--episodes", "2", "--seed", "7", "--max-steps", "30", "--no-video",
-                 "--no-baseline", "--no-progress", "--controller", str(run / "controller" / "best_dream.safetensors")]) == 0
+    assert (
+        main(
+            [
+                "worldmodel",
+                "evaluate",
+                str(run),
+                "--episodes",
+                "2",
+                "--seed",
+                "7",
+                "--max-steps",
+                "30",
+                "--no-video",
+                "--no-baseline",
+                "--no-progress",
+                "--controller",
+                str(run / "controller" / "best_dream.safetensors"),
+            ]
+        )
+        == 0
+    )
     s3 = json.loads((run / "eval" / "controller_seed7_n2_steps30_best_dream.json").read_text())
     assert s3["controller"].endswith("best_dream.safetensors") and s3["seeds"] == [7, 8]
     assert (run / "eval" / "controller_seed7_n2_steps30.json").read_bytes() == earlier
@@ -85,7 +124,9 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     assert all(r["real_seeds"] == [1500, 1501] for r in rounds)  # rounds.check_episodes, not check_episodes (1)
     assert (run / "controller" / "round_1_best.safetensors").is_file()
     man = json.loads((run / "rollouts" / "manifest.json").read_text())
-    assert len(man["episodes"]) == 6 and man["config"]["policy"] == "controller"
+    # config: the folder's own collection (what a plain `collect --resume` continues); rounds: the controllers'
+    assert len(man["episodes"]) == 6 and man["config"]["policy"] == "brownian" and man["config"]["episodes"] == 2
+    assert [Path(r["controller"]).name for r in man["rounds"]] == ["best.safetensors", "best_dream.safetensors"] * 2
     drivers = [Path(e.get("controller", e["policy"])).name for e in sorted(man["episodes"], key=lambda e: e["index"])]
     assert drivers == ["brownian", "brownian"] + ["best.safetensors", "best_dream.safetensors"] * 2
     assert len((run / "controller" / "fitness.jsonl").read_text().splitlines()) == 5
@@ -101,7 +142,9 @@ def test_tiny_end_to_end_through_the_cli(tmp_path: Path, capsys: pytest.CaptureF
     # best.safetensors is the round controller with the best full-length round check
     top = max([first, *rounds], key=lambda r: r["real_mean"])
     assert rounds[-1]["kept_round"] == top["round"]
-    assert (run / "controller" / "best.safetensors").read_bytes() == (run / "controller" / top["controller"]).read_bytes()
+    assert (run / "controller" / "best.safetensors").read_bytes() == (
+        run / "controller" / top["controller"]
+    ).read_bytes()
     from worlds.policies import controller_mdn
 
     for f in (run / "controller").glob("*best*.safetensors"):
@@ -201,7 +244,9 @@ def test_cli_offers_every_preset_and_medium_uses_full_length_episodes() -> None:
     # medium's point: whole 1000-step episodes in the data, the dream and the real checks, the paper's LSTM
     assert (c.collect.max_steps, c.dream.horizon, c.evaluation.max_steps, c.mdn.hidden, c.evaluation.episodes) == \
         (1000, 1000, 1000, 256, 100)
-    assert c.selection.by_real and c.collect.env_id == "dreamlab/CarRacing64-v3" and c.evaluation.env_id == "CarRacing-v3"
+    assert (
+        c.selection.by_real and c.collect.env_id == "dreamlab/CarRacing64-v3" and c.evaluation.env_id == "CarRacing-v3"
+    )
     # the best 3 checks of each search are re-scored on 16 episodes; rounds are compared on 16 episodes
     assert (c.selection.playoff_top, c.selection.playoff_episodes, c.rounds.check_episodes) == (3, 16, 16)
 
@@ -215,7 +260,13 @@ def test_a_run_folder_of_the_earlier_flat_layout_still_loads(tmp_path: Path) -> 
             "features": "zh", "threads": 1}
     (tmp_path / "config.json").write_text(json.dumps({"preset": "quick", "config": flat}))
     c = load_config(tmp_path)
-    assert (c.collect.episodes, c.vae.steps, c.search.popsize, c.selection.check_every, c.threads) == (160, 1000, 32, 5, 1)
+    assert (c.collect.episodes, c.vae.steps, c.search.popsize, c.selection.check_every, c.threads) == (
+        160,
+        1000,
+        32,
+        5,
+        1,
+    )
     assert c.selection.by_real and c.rounds.count == 1
     assert c.collect.env_id == make_config("quick").collect.env_id and c.collect.policy == "random_controller"
     (tmp_path / "config.json").write_text(json.dumps({"preset": "quick", "config": {**flat, "steer_penalty": 0.5}}))
@@ -243,7 +294,11 @@ def test_random_baseline_episodes_are_measured_once_and_cached(tmp_path: Path, m
     random_baseline(ev, "CarRacing-v3", 1000, [1, 2, 3], progress=False)
     again = random_baseline(ev, "CarRacing-v3", 1000, [2, 3, 4], progress=False)
     assert ev.ran == [1, 2, 3, 4]
-    assert [(r["seed"], r["return"], r["steps"]) for r in again] == [(2, -32.0, 1000), (3, -33.0, 1000), (4, -34.0, 1000)]
+    assert [(r["seed"], r["return"], r["steps"]) for r in again] == [
+        (2, -32.0, 1000),
+        (3, -33.0, 1000),
+        (4, -34.0, 1000),
+    ]
     # another episode length, our own envs (their code changes with the repo) and --fresh-baseline always run
     random_baseline(ev, "CarRacing-v3", 500, [1], progress=False)
     random_baseline(ev, "dreamlab/CarRacing-v3", 1000, [1], progress=False)
@@ -262,9 +317,17 @@ def test_report_of_a_half_finished_run(tmp_path: Path) -> None:
 
     run = tmp_path / "half"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"preset": "quick", "config": {"episodes": 4, "max_steps": 50, "env_id": "CarRacing-v3",
-                                                                                "policy": "brownian", "seed": 3}}))
-    (run / "summary.json").write_text(json.dumps({"collect": {"episodes": 4, "steps": 200, "env_steps_per_s": 123.4, "seconds": 1.6}}))
+    (run / "config.json").write_text(
+        json.dumps(
+            {
+                "preset": "quick",
+                "config": {"episodes": 4, "max_steps": 50, "env_id": "CarRacing-v3", "policy": "brownian", "seed": 3},
+            }
+        )
+    )
+    (run / "summary.json").write_text(
+        json.dumps({"collect": {"episodes": 4, "steps": 200, "env_steps_per_s": 123.4, "seconds": 1.6}})
+    )
     page = render_report(run)
     assert "No evaluation yet" in page and "| collect | 1.6 | 4 episodes, 200 env steps, 123 env-steps/s |" in page
     assert "4 episodes × 50 steps of `CarRacing-v3`" in page and "## Iterative rounds" not in page

@@ -39,10 +39,17 @@ import numpy as np
 
 from dreamlab.config import check_ranges
 from dreamlab.errors import DreamlabError
-from dreamlab.io import atomic_write_bytes
+from dreamlab.io import atomic_write_bytes, remove_stale_temps
 from dreamlab.parallel import Backend
 from worlds.driving import BrownianPolicy, PursuitPolicy, episode_seed, make_env, policy_kind, run_episode
-from worlds.rollouts import episode_bytes, episode_name, read_manifest, save_episode, write_manifest
+from worlds.rollouts import (
+    episode_bytes,
+    episode_file_intact,
+    episode_name,
+    read_manifest,
+    save_episode,
+    write_manifest,
+)
 
 Policy = Literal["brownian", "random_controller", "mixed", "pursuit", "explore", "controller"]
 EnvSetup = Callable[[], None]
@@ -51,11 +58,16 @@ EnvSetup = Callable[[], None]
 BROWNIAN_SIGMA = 0.25  # std of the brownian policy's action steps
 FRAME_SIZE = 64        # episodes store frames at 64x64 (World Models' V input)
 MAX_RESTARTS = 8       # crashed workers restarted before the collector gives up
+# sizes past these fill the memory (the manifest lists every episode; one step holds a 12 KB frame) long before any
+# output: `episodes=1000000000000` used to build a list of every index (7.5 GB in 21 s). The paper collected 10,000.
+MAX_EPISODES = 1_000_000
+MAX_STEPS = 100_000
 
 
 @dataclass
 class CollectConfig:
-    """What to collect (the `collect` stage of a world-model run); `collect` takes where to, the seed and the workers."""
+    """What to collect (the `collect` stage of a world-model run); `collect` takes where to, the seed and the
+    workers."""
 
     env_id: str = "CarRacing-v3"     # any gymnasium id; dreamlab/CarRacing64-v3 is the same physics drawn ~10x faster
     episodes: int = 16
@@ -63,7 +75,8 @@ class CollectConfig:
     policy: Policy = "brownian"
 
     def __post_init__(self) -> None:
-        check_ranges(self, positive=("episodes",), nonneg=("max_steps",))
+        check_ranges(self, positive=("episodes",), nonneg=("max_steps",),
+                     at_most={"episodes": MAX_EPISODES, "max_steps": MAX_STEPS})
 
 
 @dataclass
@@ -116,8 +129,10 @@ def load_model_policy(world_model: str, controller: str) -> ModelPolicy:
     theta, z_dim, hidden = load_controller(controller)
     vae, mdn = load_world_model(world_model, device="cpu", mdn_dir=controller_mdn(controller))
     if (z_dim, hidden) != (mdn.config.z_dim, mdn.config.hidden):
-        raise DreamlabError(f"controller {controller} expects z_dim={z_dim}, hidden={hidden} but {world_model} has "
-                            f"z_dim={mdn.config.z_dim}, hidden={mdn.config.hidden}: train the controller on this world model")
+        raise DreamlabError(
+            f"controller {controller} expects z_dim={z_dim}, hidden={hidden} but {world_model} has "
+            f"z_dim={mdn.config.z_dim}, hidden={mdn.config.hidden}: train the controller on this world model"
+        )
     return ModelPolicy(vae, mdn, theta)
 
 
@@ -333,17 +348,25 @@ def collect(cfg: CollectConfig, out: str | Path, *, seed: int = 0, workers: int 
     if manifest["episodes"] and not resume:
         raise DreamlabError(f"{out} already holds {len(manifest['episodes'])} episodes; pass --resume to continue, "
                             "or choose another --out")
-    old = manifest.get("config")
-    if resume and old and (old.get("env_id"), old.get("frame_size")) != (cfg.env_id, FRAME_SIZE):
-        raise DreamlabError(f"{out} was collected with env_id={old.get('env_id')} frame_size={old.get('frame_size')}; "
-                            "resume with the same settings")
+    record_settings(out, manifest, cfg, seed, controller)  # a conflicting resume fails here, naming both values
     out.mkdir(parents=True, exist_ok=True)
-    manifest["config"] = {**dataclasses.asdict(cfg), "seed": seed, "frame_size": FRAME_SIZE}
+    _drop_damaged(out, manifest)
+    remove_stale_temps(out)  # what a killed atomic write left behind
     manifest.setdefault("version", 1)
     done = {e["index"] for e in manifest["episodes"]}
-    todo = [i for i in range(cfg.episodes) if i not in done]
+    # controller episodes never take an index of the folder's own collection (a plain --resume re-collects those)
+    own = manifest["config"]
+    first = int(own.get("episodes", 0)) if cfg.policy == "controller" and own.get("policy") != "controller" else 0
+    todo = [i for i in range(min(first, cfg.episodes), cfg.episodes) if i not in done]
     write_manifest(out, manifest)
-    summary = {"episodes": len(done), "new_episodes": 0, "steps": 0, "restarts": 0, "seconds": 0.0, "env_steps_per_s": 0.0}
+    summary = {
+        "episodes": len(done),
+        "new_episodes": 0,
+        "steps": 0,
+        "restarts": 0,
+        "seconds": 0.0,
+        "env_steps_per_s": 0.0,
+    }
     if not todo:
         return summary
     bar = tqdm(total=len(todo) * (cfg.max_steps or 1000), desc=f"collect {cfg.policy}", unit="step", unit_scale=True,
@@ -354,7 +377,10 @@ def collect(cfg: CollectConfig, out: str | Path, *, seed: int = 0, workers: int 
         """List episode idx (its file is written); `write=False` leaves writing the manifest to a later record()
         or flush (the Ray driver writes once per batch of episodes that landed together)."""
         manifest["episodes"] = [e for e in manifest["episodes"] if e["index"] != idx]
-        who = {"policy": policy_kind(cfg.policy, idx), **({"controller": controller} if cfg.policy == "controller" else {})}
+        who = {
+            "policy": policy_kind(cfg.policy, idx),
+            **({"controller": controller} if cfg.policy == "controller" else {}),
+        }
         manifest["episodes"].append({"index": idx, "file": episode_name(idx), **info, **who})
         if write:
             write_manifest(out, manifest)
@@ -386,6 +412,66 @@ def collect(cfg: CollectConfig, out: str | Path, *, seed: int = 0, workers: int 
     busy = summary["seconds"] - summary.get("ray_start_seconds", 0.0)  # the rate of collection, not of Ray's start
     summary["env_steps_per_s"] = round(summary["steps"] / max(busy, 1e-9), 1)
     return summary
+
+
+# the settings every episode of a rollout folder shares, and the flags that set them
+SHARED = {"env_id": "--env-id", "max_steps": "--max-steps", "frame_size": ""}
+BASE = {"policy": "--policy", "seed": "--seed"}  # shared by the collection's own episodes (not the rounds')
+
+
+def record_settings(out: Path, manifest: dict[str, Any], cfg: CollectConfig, seed: int, controller: str = "") -> None:
+    """Check this collection against the folder's recorded settings and record it in `manifest`.
+
+    `config` holds the folder's own collection (env_id, episodes asked for, max_steps, policy, seed, frame size);
+    controller episodes (iterative rounds: policy=controller, a seed per round) are appended under `rounds`. Every
+    episode shares env_id, max_steps and frame size; the collection's own episodes also share policy and seed
+    (episode i is seeded from (seed, i)). A resume that asks for another value is an error naming both: before, it
+    silently mixed episodes of different lengths and policies in one manifest."""
+    new = {**dataclasses.asdict(cfg), "seed": seed, "frame_size": FRAME_SIZE}
+    old = manifest.get("config")
+    if not isinstance(old, dict):
+        old = None
+    legacy = old is not None and old.get("policy") == "controller"  # an earlier release recorded the last round here
+    keys = dict(SHARED) if cfg.policy == "controller" or legacy else {**SHARED, **BASE}
+    for k, flag in (keys.items() if old and manifest["episodes"] else ()):
+        if k in old and old[k] != new[k]:
+            setting = "seed" if k == "seed" else f"collect.{k}"
+            how = f"{flag} {old[k]} (or --set {setting}={old[k]})" if flag else "the dreamlab release that made it"
+            raise DreamlabError(f"{out} holds episodes collected with {k}={old[k]!r}, not {k}={new[k]!r}; resume with "
+                                f"{how}, or collect into another folder")
+    if cfg.policy == "controller":
+        rounds = manifest.setdefault("rounds", [])
+        this = {"controller": controller, "seed": seed, "episodes": cfg.episodes}
+        if rounds and (rounds[-1]["controller"], rounds[-1]["seed"]) == (controller, seed):
+            rounds[-1] = this
+        else:
+            rounds.append(this)
+        manifest.setdefault("config", new)
+    else:
+        if old and not legacy and manifest["episodes"]:
+            new["episodes"] = max(int(old.get("episodes", 0)), cfg.episodes)
+        manifest["config"] = new
+
+
+def collected_settings(out: str | Path) -> dict[str, Any]:
+    """The settings a rollout folder's own collection was made with ({} if none are recorded): a resume continues
+    with them unless the command gives others."""
+    p = Path(out) / "manifest.json"
+    old = read_manifest(out).get("config") if p.exists() else None
+    return {} if not isinstance(old, dict) or old.get("policy") == "controller" else old
+
+
+def _drop_damaged(out: Path, manifest: dict[str, Any]) -> None:
+    """Unlist episodes whose file is missing or no whole zip (deleted as an error message advised, or truncated by a
+    crash of the disk): a resume collects them again (the same seed gives the same episode) instead of the next
+    stage failing on them."""
+    bad = [e for e in manifest["episodes"] if not episode_file_intact(out / e["file"])]
+    if not bad:
+        return
+    manifest["episodes"] = [e for e in manifest["episodes"] if e not in bad]
+    names = ", ".join(e["file"] for e in bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    print(f"{out}: {len(bad)} listed episode file(s) missing or damaged ({names}): unlisted; a resume of the "
+          "collection that made them collects them again", file=sys.stderr, flush=True)
 
 
 def _run_pool(job: _Job, workers: int, todo: list[int], record: Any, bar: Any, summary: dict[str, Any],
@@ -472,12 +558,16 @@ def _run_pool(job: _Job, workers: int, todo: list[int], record: Any, bar: Any, s
             for wid, p in list(procs.items()):
                 if p.is_alive():
                     continue
-                while conns[wid] is not None and receive(wid):  # messages it sent before dying (it may have finished its episode)
+                while conns[wid] is not None and receive(
+                    wid
+                ):  # messages it sent before dying (it may have finished its episode)
                     pass
                 summary["restarts"] += 1
                 if summary["restarts"] > MAX_RESTARTS:
-                    raise DreamlabError(f"collector workers crashed {summary['restarts']} times (last exit code {p.exitcode}); "
-                                        "see the messages above, fix the env, then rerun with --resume")
+                    raise DreamlabError(
+                        f"collector workers crashed {summary['restarts']} times (last exit code {p.exitcode}); "
+                        "see the messages above, fix the env, then rerun with --resume"
+                    )
                 lost = assigned.get(wid)
                 bar.write(f"worker {wid} died (exit code {p.exitcode}); restarted it"
                           + (f", re-running episode {lost}" if lost is not None and lost in remaining else ""))

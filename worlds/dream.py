@@ -24,7 +24,7 @@ import torch
 from dreamlab.config import check_ranges
 from dreamlab.device import resolve_device
 from dreamlab.errors import DreamlabError
-from dreamlab.io import save_json, save_tensors
+from dreamlab.io import check_finite_weights, save_json, save_tensors
 from generators.trainer import load_run
 from worlds.encode import initial_latents
 from worlds.models import MDNRNN, MDNRNNConfig, WorldVAE, WorldVAEConfig
@@ -58,6 +58,9 @@ def load_world_model(run_dir: str | Path, device: str | torch.device = "auto",
                                 f"train it with dreamlab worldmodel {cmd} {run_dir}")
     vae = load_run(run_dir / "vae", device=device)
     mdn = load_run(Path(mdn_dir) if mdn_dir else run_dir / "mdn", device=device)
+    for model, d in ((vae, run_dir / "vae"), (mdn, Path(mdn_dir) if mdn_dir else run_dir / "mdn")):
+        check_finite_weights(model, next((p for p in (d / "model" / "model.safetensors", d / "model.safetensors")
+                                          if p.is_file()), d / "checkpoint" / "model.safetensors"))
     if not isinstance(vae, WorldVAE) or not isinstance(mdn, MDNRNN):
         raise DreamlabError(f"{run_dir}: vae/ must hold a wm_vae and mdn/ an mdn_rnn (found {vae.name}, {mdn.name})")
     if vae.config.z_dim != mdn.config.z_dim:
@@ -95,7 +98,9 @@ class DreamSimulator:
     def _weights(self, thetas: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         thetas = torch.as_tensor(thetas, dtype=torch.float32, device=self.device)
         if thetas.ndim != 2 or thetas.shape[1] != self.n_params:
-            raise DreamlabError(f"controller parameters have shape {tuple(thetas.shape)}, expected (P, {self.n_params})")
+            raise DreamlabError(
+                f"controller parameters have shape {tuple(thetas.shape)}, expected (P, {self.n_params})"
+            )
         if not torch.isfinite(thetas).all():
             raise DreamlabError("controller parameters contain NaN/inf; lower sigma0 or restart CMA-ES")
         w, b = unflatten(thetas, self.z_dim, self.hidden)

@@ -33,7 +33,9 @@ def make_env(env_id: str, max_steps: int = 0) -> Any:
     try:
         import gymnasium as gym
     except ImportError as e:
-        raise DreamlabError("collecting rollouts needs gymnasium; install it with: pip install 'gymnasium[box2d]'") from e
+        raise DreamlabError(
+            "collecting rollouts needs gymnasium; install it with: pip install 'gymnasium[box2d]'"
+        ) from e
     if env_id.startswith("dreamlab/") and env_id not in gym.registry:
         raise DreamlabError(f"env id {env_id!r} is not registered in this process: `import envs` first (it registers "
                             "the dreamlab/ ids), or use gymnasium's own CarRacing-v3")
@@ -61,7 +63,9 @@ class BrownianPolicy:
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         a = self.a.copy()
         a[2] = max(0.0, a[2])
-        self.a = np.clip(self.a + self.rng.normal(0, self.sigma, 3).astype(np.float32), [-1.0, 0.0, -1.0], [1.0, 1.0, 1.0]).astype(np.float32)
+        self.a = np.clip(
+            self.a + self.rng.normal(0, self.sigma, 3).astype(np.float32), [-1.0, 0.0, -1.0], [1.0, 1.0, 1.0]
+        ).astype(np.float32)
         return a
 
 
@@ -104,7 +108,9 @@ class PursuitPolicy:
             return self.burst_a.copy()
         if self.rng.random() < self.burst_p:
             self.burst = int(self.rng.integers(5, 31))
-            self.burst_a = np.array([self.rng.uniform(-1, 1), self.rng.uniform(0, 1), max(0.0, self.rng.uniform(-1, 1))], np.float32)
+            self.burst_a = np.array(
+                [self.rng.uniform(-1, 1), self.rng.uniform(0, 1), max(0.0, self.rng.uniform(-1, 1))], np.float32
+            )
         hull = self.env.car.hull
         x, y = hull.position
         i = int(np.argmin(((self.centre - (x, y)) ** 2).sum(1)))
@@ -144,7 +150,13 @@ def run_episode(env: Any, policy: Any, seed: int, frame_size: int = 64, on_steps
             break
     if on_steps is not None and n_report:
         on_steps(n_report)
-    return Episode(np.stack(frames), np.stack(acts), np.asarray(rews, np.float32), np.asarray(terms, bool), np.asarray(truncs, bool))
+    return Episode(
+        np.stack(frames),
+        np.stack(acts),
+        np.asarray(rews, np.float32),
+        np.asarray(terms, bool),
+        np.asarray(truncs, bool),
+    )
 
 
 def policy_kind(policy: str, index: int) -> str:

@@ -47,7 +47,9 @@ class FrameStream(torch.utils.data.IterableDataset):
     def __init__(self, files: list[Path], shuffle: bool = True, buffer_episodes: int = 8, max_frames: int = 0) -> None:
         super().__init__()
         if not files:
-            raise DreamlabError("no episode files to stream frames from; collect rollouts first: dreamlab worldmodel collect")
+            raise DreamlabError(
+                "no episode files to stream frames from; collect rollouts first: dreamlab worldmodel collect"
+            )
         self.files = list(files)
         self.shuffle = shuffle
         self.buffer_episodes = max(1, buffer_episodes)
@@ -139,7 +141,9 @@ class WorldVAE(ConvVAE):
         return x[torch.linspace(0, len(x) - 1, min(n, len(x))).round().long()]
 
     @torch.no_grad()
-    def encode_frames(self, frames: np.ndarray | torch.Tensor, batch_size: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_frames(
+        self, frames: np.ndarray | torch.Tensor, batch_size: int = 1000
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, 64, 64, 3) uint8 frames -> (mu, logvar), each (T, Z) float32 on the CPU."""
         x = torch.as_tensor(np.asarray(frames))
         if x.ndim != 4 or x.shape[1:] != (64, 64, 3):
@@ -172,6 +176,10 @@ class MDNRNNConfig:
     done_weight: float = 1.0
     temperature: float = 1.0    # default tau for `sample`
 
+    def __post_init__(self) -> None:
+        check_ranges(self, positive=("z_dim", "action_dim", "hidden", "mixtures", "seq_len", "val_every"),
+                     nonneg=("reward_weight", "done_weight"), above_zero=("temperature",))
+
 
 @register
 class MDNRNN(Generator):
@@ -197,7 +205,9 @@ class MDNRNN(Generator):
         self.head = nn.Linear(h, k * (2 * z + 1) + 2)
 
     # ---- the head -------------------------------------------------------------------------
-    def split_head(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def split_head(
+        self, out: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         k, z = self.config.mixtures, self.config.z_dim
         out = out.float() if out.dtype in (torch.float16, torch.bfloat16) else out
         logpi = F.log_softmax(out[..., :k], -1)
@@ -205,16 +215,22 @@ class MDNRNN(Generator):
         logsig = out[..., k + k * z:k + 2 * k * z].unflatten(-1, (k, z)).clamp(-7.0, 5.0)
         return logpi, mu, logsig, out[..., -2], out[..., -1]
 
-    def step(self, z: torch.Tensor, a: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def step(
+        self, z: torch.Tensor, a: torch.Tensor, h: torch.Tensor, c: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One LSTM step with the same weights as `self.rnn` (usable inside CUDA graphs): returns h, c, head(h)."""
         # torch.lstm_cell is what nn.LSTMCell runs: on CUDA one fused kernel for the gates after the two
         # matmuls (the dream step is launch-bound, so fewer kernels is faster)
         x = torch.cat([z, a.to(z.dtype)], -1)
-        h, c = torch.lstm_cell(x, (h, c), self.rnn.weight_ih_l0, self.rnn.weight_hh_l0, self.rnn.bias_ih_l0, self.rnn.bias_hh_l0)
+        h, c = torch.lstm_cell(
+            x, (h, c), self.rnn.weight_ih_l0, self.rnn.weight_hh_l0, self.rnn.bias_ih_l0, self.rnn.bias_hh_l0
+        )
         return h, c, self.head(h)
 
     @staticmethod
-    def mixture_log_prob(target: torch.Tensor, logpi: torch.Tensor, mu: torch.Tensor, logsig: torch.Tensor) -> torch.Tensor:
+    def mixture_log_prob(
+        target: torch.Tensor, logpi: torch.Tensor, mu: torch.Tensor, logsig: torch.Tensor
+    ) -> torch.Tensor:
         """log p(target) under the mixture, summed over z dimensions: target (..., Z) -> (...)."""
         # the per-component constants (-sum log sigma - Z/2 log 2pi) are summed over Z before joining the
         # (..., K, Z) tensor: two fewer full-size elementwise passes (the loss is memory-bound on a GPU)
@@ -223,8 +239,14 @@ class MDNRNN(Generator):
         return torch.logsumexp(logpi - 0.5 * sq - logsig.sum(-1) - 0.5 * LOG2PI * mu.shape[-1], -1)
 
     @staticmethod
-    def sample_mixture(logpi: torch.Tensor, mu: torch.Tensor, logsig: torch.Tensor, tau: float,
-                       generator: torch.Generator | None = None, noise: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def sample_mixture(
+        logpi: torch.Tensor,
+        mu: torch.Tensor,
+        logsig: torch.Tensor,
+        tau: float,
+        generator: torch.Generator | None = None,
+        noise: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Draw z from the mixture at temperature tau (logits / tau, sigma * sqrt(tau)).
 
         Component choice uses the Gumbel-max trick (no host sync, CUDA-graph safe). `noise` = (uniform (B, K),
@@ -290,14 +312,25 @@ class MDNRNN(Generator):
         zd, ad = self.config.z_dim, self.config.action_dim
         x = x.to(self.device).float()
         if x.ndim != 3 or x.shape[-1] != zd + ad:
-            raise DreamlabError(f"mdn_rnn.log_prob takes [z | a] sequences of shape (B, T+1, {zd + ad}), got {tuple(x.shape)}")
+            raise DreamlabError(
+                f"mdn_rnn.log_prob takes [z | a] sequences of shape (B, T+1, {zd + ad}), got {tuple(x.shape)}"
+            )
         (logpi, m, ls, _, _), _ = self.forward_sequence(x[:, :-1, :zd], x[:, :-1, zd:])
         return self.mixture_log_prob(x[:, 1:, :zd], logpi, m, ls).sum(1)
 
     # ---- sampling -------------------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, n: int, *, generator: torch.Generator | None = None, actions: torch.Tensor | None = None,
-               z0: torch.Tensor | None = None, steps: int = 16, temperature: float | None = None, **condition: Any) -> torch.Tensor:
+    def sample(
+        self,
+        n: int,
+        *,
+        generator: torch.Generator | None = None,
+        actions: torch.Tensor | None = None,
+        z0: torch.Tensor | None = None,
+        steps: int = 16,
+        temperature: float | None = None,
+        **condition: Any,
+    ) -> torch.Tensor:
         """Sequences [z | a] (n, T+1, Z+A): latents conditioned on actions (n, T, A) (default: random
         CarRacing-like actions, appended with a zero last row), from z0 (n, Z) (default N(0, I)), at temperature tau."""
         cfg, dev = self.config, self.device
@@ -324,7 +357,9 @@ class MDNRNN(Generator):
         from generators.trainer import read_metrics
 
         rows = read_metrics(run_dir)
-        p = plot_curves(rows, ["loss", "nll_per_step", "reward_mse", "done_bce"], Path(run_dir) / "loss_curves.png", title=self.name)
+        p = plot_curves(
+            rows, ["loss", "nll_per_step", "reward_mse", "done_bce"], Path(run_dir) / "loss_curves.png", title=self.name
+        )
         return [p] if p else []
 
 
@@ -338,7 +373,9 @@ def chunk_sequences(eps: list[dict[str, torch.Tensor]], seq_len: int, z_dim: int
             raise DreamlabError(f"latents in {where} have z_dim {e['mu'].shape[-1]}, but the model has z_dim={z_dim}: "
                                 "set z_dim to match the VAE or re-encode")
         if e["action"].shape[-1] != action_dim:
-            raise DreamlabError(f"actions in {where} have {e['action'].shape[-1]} dims, expected action_dim={action_dim}")
+            raise DreamlabError(
+                f"actions in {where} have {e['action'].shape[-1]} dims, expected action_dim={action_dim}"
+            )
         t = len(e["action"])
         for s in range(0, t, seq_len):
             L = min(seq_len, t - s)

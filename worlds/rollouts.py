@@ -51,22 +51,45 @@ def episode_name(index: int) -> str:
     return f"ep_{index:06d}.npz"
 
 
-def validate_episode(ep: Episode, where: str) -> None:
-    t = len(ep.actions)
+def recollect_hint(path: str | Path) -> str:
+    """The command that replaces a bad or missing episode file of RUN/rollouts: a resumed collection re-runs every
+    listed episode whose file is missing or unreadable (its seed gives the same episode again)."""
+    folder = Path(path).parent
+    run = folder.parent if folder.name == "rollouts" else None
+    return f"dreamlab worldmodel collect {run} --resume" if run is not None else "collect with --resume"
+
+
+def episode_file_intact(path: Path) -> bool:
+    """A cheap check that an episode file exists and is a whole zip holding every array (its directory sits at the
+    end of the file, so a truncated file fails here); reading the arrays is load_episode's work."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError, EOFError):
+        return False
+    return all(f"{k}.npy" in names for k in KEYS)
+
+
+def validate_episode(ep: Episode, where: str, fix: str = "") -> None:
+    """Shapes, dtypes and finite values of an episode; the error names `where` and `fix` (what to do)."""
     problems = []
+    if ep.actions.ndim != 2 or ep.actions.dtype.kind not in "fiu" or len(ep.actions) < 1:
+        problems.append(f"actions has dtype {ep.actions.dtype} shape {ep.actions.shape}, expected numbers (T, A), "
+                        "T >= 1")
+    t = len(ep.actions) if ep.actions.ndim else 0
     if ep.obs.dtype != np.uint8 or ep.obs.ndim != 4 or ep.obs.shape[-1] != 3:
         problems.append(f"obs has dtype {ep.obs.dtype} shape {ep.obs.shape}, expected uint8 (T+1, H, W, 3)")
     elif len(ep.obs) != t + 1:
         problems.append(f"obs has {len(ep.obs)} frames for {t} actions, expected {t + 1}")
-    if ep.actions.ndim != 2:
-        problems.append(f"actions has shape {ep.actions.shape}, expected (T, A)")
-    for k in ("rewards", "terminated", "truncated"):
-        if getattr(ep, k).shape != (t,):
-            problems.append(f"{k} has shape {getattr(ep, k).shape}, expected ({t},)")
+    for k, kinds in (("rewards", "fiu"), ("terminated", "biu"), ("truncated", "biu")):
+        a = getattr(ep, k)
+        if a.shape != (t,) or a.dtype.kind not in kinds:
+            what = "numbers" if k == "rewards" else "bools"
+            problems.append(f"{k} has dtype {a.dtype} shape {a.shape}, expected ({t},) of {what}")
     if not problems and (not np.isfinite(ep.actions).all() or not np.isfinite(ep.rewards).all()):
         problems.append("actions or rewards contain NaN/inf")
     if problems:
-        raise DreamlabError(f"{where}: {problems[0]}; delete it and re-collect with --resume")
+        raise DreamlabError(f"{where}: {problems[0]}" + (f"; {fix}" if fix else ""))
 
 
 def episode_bytes(ep: Episode, where: str) -> bytes:
@@ -86,21 +109,21 @@ def load_episode(path: str | Path) -> Episode:
     """Load one episode; a missing, truncated or inconsistent file raises an error naming it."""
     path = Path(path)
     if not path.exists():
-        raise DreamlabError(f"episode file {path} is missing; re-collect with: dreamlab worldmodel collect --resume")
+        raise DreamlabError(f"episode file {path} is missing; re-collect it: {recollect_hint(path)}")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in KEYS if k not in z.files]
             if missing:
                 raise DreamlabError(f"episode file {path} lacks {missing[0]!r}; it is not a dreamlab episode: "
-                                    "delete it and re-collect with --resume")
+                                    f"delete it and re-collect it: {recollect_hint(path)}")
             arrs = {k: z[k] for k in KEYS}
     except DreamlabError:
         raise
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
         raise DreamlabError(f"episode file {path} is corrupt or truncated ({type(e).__name__}: {e}); "
-                            "delete it and re-collect with --resume") from e
+                            f"delete it and re-collect it: {recollect_hint(path)}") from e
     ep = Episode(**arrs)
-    validate_episode(ep, f"episode file {path}")
+    validate_episode(ep, f"episode file {path}", f"delete it and re-collect it: {recollect_hint(path)}")
     return ep
 
 
@@ -113,11 +136,16 @@ def read_manifest(folder: str | Path, *, must_exist: bool = True) -> dict[str, A
     if not p.exists():
         if must_exist:
             run = folder.parent if folder.name == "rollouts" else "RUN"
-            raise DreamlabError(f"{folder} has no {MANIFEST}; collect rollouts first: dreamlab worldmodel collect {run}")
+            raise DreamlabError(
+                f"{folder} has no {MANIFEST}; collect rollouts first: dreamlab worldmodel collect {run}"
+            )
         return {"version": FORMAT_VERSION, "episodes": []}
     m = load_json(p)
-    if not isinstance(m, dict) or "episodes" not in m:
-        raise DreamlabError(f"{p} is not a rollout manifest; delete it and re-collect with --resume")
+    if not isinstance(m, dict) or not isinstance(m.get("episodes"), list) or not all(
+            isinstance(e, dict) and isinstance(e.get("index"), int) and isinstance(e.get("file"), str)
+            and isinstance(e.get("steps"), int) for e in m["episodes"]):
+        raise DreamlabError(f"{p} is not a rollout manifest; delete it and re-collect: {recollect_hint(p)} "
+                            "(every episode is collected again)")
     return m
 
 
@@ -132,7 +160,9 @@ def episode_files(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     m = read_manifest(folder)
     if not m["episodes"]:
-        raise DreamlabError(f"{folder / MANIFEST} lists no episodes; collect some first: dreamlab worldmodel collect --out {folder}")
+        raise DreamlabError(
+            f"{folder / MANIFEST} lists no episodes; collect some first: dreamlab worldmodel collect --out {folder}"
+        )
     return [folder / e["file"] for e in m["episodes"]]
 
 
