@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export SDL_VIDEODRIVER := dummy
 
-.PHONY: install data demo test lint bench
+.PHONY: install data demo test lint bench text2img-weights
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -39,6 +39,14 @@ test: install
 
 lint:
 	$(BIN)/ruff check .
+
+# the text-to-image default weights that ship in multimodal/assets/text2img_default (docs/text2img.md, "Default weights")
+text2img-weights: install
+	$(BIN)/dreamlab multimodal train-clip --set threads=1 --out runs/clip
+	$(BIN)/dreamlab multimodal train-autoencoder --set threads=1 --out runs/autoencoder
+	$(BIN)/dreamlab multimodal train-latent --set threads=1 --out runs/latent
+	$(BIN)/dreamlab multimodal evaluate --model runs/latent
+	$(BIN)/dreamlab multimodal export-default --model runs/latent
 
 bench: install
 	$(BIN)/python bench/run_all.py

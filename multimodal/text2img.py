@@ -52,7 +52,7 @@ TINY_CLIP = {"sets": "faces", "max_per_set": 64, "image_size": 16, "embed_dim": 
 class Text2ImgConfig:
     clip_dir: str = ""               # trained CLIP folder (the presets: runs/clip); "" = a small fresh CLIP (pretrained
                                      # MiniLM text tower, untrained projection), so the model can be built anywhere
-    clip_config: str = ""  # filled in automatically: the CLIP's config as JSON (the weights live in model.safetensors)
+    clip_config: str = ""            # filled in automatically: the CLIP's config as JSON (weights: model.safetensors)
     sets: str = "faces"              # procedural sets to train on (comma-separated: faces, flowers, bricks)
     max_per_set: int = 12000
     sample_size: int = 32
@@ -69,12 +69,21 @@ class Text2ImgConfig:
     num_inference_steps: int = 50    # sampling defaults
     guidance_scale: float = 3.0
     clip_guidance_scale: float = 0.0
+    timestep_spacing: str = "trailing"   # "trailing": the first DDIM step is t=999 (pure noise); v1 used "leading"
+    x0_limit: str = "dynamic"        # predicted clean image: "dynamic" (Imagen's thresholding), "clip" (v1), "none"
+    dynamic_threshold_ratio: float = 0.995  # Imagen's percentile p of |x0| per image (with x0_limit="dynamic")
+    dynamic_threshold_max: float = 4.0  # the largest s (diffusers' sample_max_value; at 1.0 it is plain clipping)
+    rederive_eps: bool = False       # re-derive eps from the limited x0 (GLIDE); measured worse here (docs/text2img.md)
 
     def __post_init__(self) -> None:
         check_ranges(self, positive=("sample_size", "patch_size", "block_out_channels", "layers_per_block",
                                      "attention_head_dim", "norm_num_groups", "num_train_timesteps",
                                      "captions_per_class", "num_inference_steps"),
-                     nonneg=("max_per_set", "caption_seed"), fraction=("caption_dropout",))
+                     nonneg=("max_per_set", "caption_seed"), fraction=("caption_dropout", "dynamic_threshold_ratio"))
+        for key, allowed in (("timestep_spacing", ("leading", "trailing", "linspace")),
+                             ("x0_limit", ("clip", "dynamic", "none"))):
+            if getattr(self, key) not in allowed:
+                raise DreamlabError(f"{key}={getattr(self, key)!r}; choose one of {', '.join(allowed)}")
 
 
 @dataclass
@@ -100,44 +109,16 @@ class Text2ImgPipeline(Generator):
     config_class = Text2ImgConfig
     example_condition = {"prompt": "a smiling face with blonde hair and glasses"}
     presets = {
-        "tiny": {
-            "clip_dir": "",
-            "max_per_set": 32,
-            "sample_size": 16,
-            "patch_size": 2,
-            "block_out_channels": (16, 32),
-            "layers_per_block": 1,
-            "attention_head_dim": 4,
-            "norm_num_groups": 8,
-            "captions_per_class": 2,
-            "num_inference_steps": 3,
-            "steps": 2,
-            "batch_size": 8,
-            "log_every": 1,
-            "ckpt_every": 100,
-        },
-        "quick": {
-            "clip_dir": DEFAULT_CLIP,
-            "steps": 800,
-            "batch_size": 32,
-            "lr": 5e-4,
-            "log_every": 25,
-            "ckpt_every": 200,
-            "grad_clip": 1.0,
-        },
-        "full": {
-            "clip_dir": DEFAULT_CLIP,
-            "sets": "faces,flowers,bricks",
-            "max_per_set": 0,
-            "patch_size": 1,
-            "block_out_channels": (128, 256, 256),
-            "layers_per_block": 2,
-            "steps": 60000,
-            "batch_size": 128,
-            "lr": 2e-4,
-            "ckpt_every": 2000,
-            "grad_clip": 1.0,
-        },
+        "tiny": {"clip_dir": "", "max_per_set": 32, "sample_size": 16, "patch_size": 2, "block_out_channels": (16, 32),
+                 "layers_per_block": 1,
+                 "attention_head_dim": 4, "norm_num_groups": 8, "captions_per_class": 2, "num_inference_steps": 3,
+                 "steps": 2, "batch_size": 8, "log_every": 1, "ckpt_every": 100},
+        "quick": {"clip_dir": DEFAULT_CLIP, "steps": 800, "batch_size": 32, "lr": 5e-4, "log_every": 25,
+                  "ckpt_every": 200, "grad_clip": 1.0},
+        "full": {"clip_dir": DEFAULT_CLIP, "sets": "faces,flowers,bricks", "max_per_set": 0, "patch_size": 1,
+                 "block_out_channels": (128, 256, 256),
+                 "layers_per_block": 2,
+                 "steps": 60000, "batch_size": 128, "lr": 2e-4, "ckpt_every": 2000, "grad_clip": 1.0},
     }
 
     def __init__(self, config: Text2ImgConfig) -> None:
@@ -163,9 +144,8 @@ class Text2ImgPipeline(Generator):
             raise DreamlabError(f"block_out_channels={config.block_out_channels} needs at least 2 levels, e.g. 64,128")
         bad = [c for c in config.block_out_channels if c % config.norm_num_groups]
         if bad:
-            raise DreamlabError(
-                f"block_out_channels {bad[0]} is not divisible by norm_num_groups={config.norm_num_groups}"
-            )
+            raise DreamlabError(f"block_out_channels {bad[0]} is not divisible by "
+                                f"norm_num_groups={config.norm_num_groups}")
         p = config.patch_size
         if p < 1 or config.sample_size % p:
             raise DreamlabError(f"patch_size={p} must be >= 1 and divide sample_size={config.sample_size}")
@@ -195,10 +175,18 @@ class Text2ImgPipeline(Generator):
 
         return DDPMScheduler(**self._scheduler_kwargs())
 
-    def scheduler(self):
+    def scheduler(self, timestep_spacing: str | None = None, x0_limit: str | None = None):
+        """DDIM for sampling. The clean-image estimate is clipped to [-1, 1] ("clip") or thresholded as Imagen does
+        ("dynamic": s = the `dynamic_threshold_ratio` percentile of |x0|, at least 1; x0 <- clip(x0, -s, s) / s)."""
         from diffusers import DDIMScheduler
 
-        return DDIMScheduler(**self._scheduler_kwargs(), set_alpha_to_one=True)
+        limit = x0_limit or self.config.x0_limit
+        kw = {**self._scheduler_kwargs(), "clip_sample": limit == "clip", "thresholding": limit == "dynamic",
+              "dynamic_threshold_ratio": self.config.dynamic_threshold_ratio,
+              "sample_max_value": self.config.dynamic_threshold_max}
+        kw["dynamic_thresholding_ratio"] = kw.pop("dynamic_threshold_ratio")
+        return DDIMScheduler(**kw, set_alpha_to_one=True,
+                             timestep_spacing=timestep_spacing or self.config.timestep_spacing)
 
     # ---- data -----------------------------------------------------------------------------
     def train_data(self, split: str) -> dict[str, torch.Tensor]:
@@ -254,9 +242,8 @@ class Text2ImgPipeline(Generator):
         return self._ts
 
     def configure_optimizers(self, tc: TrainConfig) -> list[torch.optim.Optimizer]:
-        return [
-            torch.optim.AdamW(self.unet.parameters(), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
-        ]
+        return [torch.optim.AdamW(self.unet.parameters(), lr=tc.lr, betas=tuple(tc.betas),
+                                  weight_decay=tc.weight_decay)]
 
     # ---- sampling -------------------------------------------------------------------------
     def encode_prompt(self, prompts: list[str] | None, n: int) -> torch.Tensor:
@@ -266,24 +253,16 @@ class Text2ImgPipeline(Generator):
         with torch.no_grad():
             return self.clip.encode_text(prompts)
 
-    def __call__(
-        self,
-        prompt: str | list[str],
-        *,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-        clip_guidance_scale: float | None = None,
-        generator: torch.Generator | None = None,
-        num_images_per_prompt: int = 1,
-        progress: bool = False,
-    ) -> Text2ImgOutput:
+    def __call__(self, prompt: str | list[str], *, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None,
+                 clip_guidance_scale: float | None = None, generator: torch.Generator | None = None,
+                 num_images_per_prompt: int = 1, progress: bool = False) -> Text2ImgOutput:
         prompts = validate_prompts(prompt)
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise DreamlabError(f"num_images_per_prompt={num_images_per_prompt!r} must be a positive integer")
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        images = self._generate(
-            prompts, len(prompts), num_inference_steps, guidance_scale, clip_guidance_scale, generator, progress
-        )
+        images = self._generate(prompts, len(prompts), num_inference_steps, guidance_scale, clip_guidance_scale,
+                                generator, progress)
         return Text2ImgOutput(images=images)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, prompt: str | list[str] | None = None,
@@ -319,6 +298,7 @@ class Text2ImgPipeline(Generator):
         cond = self.encode_prompt(prompts, n)
         use_cfg = prompts is not None and gs != 1.0
         ctx = torch.cat([torch.zeros_like(cond), cond]) if use_cfg else cond
+        limit = c.x0_limit
         sched = self.scheduler()
         sched.set_timesteps(steps, device=dev)
         shape = (n, 3, c.sample_size, c.sample_size)
@@ -339,7 +319,9 @@ class Text2ImgPipeline(Generator):
                 a = alphas[t]
                 grad = self._clip_grad(x, eps, a, cond)
                 eps = eps - (1 - a).sqrt() * cgs * grad
-            x = sched.step(eps, t, x).prev_sample
+            # use_clipped_model_output: eps is re-derived from the clipped/thresholded x0 (as GLIDE and Imagen do), so
+            # the step moves towards the image that was kept, not towards the out-of-range one that was cut
+            x = sched.step(eps, t, x, use_clipped_model_output=c.rederive_eps and limit != "none").prev_sample
             bar.update(1)
         bar.close()
         self.train(was)
@@ -368,10 +350,8 @@ class Text2ImgPipeline(Generator):
         save_json(directory / "unet" / "config.json", dict(self.unet.config))
         save_tensors(directory / "unet" / "diffusion_pytorch_model.safetensors", self.unet.state_dict())
         (directory / "scheduler").mkdir()
-        save_json(
-            directory / "scheduler" / "scheduler_config.json",
-            {"_class_name": "DDIMScheduler", **dict(self.scheduler().config)},
-        )
+        save_json(directory / "scheduler" / "scheduler_config.json",
+                  {"_class_name": "DDIMScheduler", **dict(self.scheduler().config)})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "auto") -> Text2ImgPipeline:
@@ -393,10 +373,8 @@ class Text2ImgPipeline(Generator):
         g = torch.Generator(device="cpu").manual_seed(0)
         imgs = self(prompts, num_images_per_prompt=4, generator=g).images
         out.append(save_grid(imgs, run_dir / "samples_heldout_prompts.png", nrow=4, scale=3))
-        atomic_write_text(
-            run_dir / "samples_heldout_prompts.txt",
-            "\n".join(f"row {i + 1}: {p}" for i, p in enumerate(prompts)) + "\n",
-        )
+        atomic_write_text(run_dir / "samples_heldout_prompts.txt",
+                          "\n".join(f"row {i + 1}: {p}" for i, p in enumerate(prompts)) + "\n")
         return out
 
 
