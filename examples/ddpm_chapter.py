@@ -31,11 +31,14 @@ BOOK = "offset_cosine"
 DDIM_STEPS = (10, 20, 50, 100, 250)
 
 
-def settings(schedules: tuple[str, ...] = SCHEDULES, sweep: str = BOOK) -> list[tuple[str, str, int]]:
+def settings(schedules: tuple[str, ...] = SCHEDULES, sweep: str | None = BOOK) -> list[tuple[str, str, int]]:
     """(schedule, sampler, steps) of every sample set in the order they are drawn: the schedule comparison (DDIM 50),
     then the sampler sweep on the `sweep` schedule's run, DDIM up to 100 steps, DDPM's 1000 (the reference) and DDIM
-    250 last (so a run stopped early on a busy machine leaves the most telling rows measured)."""
+    250 last (so a run stopped early on a busy machine leaves the most telling rows measured). `sweep=None`: the
+    schedule comparison alone."""
     out = [(s, "ddim", 50) for s in schedules]
+    if sweep is None:
+        return out
     out += [(sweep, "ddim", k) for k in DDIM_STEPS if k <= 100 and (sweep, "ddim", k) not in out]
     return out + [(sweep, "ddpm", 1000)] + [(sweep, "ddim", k) for k in DDIM_STEPS if k > 100]
 
@@ -93,8 +96,9 @@ def sample_all(out: Path, n: int, todo: list[tuple[str, str, int]]) -> None:
         print(f"[sample] {name}: {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
 
 
-def measure(out: Path, n: int, docs: Path | None, todo: list[tuple[str, str, int]], sweep: str) -> str:
-    """The table (OUT/table.md) of every sample set on disk among `todo`, and the grids."""
+def measure(out: Path, n: int, docs: Path | None, todo: list[tuple[str, str, int]], sweep: str | None) -> str:
+    """The table (OUT/table.md, or OUT/table_schedules.md for the schedule comparison alone: `sweep=None`) of every
+    sample set on disk among `todo`, and the grids."""
     from dreamlab.io import atomic_write_text, load_json, load_tensors
     from generators.diffusion import labelled_grid
     from generators.features import frechet_distance, reference_images
@@ -109,9 +113,10 @@ def measure(out: Path, n: int, docs: Path | None, todo: list[tuple[str, str, int
     sets = {f"{s}_{p}{k}": load_tensors(d / f"{s}_{p}{k}.safetensors")["samples"][:n].float() / 255
             for s, p, k in have}
     size = next(iter(sets.values())).shape[-1]
-    floor = load_run(out / sweep, device="cpu").fd_floor(n)  # n random training images at the model's size
+    ref = sweep or have[0][0]  # the run whose data gives the floor and the reference rows (all share the data)
+    floor = load_run(out / ref, device="cpu").fd_floor(n)  # n random training images at the model's size
     evals = {s: load_json(out / s / "eval.json") for s, _, _ in have}
-    steps = load_json(out / sweep / "config.json")["train"]["steps"]
+    steps = load_json(out / ref / "config.json")["train"]["steps"]
     n_ref = len(reference_images("flowers", "test"))
     lines = [f"Flowers at {size}x{size}, `ddpm --preset quick` ({steps} steps of batch 32, EMA 0.999 after warm-up), "
              f"{n} samples per row, the same seeded initial noises in every row; Fréchet distance to the {n_ref} "
@@ -127,9 +132,9 @@ def measure(out: Path, n: int, docs: Path | None, todo: list[tuple[str, str, int
         bpd = evals[s].get("test_nll_bound_bpd")
         shown = f"{bpd:.3f}" if bpd is not None and (p, k) == ("ddim", 50) else ""  # one bound per trained run
         lines.append(f"| {s} | {p.upper()} | {k} | {fd:.3f} | {fd / floor:.1f} | {shown} | {t['cpu_s'] / t['n']:.3f} |")
-    lines += ["", *references(load_run(out / sweep, device="cpu"), n)]
+    lines += ["", *references(load_run(out / ref, device="cpu"), n)]
     table = "\n".join(lines) + "\n"
-    atomic_write_text(out / "table.md", table)
+    atomic_write_text(out / ("table.md" if sweep else "table_schedules.md"), table)
     if docs is not None:
         docs.mkdir(parents=True, exist_ok=True)
         k = 16
@@ -137,10 +142,11 @@ def measure(out: Path, n: int, docs: Path | None, todo: list[tuple[str, str, int
         if len(rows) > 1:
             labelled_grid([sets[f"{s}_ddim50"][:k] for s in rows], docs / "ddpm_schedules.png", row_labels=rows,
                           title=f"DDIM 50 steps, the same noises; {steps} training steps per schedule")
-        names = [(f"{sweep}_{p}{k_}", f"{p.upper()} {k_}") for s, p, k_ in have if s == sweep]
-        labelled_grid([sets[m][:k] for m, _ in names], docs / "ddpm_samplers.png",
-                      row_labels=[lab for _, lab in names],
-                      title=f"{sweep} schedule: the same initial noises through each sampler")
+        names = [(f"{sweep}_{p}{k_}", f"{p.upper()} {k_}") for s, p, k_ in have if sweep and s == sweep]
+        if names:
+            labelled_grid([sets[m][:k] for m, _ in names], docs / "ddpm_samplers.png",
+                          row_labels=[lab for _, lab in names],
+                          title=f"{sweep} schedule: the same initial noises through each sampler")
     return table
 
 
@@ -172,18 +178,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stage", choices=["train", "sample", "measure", "all"], default="all")
     ap.add_argument("--schedules", default=",".join(SCHEDULES), help="schedules to train and compare (default all)")
     ap.add_argument("--sweep", default=BOOK, help="the schedule whose run the sampler sweep uses (default the book's)")
+    ap.add_argument("--no-sweep", action="store_true", help="the schedule comparison (DDIM 50) alone, no sampler sweep")
     args = ap.parse_args(argv)
     schedules = tuple(s for s in args.schedules.split(",") if s)
     bad = [s for s in (*schedules, args.sweep) if s not in SCHEDULES]
     if bad:
         ap.error(f"unknown schedule {bad[0]!r}; choose from {', '.join(SCHEDULES)}")
-    todo = settings(schedules, args.sweep)
+    sweep = None if args.no_sweep else args.sweep
+    todo = settings(schedules, sweep)
     if args.stage in ("train", "all"):
-        train_all(args.out, args.steps or None, tuple(dict.fromkeys((*schedules, args.sweep))))
+        train_all(args.out, args.steps or None, tuple(dict.fromkeys((*schedules, *([sweep] if sweep else [])))))
     if args.stage in ("sample", "all"):
         sample_all(args.out, args.n, todo)
     if args.stage in ("measure", "all"):
-        print(measure(args.out, args.n, args.docs, todo, args.sweep))
+        print(measure(args.out, args.n, args.docs, todo, sweep))
     return 0
 
 

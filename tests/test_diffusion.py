@@ -318,3 +318,19 @@ def test_cli_train_sample_eval(offline_small_procedural, tmp_path: Path, capsys:
     assert main(["eval", str(run), "--device", "cpu", "--max-items", "20"]) == 0
     res = json.loads((run / "eval_test.json").read_text())
     assert res["test_nll_bound_bpd"] > 0 and res["test_loss"] > 0
+
+
+def test_chapter_script_orders_its_sample_sets_and_can_skip_the_sweep() -> None:
+    """examples/ddpm_chapter.py: the schedule comparison (DDIM 50 per schedule) comes first; `sweep=None` (its
+    `--no-sweep`) draws that comparison alone, the default adds the sampler sweep with DDPM 1000 once."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "ddpm_chapter.py"
+    spec = importlib.util.spec_from_file_location("ddpm_chapter", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.settings(("linear", "cosine"), None) == [("linear", "ddim", 50), ("cosine", "ddim", 50)]
+    full = mod.settings(("linear", "cosine"), "cosine")
+    assert full[:2] == [("linear", "ddim", 50), ("cosine", "ddim", 50)]
+    assert full.count(("cosine", "ddpm", 1000)) == 1 and full.count(("cosine", "ddim", 50)) == 1
+    assert {k for s, p, k in full if p == "ddim" and s == "cosine"} == set(mod.DDIM_STEPS)
