@@ -50,7 +50,7 @@ def _nonneg_float(what: str):
 
 
 def _train(name: str, args: argparse.Namespace, extra: dict[str, str] | None = None) -> int:
-    import multimodal.text2img  # noqa: F401  (registers clip and text2img)
+    """Train a registered model (the registry loads every model module) and print its run folder and results."""
     from dreamlab.config import parse_set_args
     from generators.trainer import train_from_name
 

@@ -15,51 +15,11 @@ import argparse
 from pathlib import Path
 
 from dreamlab.errors import DreamlabError
+from multimodal.cli import _nonneg_float, _positive_int, _train
 
 DEFAULT_CLAP = "runs/clap"
 DEFAULT_RUN = "runs/text2music"
 OUT_SUFFIXES = (".mid", ".wav", ".png")
-
-
-def _positive_int(what: str):
-    def parse(s: str) -> int:
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} {s!r} is not an integer") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{what} {v} must be at least 1")
-        return v
-
-    return parse
-
-
-def _nonneg_float(what: str):
-    def parse(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} {s!r} is not a number") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{what} {v} must be >= 0")
-        return v
-
-    return parse
-
-
-def _train(name: str, args: argparse.Namespace, extra: dict[str, str] | None = None) -> int:
-    import multimodal.text2music  # noqa: F401  (registers clap and text2music)
-    from dreamlab.config import parse_set_args
-    from generators.trainer import train_from_name
-
-    overrides = {**(extra or {}), **parse_set_args(args.set)}
-    if args.device:
-        overrides["device"] = args.device
-    _, res, run_dir = train_from_name(name, preset=args.preset, overrides=overrides, out=args.out, resume=args.resume,
-                                      progress=not args.no_progress)
-    print(f"run folder: {run_dir}")
-    print(" ".join(f"{k}={round(v, 4) if isinstance(v, float) else v}" for k, v in res.items()))
-    return 0 if res.get("status") == "finished" else 130
 
 
 def _train_clap(args: argparse.Namespace) -> int:
