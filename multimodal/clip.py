@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,9 +37,9 @@ from dreamlab.data import load_dataset
 from dreamlab.errors import DreamlabError
 from dreamlab.io import save_json
 from generators.base import Metrics, Model, TrainConfig, register
+from multimodal.prompts import MAX_PROMPT_CHARS, check_prompt, check_prompts
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
-MAX_PROMPT_CHARS = 300
 SETS = ("fashion_mnist", "faces", "flowers", "bricks")
 
 
@@ -71,30 +70,12 @@ def minilm_path() -> str:
 
 
 def validate_prompt(prompt: Any, *, what: str = "prompt") -> str:
-    """A prompt must be a non-empty string of at most MAX_PROMPT_CHARS characters."""
-    if not isinstance(prompt, str):
-        raise DreamlabError(
-            f"{what} must be a string, got {type(prompt).__name__}; pass text such as 'a smiling face with glasses'"
-        )
-    if not prompt.strip():
-        raise DreamlabError(f"{what} is empty; pass text such as 'a smiling face with glasses'")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise DreamlabError(f"{what} has {len(prompt)} characters; shorten it to at most {MAX_PROMPT_CHARS}")
-    # bytes that were not UTF-8 on the command line arrive as lone surrogates: printing or saving the prompt failed
-    bad = next((i for i, ch in enumerate(prompt) if "\ud800" <= ch <= "\udfff"
-                or (unicodedata.category(ch) == "Cc" and ch not in "\t\n\r")), None)
-    if bad is not None:
-        kind = "a byte that is not UTF-8" if "\ud800" <= prompt[bad] <= "\udfff" else "a control character"
-        raise DreamlabError(f"{what} holds {kind} at position {bad} ({prompt[bad]!a}); pass plain text such as "
-                            "'a smiling face with glasses'")
-    return prompt
+    """A prompt must be a non-empty string of plain text of at most MAX_PROMPT_CHARS characters."""
+    return check_prompt(prompt, example="a smiling face with glasses", what=what, max_chars=MAX_PROMPT_CHARS)
 
 
 def validate_prompts(prompt: Any) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise DreamlabError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
-    return [validate_prompt(p, what=f"prompt[{i}]" if len(prompts) > 1 else "prompt") for i, p in enumerate(prompts)]
+    return check_prompts(prompt, example="a smiling face with glasses", max_chars=MAX_PROMPT_CHARS)
 
 
 @dataclasses.dataclass

@@ -24,31 +24,21 @@ import numpy as np
 from dreamlab import music as M
 from dreamlab.errors import DreamlabError
 from dreamlab.io import cached_array
+from multimodal.prompts import MAX_PROMPT_CHARS, check_prompt, check_prompts
 
 ATTRS = ("key", "meter", "source", "tempo", "density")
 SIZES = (24, len(M.METERS), len(M.SOURCE_NAMES), len(M.TEMPO_BANDS), len(M.DENSITY_BANDS))
 N_COMBOS = int(np.prod(SIZES))
-MAX_PROMPT_CHARS = 300
 PROMPT_EXAMPLE = "a lively jig in D major"
 
 
 def validate_prompt(prompt: Any, *, what: str = "prompt") -> str:
-    """A prompt must be a non-empty string of at most MAX_PROMPT_CHARS characters."""
-    if not isinstance(prompt, str):
-        raise DreamlabError(f"{what} must be a string, got {type(prompt).__name__}; pass text such as "
-                            f"{PROMPT_EXAMPLE!r}")
-    if not prompt.strip():
-        raise DreamlabError(f"{what} is empty; pass text such as {PROMPT_EXAMPLE!r}")
-    if len(prompt) > MAX_PROMPT_CHARS:
-        raise DreamlabError(f"{what} has {len(prompt)} characters; shorten it to at most {MAX_PROMPT_CHARS}")
-    return prompt
+    """A prompt must be a non-empty string of plain text of at most MAX_PROMPT_CHARS characters."""
+    return check_prompt(prompt, example=PROMPT_EXAMPLE, what=what, max_chars=MAX_PROMPT_CHARS)
 
 
 def validate_prompts(prompt: Any) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise DreamlabError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}")
-    return [validate_prompt(p, what=f"prompt[{i}]" if len(prompts) > 1 else "prompt") for i, p in enumerate(prompts)]
+    return check_prompts(prompt, example=PROMPT_EXAMPLE, max_chars=MAX_PROMPT_CHARS)
 
 
 def combo_id(key: Any, meter: Any, source: Any, tempo: Any, density: Any) -> Any:

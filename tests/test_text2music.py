@@ -127,7 +127,8 @@ def test_prompt_validation_everywhere(runs, capsys) -> None:
     _, _, run = runs
     pipe = load_pipeline(run, device="cpu")
     for bad, needle in (("", "prompt is empty"), ("   ", "prompt is empty"), (3, "must be a string"),
-                        ("x" * 301, "301 characters"), ([], "non-empty list"), (["ok", ""], "prompt\\[1\\] is empty")):
+                        ("x" * 301, "301 characters"), ([], "non-empty list"), (["ok", ""], "prompt\\[1\\] is empty"),
+                        ("a jig\x1b[2J", "control character"), ("a jig \udcff", "not UTF-8")):
         with pytest.raises(DreamlabError, match=needle):
             pipe(bad)
     with pytest.raises(DreamlabError, match="num_samples"):
