@@ -26,3 +26,13 @@ def offline_small_procedural(tmp_path_factory):
         torch.set_num_threads(1)  # tiny models: one thread is faster than two on a shared 2-core machine
         yield
         torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def torch_one_thread():
+    """Tiny models run faster on one torch thread than on two on a shared 2-core machine; restored afterwards.
+    A test module opts in with `pytestmark = pytest.mark.usefixtures("torch_one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,13 +8,7 @@ from dreamlab.errors import DreamlabError
 from generators.base import make_generator
 from generators.ebm import langevin, to_ebm_images
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 MU = torch.tensor([0.5, -1.0])

@@ -10,13 +10,7 @@ from dreamlab.errors import DreamlabError
 from generators.base import make_generator
 from generators.flows import InvConv1x1, moons_log_prob
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _perturbed(model: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:

@@ -33,6 +33,8 @@ from worlds.encode import encode_rollouts, latent_files, load_latents  # noqa: E
 from worlds.policies import controller_metadata, load_controller  # noqa: E402
 from worlds.rollouts import load_episode, read_manifest  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
 FAST = "dreamlab/CarRacing64-v3"
 MOMENTS = 10
 
@@ -82,14 +84,6 @@ def _run_killed(fn: Callable[[], object], k: int, after: bool) -> None:
             os._exit(3)
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, (k, after, status)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> object:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- the collector

@@ -16,13 +16,7 @@ from generators.pixelcnn import (
     independent_pixel_bpd,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 @pytest.mark.parametrize("kernel,blocks", [(7, 2), (3, 1), (5, 0)])

@@ -12,14 +12,7 @@ from dreamlab import text as T
 from dreamlab.errors import DreamlabError
 from generators.base import Generator, make_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is much faster than two on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 TINY = {"lstm_text": {"embedding_dim": 8, "hidden": 16}, "gpt": {"n_embd": 16, "n_head": 2, "n_inner": 16}}
