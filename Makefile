@@ -42,9 +42,9 @@ lint:
 
 # the text-to-image default weights that ship in multimodal/assets/text2img_default (docs/text2img.md, "Default weights")
 text2img-weights: install
-	$(BIN)/dreamlab multimodal train-clip --set threads=1 --out runs/clip
-	$(BIN)/dreamlab multimodal train-autoencoder --set threads=1 --out runs/autoencoder
-	$(BIN)/dreamlab multimodal train-latent --set threads=1 --out runs/latent
+	$(BIN)/dreamlab multimodal train-clip --out runs/clip
+	$(BIN)/dreamlab multimodal train-autoencoder --out runs/autoencoder
+	$(BIN)/dreamlab multimodal train-latent --set guidance_scale=8 --out runs/latent   # CFG 8: the faces default
 	$(BIN)/dreamlab multimodal evaluate --model runs/latent
 	$(BIN)/dreamlab multimodal export-default --model runs/latent
 

@@ -17,6 +17,7 @@ import math
 import operator
 import os
 import shutil
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -301,7 +302,10 @@ def check_model_size(cls: type[Model], cfg: Any, *, copies: int = 1, device: str
     device (shapes, no storage); a model whose constructor cannot run there (it reads files, computes values) is
     not checked."""
     try:
-        with torch.device("meta"):
+        # a constructor that loads trained parts (the latent model's autoencoder) copies them into shape-only
+        # parameters here, which torch warns about once per tensor: expected for a probe, so not shown
+        with torch.device("meta"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*meta parameter.*")
             probe = cls(cfg)
         count = sum(p.numel() for p in probe.parameters())
         need = sum(t.numel() * t.element_size() for t in [*probe.parameters(), *probe.buffers()])

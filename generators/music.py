@@ -20,6 +20,7 @@ header and the given notes; `save_samples` writes MIDI + WAV + piano-roll PNG (+
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from dreamlab.errors import DreamlabError
 from dreamlab.io import save_tensors
 from generators.base import Generator, Metrics, register
 
+PLAUSIBLE = 0.1  # classifier-free guided sampling keeps the tokens with p_cond >= PLAUSIBLE * max p_cond
 MAX_SHIFT = 6  # transposition augmentation: -6..+5 semitones reaches every key from any key
 
 
@@ -103,16 +105,71 @@ def _draw(logits: torch.Tensor, temperature: float, generator: torch.Generator |
     return (p.cumsum(-1) < u * p.sum(-1, keepdim=True)).sum(-1).clamp(max=p.shape[-1] - 1)
 
 
+class BarGrammar:
+    """The metric grammar of sampled events: once the header's time signature is written, the events of every bar
+    fill exactly one bar of it. A duration that would run past the bar line is masked; when the bar is full the next
+    note token is BAR (or END); BAR is masked inside a bar. Before the first bar line (a pickup) events may stop
+    short. The model still chooses every token, and with it the meter (the TS token) and where the beats fall; the
+    grammar only removes the impossible bar lengths the book's free sampling writes (3/4 bars of 3.5 quarters)."""
+
+    def __init__(self, b: int, device: torch.device) -> None:
+        self.bar_len = torch.tensor([M.METER_BAR_TICKS[m] for m in M.METERS], device=device)
+        self.ticks = torch.tensor([M.dur_token_ticks(t) for t in range(M.DUR_VOCAB)], device=device)
+        self.meter = torch.full((b,), -1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(b, dtype=torch.long, device=device)
+        self.seen_bar = torch.zeros(b, dtype=torch.bool, device=device)
+
+    def _left(self) -> tuple[torch.Tensor, torch.Tensor]:
+        known = self.meter >= 0
+        return known, self.bar_len[self.meter.clamp(min=0)] - self.pos
+
+    def note_logits(self, lg: torch.Tensor) -> torch.Tensor:
+        known, left = self._left()
+        full = known & (left <= 0)
+        mask = full[:, None].expand_as(lg).clone()
+        mask[:, M.BAR] = known & ~full & self.seen_bar  # a full bar allows BAR (and END) only; inside one, no BAR
+        mask[:, M.END] = False
+        return lg.masked_fill(mask, float("-inf"))
+
+    def dur_logits(self, lg: torch.Tensor, note: torch.Tensor) -> torch.Tensor:
+        known, left = self._left()
+        timed = known & ((note == M.REST) | (note >= M.NOTE0))
+        too_long = self.ticks[None] > left.clamp(min=0)[:, None]
+        return lg.masked_fill(timed[:, None] & too_long, float("-inf"))
+
+    def update(self, events: torch.Tensor) -> None:
+        """Advance over events (B, k, 2) as written (sampled or forced)."""
+        for ev in events.unbind(1):
+            note, dur = ev[:, 0], ev[:, 1]
+            ts = (note >= M.TS0) & (note < M.TEMPO0)
+            self.meter = torch.where(ts, note - M.TS0, self.meter)
+            bar = note == M.BAR
+            self.seen_bar |= bar
+            timed = (note == M.REST) | (note >= M.NOTE0)
+            self.pos = torch.where(bar, torch.zeros_like(self.pos), self.pos + torch.where(timed, self.ticks[dur], 0))
+
+
+def guided_logits(cond: torch.Tensor, null: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance for a categorical draw: log p_null + scale (log p_cond - log p_null), over the tokens
+    the conditional model finds plausible (p_cond >= PLAUSIBLE * max p_cond, contrastive decoding's cut, Li et al.
+    2022). Mixing raw logits instead lets a token both models rule out win whenever the null text rules it out
+    harder: at scale 3 the text-to-music model skipped its header (START was followed by a note)."""
+    cond, null = cond.float().log_softmax(-1), null.float().log_softmax(-1)
+    keep = cond >= cond.amax(-1, keepdim=True) + math.log(PLAUSIBLE)
+    return (null + scale * (cond - null)).masked_fill(~keep, float("-inf"))
+
+
 @torch.no_grad()
 def sample_tokens(core: TokenTransformer, start: torch.Tensor, max_new: int, *, temperature: float = 1.0,
                   generator: torch.Generator | None = None, prefix: torch.Tensor | None = None,
                   null_prefix: torch.Tensor | None = None, guidance_scale: float = 1.0,
-                  forced: list[tuple[int, torch.Tensor]] | None = None) -> torch.Tensor:
+                  forced: list[tuple[int, torch.Tensor]] | None = None, bars: bool = False) -> torch.Tensor:
     """Continue `start` (B, T0, 2) by `max_new` events; rows that wrote END continue with PAD.
 
     With `prefix` (B, P, d) the tokens are conditioned on it; with `null_prefix` too and `guidance_scale` != 1 the
     note and duration logits are classifier-free guided: l_null + s (l_cond - l_null). `forced` lists (step, tokens
-    (B, k, 2)) to insert instead of sampling from that step on (a prompt after the header)."""
+    (B, k, 2)) to insert instead of sampling from that step on (a prompt after the header). `bars`: sample under
+    `BarGrammar` (every bar as long as the written time signature says)."""
     b, dev = start.shape[0], start.device
     cfg = null_prefix is not None and guidance_scale != 1.0
     pre = None
@@ -132,26 +189,35 @@ def sample_tokens(core: TokenTransformer, start: torch.Tensor, max_new: int, *, 
         emb = torch.cat([pre, emb], 1)
     cache = None
     done = torch.zeros(b, dtype=torch.bool, device=dev)
+    grammar = BarGrammar(b, dev) if bars else None
+    if grammar is not None:
+        grammar.update(start)
     step = 0
     while step < max_new:
         h, cache = core.hidden(emb, cache=cache, use_cache=True)
         if step in forced_at:
             f = forced_at.pop(step).to(dev)
+            if grammar is not None:
+                grammar.update(f)
             seq = torch.cat([seq, f], 1)
             emb = core.embed(torch.cat([f, f]) if cfg else f)
             continue
         h = h[:, -1]
 
         def mix(lg: torch.Tensor) -> torch.Tensor:
-            return lg[b:] + guidance_scale * (lg[:b] - lg[b:]) if cfg else lg
+            return guided_logits(lg[:b], lg[b:], guidance_scale) if cfg else lg
 
-        note = _draw(mix(core.note_head(h)), temperature, generator)
+        note_lg = mix(core.note_head(h))
+        note = _draw(grammar.note_logits(note_lg) if grammar is not None else note_lg, temperature, generator)
         nn_ = torch.cat([note, note]) if cfg else note
-        dur = _draw(mix(core.dur_logits(h, nn_)), temperature, generator)
+        dur_lg = mix(core.dur_logits(h, nn_))
+        dur = _draw(grammar.dur_logits(dur_lg, note) if grammar is not None else dur_lg, temperature, generator)
         note = torch.where(done, torch.full_like(note, M.PAD), note)
         dur = torch.where(done, torch.full_like(dur, M.DUR_PAD), dur)
         done |= note == M.END
         nxt = torch.stack([note, dur], -1)[:, None]
+        if grammar is not None:
+            grammar.update(nxt)
         seq = torch.cat([seq, nxt], 1)
         step += 1
         if bool(done.all()):
@@ -254,6 +320,7 @@ class MusicTransformerConfig:
     transpose: bool = True                   # random transposition per window (all 24 keys)
     max_new_tokens: int = 128                # sampling defaults
     temperature: float = 1.0
+    bar_grammar: bool = True                 # sample every bar to the written time signature's length (BarGrammar)
     eval_samples: int = 16                   # pieces sampled by evaluate() for the statistics against the train set
 
     def __post_init__(self) -> None:
@@ -348,10 +415,13 @@ class MusicTransformer(Generator):
 
     # ---- sampling -------------------------------------------------------------------------
     def sample(self, n: int, *, generator: torch.Generator | None = None, prompt_notes: str | None = None,
-               temperature: float | None = None, max_new_tokens: int | None = None, **_: Any) -> torch.Tensor:
+               temperature: float | None = None, max_new_tokens: int | None = None, bar_grammar: bool | None = None,
+               **_: Any) -> torch.Tensor:
         """n pieces as float token ids (n, 1 + max_new_tokens, 2): a sampled header, then `prompt_notes` (if any),
-        then sampled events; after END the rows hold PAD (0)."""
+        then sampled events; after END the rows hold PAD (0). `bar_grammar` (default: the config's) keeps every
+        bar as long as the sampled time signature says."""
         c = self.config
+        bars = c.bar_grammar if bar_grammar is None else bool(bar_grammar)
         temperature = c.temperature if temperature is None else float(temperature)
         if temperature < 0:
             raise DreamlabError(f"temperature={temperature} must be >= 0")
@@ -372,7 +442,8 @@ class MusicTransformer(Generator):
             if max_new < M.HEADER:
                 raise DreamlabError(f"prompt_notes has {len(prompt)} events; leave room for new ones "
                                     f"(max_new_tokens > {len(prompt) + M.HEADER})")
-        out = sample_tokens(self.core, start, max_new, temperature=temperature, generator=generator, forced=forced)
+        out = sample_tokens(self.core, start, max_new, temperature=temperature, generator=generator, forced=forced,
+                            bars=bars)
         self.train(was)
         return out.float()
 

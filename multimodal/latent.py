@@ -172,7 +172,7 @@ class LatentText2Img(Generator):
         "tiny": {"max_per_set": 32, "sets": "faces", "block_out_channels": (16, 32), "attention_head_dim": 8,
                  "norm_num_groups": 8, "captions_per_class": 2, "num_inference_steps": 3, "prior_hidden": 32,
                  "steps": 2, "batch_size": 8, "log_every": 1, "ckpt_every": 100},
-        "quick": {"autoencoder_dir": DEFAULT_AE, "clip_dir": DEFAULT_CLIP, "max_per_set": 6000, "steps": 4000,
+        "quick": {"autoencoder_dir": DEFAULT_AE, "clip_dir": DEFAULT_CLIP, "max_per_set": 6000, "steps": 2500,
                   "batch_size": 32, "lr": 1e-3, "log_every": 25, "ckpt_every": 100, "grad_clip": 1.0,
                   "eval_items": 600},
         "full": {"autoencoder_dir": DEFAULT_AE, "clip_dir": DEFAULT_CLIP, "max_per_set": 0,

@@ -67,7 +67,7 @@ def _text2music(args: argparse.Namespace) -> int:
     g = torch.Generator(device="cpu").manual_seed(args.seed)
     out = pipe(args.prompt, max_new_tokens=args.max_new_tokens, guidance_scale=args.guidance_scale,
                clap_guidance_candidates=args.candidates, temperature=args.temperature, generator=g,
-               num_samples=args.n)
+               num_samples=args.n, bar_grammar=not args.free_bars)
     files = out.save(path)
     print(f"wrote {args.n} piece(s) for {args.prompt!r}: " + ", ".join(str(f) for f in files))
     for i, (s, p) in enumerate(zip(out.clap_scores.tolist(), out.pieces)):
@@ -137,5 +137,7 @@ def register_cli(subparsers) -> None:
                    help="output .mid (also writes .wav, .png; default text2music.mid)")
     g.add_argument("--run", default=DEFAULT_RUN, help=f"trained run or pipeline folder (default: {DEFAULT_RUN})")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--free-bars", action="store_true",
+                   help="sample without the bar grammar (bars of any length, as the book samples)")
     _sampling_args(g, 4)
     g.set_defaults(func=_text2music)

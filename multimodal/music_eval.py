@@ -35,9 +35,12 @@ from multimodal.clap import music_pair_count
 ATTR_KEYS = ("mode", "key", "meter", "density", "voices")
 
 
-def default_settings(guidance_scale: float, candidates: int) -> list[tuple[str, float, int]]:
-    return [("no guidance", 1.0, 1), ("classifier-free", guidance_scale, 1), ("CLAP candidates", 1.0, candidates),
-            ("classifier-free + CLAP", guidance_scale, candidates)]
+def default_settings(guidance_scale: float, candidates: int) -> list[tuple[str, float, int, bool]]:
+    """(name, CFG scale, CLAP candidates, bar grammar): each guidance under the bar grammar (the default), and the
+    strongest one once more with free bars, the book's sampling, to show what the grammar does."""
+    return [("no guidance", 1.0, 1, True), ("classifier-free", guidance_scale, 1, True),
+            ("CLAP candidates", 1.0, candidates, True), ("classifier-free + CLAP", guidance_scale, candidates, True),
+            ("classifier-free + CLAP, free bars", guidance_scale, candidates, False)]
 
 
 def attribute_hits(pieces: list[M.Piece], targets: list[dict[str, int]]) -> dict[str, np.ndarray]:
@@ -72,7 +75,7 @@ def _row(name: str, pieces: list[M.Piece], targets: list[dict[str, int]], train:
 
 def evaluate_text2music(pipe, run_dir: str | Path, *, n_per_prompt: int = 4, max_new_tokens: int | None = None,
                         guidance_scale: float = 3.0, candidates: int = 4, temperature: float | None = None,
-                        seed: int = 0, max_prompts: int = 0, settings: list[tuple[str, float, int]] | None = None,
+                        seed: int = 0, max_prompts: int = 0, settings: list[tuple[str, float, int, bool]] | None = None,
                         progress: bool = True) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
@@ -104,20 +107,21 @@ def evaluate_text2music(pipe, run_dir: str | Path, *, n_per_prompt: int = 4, max
     targets = [t for t in base for _ in range(n_per_prompt)]
     g = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    unc = [M.decode(s.long().numpy()) for s in pipe.sample(len(targets), generator=g, max_new_tokens=max_new)]
+    unc = [M.decode(s.long().numpy()) for s in pipe.sample(len(targets), generator=g, max_new_tokens=max_new,
+                                                           bar_grammar=True)]
     rows.append(_row("no text (null prompt)", unc, targets, train, None, time.perf_counter() - t0,
                      prompts="held-out", guidance_scale=1.0, candidates=1))
     todo = [(pset, s) for pset in prompt_sets for s in (settings or default_settings(guidance_scale, candidates))]
-    for pset, (name, gs, k) in tqdm(todo, desc="text2music evaluation", disable=not progress):
+    for pset, (name, gs, k, bars) in tqdm(todo, desc="text2music evaluation", disable=not progress):
         plist = prompt_sets[pset]
         g = torch.Generator().manual_seed(seed)
         t0 = time.perf_counter()
         out = pipe([p["prompt"] for p in plist], num_samples=n_per_prompt, max_new_tokens=max_new, guidance_scale=gs,
-                   clap_guidance_candidates=k, temperature=temperature, generator=g)
+                   clap_guidance_candidates=k, temperature=temperature, generator=g, bar_grammar=bars)
         dt = time.perf_counter() - t0
         tg = [p for p in plist for _ in range(n_per_prompt)]
         rows.append(_row(name, out.pieces, tg, train, out.clap_scores, dt, prompts=pset, guidance_scale=gs,
-                         candidates=k))
+                         candidates=k, bar_grammar=bars))
         if pset == "held-out":
             slug = name.replace(" ", "").replace("+", "_").replace("-", "").lower()
             shown = min(3, len(plist)) * n_per_prompt

@@ -74,6 +74,7 @@ class Text2MusicConfig:
     temperature: float = 1.0
     guidance_scale: float = 3.0
     clap_guidance_candidates: int = 1
+    bar_grammar: bool = True       # sample every bar to the written time signature's length (generators.music)
 
     def __post_init__(self) -> None:
         check_ranges(self, positive=("seq_len", "stride_bars", "d_model", "n_layers", "n_heads", "text_tokens",
@@ -288,13 +289,13 @@ class Text2MusicPipeline(Generator):
     def __call__(self, prompt: str | list[str], *, max_new_tokens: int | None = None,
                  guidance_scale: float | None = None, clap_guidance_candidates: int | None = None,
                  temperature: float | None = None, generator: torch.Generator | None = None,
-                 num_samples: int = 1, progress: bool = False) -> Text2MusicOutput:
+                 num_samples: int = 1, progress: bool = False, bar_grammar: bool | None = None) -> Text2MusicOutput:
         prompts = T.validate_prompts(prompt)
         if not isinstance(num_samples, int) or num_samples < 1:
             raise DreamlabError(f"num_samples={num_samples!r} must be a positive integer")
         prompts = [p for p in prompts for _ in range(num_samples)]
         tok, scores = self._generate(prompts, len(prompts), max_new_tokens, guidance_scale, clap_guidance_candidates,
-                                     temperature, generator)
+                                     temperature, generator, bar_grammar)
         return Text2MusicOutput(pieces=samples_to_pieces(tok), tokens=tok, clap_scores=scores, prompts=prompts)
 
     def sample(self, n: int, *, generator: torch.Generator | None = None, prompt: str | list[str] | None = None,
@@ -309,7 +310,8 @@ class Text2MusicPipeline(Generator):
         else:
             prompts = None
         tok, _ = self._generate(prompts, n, kw.get("max_new_tokens"), kw.get("guidance_scale"),
-                                kw.get("clap_guidance_candidates"), kw.get("temperature"), generator)
+                                kw.get("clap_guidance_candidates"), kw.get("temperature"), generator,
+                                kw.get("bar_grammar"))
         return tok.float()
 
     def save_samples(self, samples: torch.Tensor, path: str | Path) -> list[Path]:
@@ -317,8 +319,10 @@ class Text2MusicPipeline(Generator):
 
     @torch.no_grad()
     def _generate(self, prompts: list[str] | None, n: int, max_new: int | None, gs: float | None, k: int | None,
-                  temperature: float | None, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  temperature: float | None, generator: torch.Generator | None,
+                  bar_grammar: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
+        bars = c.bar_grammar if bar_grammar is None else bool(bar_grammar)
         max_new = c.max_new_tokens if max_new is None else int(max_new)
         gs = c.guidance_scale if gs is None else float(gs)
         k = c.clap_guidance_candidates if k is None else int(k)
@@ -338,7 +342,7 @@ class Text2MusicPipeline(Generator):
         b = len(pre)
         start = torch.tensor([[[M.START, M.DUR_ZERO]]], device=dev).expand(b, 1, 2).contiguous()
         tok = sample_tokens(self.core, start, max_new, temperature=temperature, generator=generator, prefix=pre,
-                            null_prefix=self.null_prefix(b), guidance_scale=gs)
+                            null_prefix=self.null_prefix(b), guidance_scale=gs, bars=bars)
         if prompts is not None:
             scores = self.clap.score(tok, [p for p in prompts for _ in range(k)]).view(n, k)
             best = scores.argmax(1)

@@ -188,3 +188,44 @@ def test_music_transformer_and_musegan_through_the_cli(chorales, tmp_path: Path,
     ev = json.loads((tmp_path / "musegan" / "eval.json").read_text())
     assert {"samples_tonal_distance", "train_tonal_distance", "samples_in_scale_rate"} <= set(ev)
     assert main(["sample", str(tmp_path / "musegan"), "--out", str(tmp_path / "x.jpg")]) == 2
+
+
+def test_bar_grammar_fills_every_bar_to_the_time_signature() -> None:
+    """Sampled under the bar grammar, every bar of an untrained model lasts exactly its time signature (3/4 here);
+    sampled freely, the same model writes bars of any length (so the check below can fail)."""
+    from generators.music import TokenTransformer, sample_tokens
+
+    torch.manual_seed(0)
+    core = TokenTransformer(d_model=32, n_layers=1, n_heads=2, max_len=96, dropout=0.0).eval()
+    with torch.no_grad():  # no header tokens after the header, bar lines common: the grammar's work is visible
+        core.note_head.bias[M.KEY0:M.NOTE0] = -30.0
+        core.note_head.bias[M.BAR] = 2.0
+        core.note_head.bias[M.END] = -30.0
+    header = [[M.START, M.DUR_ZERO], [M.KEY0, M.DUR_ZERO], [M.TS0 + M.METERS.index("3/4"), M.DUR_ZERO],
+              [M.TEMPO0, M.DUR_ZERO], [M.BAR, M.DUR_ZERO]]
+    start = torch.tensor(header).expand(16, -1, -1).contiguous()
+
+    def bar_lengths(bars: bool) -> set[int]:
+        tok = sample_tokens(core, start, 80, generator=torch.Generator().manual_seed(1), bars=bars)
+        lengths: set[int] = set()
+        for row in tok:
+            p = M.decode(row.numpy())
+            assert M.METERS[p.meter] == "3/4"
+            lengths |= set(np.diff(p.bars).tolist())  # complete bars only: the last one may be cut by max_new
+        return lengths
+
+    assert bar_lengths(bars=True) == {3 * Q}
+    assert len(bar_lengths(bars=False) - {3 * Q}) > 3
+
+
+def test_guidance_never_picks_a_token_the_prompted_model_rules_out() -> None:
+    """Mixing raw logits, a token both models rule out wins when the null text rules it out harder; guided_logits
+    mixes log-probabilities over the prompted model's plausible tokens only."""
+    from generators.music import guided_logits
+
+    cond = torch.tensor([[0.7, 0.3 - 1e-4, 1e-4]]).log()
+    null = torch.tensor([[0.5, 0.5 - 1e-12, 1e-12]]).log()
+    assert int((null + 3 * (cond - null)).argmax()) == 2  # the failure guided_logits prevents
+    g = guided_logits(cond, null, 3.0)
+    assert torch.isinf(g[0, 2]) and int(g.argmax()) == 0
+    assert torch.allclose(guided_logits(cond, null, 1.0).softmax(-1)[0, :2], torch.tensor([0.7, 0.3]), atol=1e-3)
