@@ -74,7 +74,7 @@ def _row(name: str, pieces: list[M.Piece], targets: list[dict[str, int]], train:
 
 
 def evaluate_text2music(pipe, run_dir: str | Path, *, n_per_prompt: int = 4, max_new_tokens: int | None = None,
-                        guidance_scale: float = 3.0, candidates: int = 4, temperature: float | None = None,
+                        guidance_scale: float = 1.5, candidates: int = 8, temperature: float | None = None,
                         seed: int = 0, max_prompts: int = 0, settings: list[tuple[str, float, int, bool]] | None = None,
                         progress: bool = True) -> dict[str, Any]:
     from tqdm.auto import tqdm

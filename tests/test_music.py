@@ -229,3 +229,20 @@ def test_guidance_never_picks_a_token_the_prompted_model_rules_out() -> None:
     g = guided_logits(cond, null, 3.0)
     assert torch.isinf(g[0, 2]) and int(g.argmax()) == 0
     assert torch.allclose(guided_logits(cond, null, 1.0).softmax(-1)[0, :2], torch.tensor([0.7, 0.3]), atol=1e-3)
+
+
+def test_min_new_keeps_a_piece_from_ending_early() -> None:
+    from generators.music import TokenTransformer, sample_tokens
+
+    torch.manual_seed(0)
+    core = TokenTransformer(d_model=32, n_layers=1, n_heads=2, max_len=64, dropout=0.0).eval()
+    with torch.no_grad():
+        core.note_head.bias[M.END] = 6.0  # an untrained model that wants to stop at once
+    start = torch.tensor([[[M.START, M.DUR_ZERO]]]).expand(8, 1, 2).contiguous()
+
+    def ends(min_new: int) -> list[int]:
+        tok = sample_tokens(core, start, 30, generator=torch.Generator().manual_seed(0), min_new=min_new)
+        return [int((row[:, 0] == M.END).nonzero()[0]) if (row[:, 0] == M.END).any() else 99 for row in tok]
+
+    assert min(ends(0)) < 5
+    assert min(ends(20)) >= 21  # END at position 1 + 20 at the earliest (position 0 is START)
