@@ -124,8 +124,7 @@ def main() -> None:
         for name, env in SETTINGS.items():
             alone = measure("trainer", args.steps, args.warmup, env)["rate"]
             b = busy()
-            try:
-                time.sleep(0.5)
+            try:  # the measured process's own start-up (importing torch) gives the busy loop time to spin up
                 loaded = measure("trainer", args.steps, args.warmup, env)["rate"]
             finally:
                 b.kill()

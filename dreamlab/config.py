@@ -142,6 +142,18 @@ def finite_float(flag: str, *, minimum: float | None = None, above: float | None
     return parse
 
 
+def parse_names(spec: str, allowed: Iterable[str], what: str) -> list[str]:
+    """"a, b" -> ["a", "b"], every name one of `allowed` (a config's comma-separated list of data sets or sources),
+    or a one-line error naming the bad name and the choices."""
+    allowed = list(allowed)
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [s for s in names if s not in allowed]
+    if bad or not names:
+        raise DreamlabError(f"{what}s={spec!r}: unknown {what} {bad[0] if bad else '(none)'}; "
+                            f"choose from {', '.join(allowed)}")
+    return names
+
+
 def parse_set_args(items: Iterable[str] | None) -> dict[str, str]:
     """Parse `--set key=value` items into a dict, with an error naming a malformed item."""
     out: dict[str, str] = {}

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dreamlab.config import parse_names
 from dreamlab.errors import DreamlabError
 from dreamlab.io import cached_array
 
@@ -91,12 +92,7 @@ RYAN_PER_UNIT = 60
 
 
 def parse_sources(spec: str) -> list[str]:
-    names = [s.strip() for s in spec.split(",") if s.strip()]
-    bad = [s for s in names if s not in SOURCES]
-    if bad or not names:
-        raise DreamlabError(f"sources={spec!r}: unknown source {bad[0] if bad else '(none)'}; "
-                            f"choose from {', '.join(SOURCE_NAMES)}")
-    return names
+    return parse_names(spec, SOURCE_NAMES, "source")
 
 
 def _music21():

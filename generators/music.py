@@ -168,7 +168,7 @@ def sample_tokens(core: TokenTransformer, start: torch.Tensor, max_new: int, *, 
     """Continue `start` (B, T0, 2) by `max_new` events; rows that wrote END continue with PAD.
 
     With `prefix` (B, P, d) the tokens are conditioned on it; with `null_prefix` too and `guidance_scale` != 1 the
-    note and duration logits are classifier-free guided: l_null + s (l_cond - l_null). `forced` lists (step, tokens
+    note and duration distributions are classifier-free guided (`guided_logits`). `forced` lists (step, tokens
     (B, k, 2)) to insert instead of sampling from that step on (a prompt after the header). `bars`: sample under
     `BarGrammar` (every bar as long as the written time signature says). `min_new`: END is masked before that many
     events (transformers' `min_new_tokens`): a piece of four notes is no answer to a prompt."""
@@ -211,7 +211,7 @@ def sample_tokens(core: TokenTransformer, start: torch.Tensor, max_new: int, *, 
 
         note_lg = mix(core.note_head(h))
         if step < min_new:
-            note_lg = note_lg.index_fill(-1, torch.tensor([M.END], device=dev), float("-inf"))
+            note_lg[:, M.END] = float("-inf")
         note = _draw(grammar.note_logits(note_lg) if grammar is not None else note_lg, temperature, generator)
         nn_ = torch.cat([note, note]) if cfg else note
         dur_lg = mix(core.dur_logits(h, nn_))

@@ -24,17 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from dreamlab import procedural as P
-from dreamlab.config import check_ranges
+from dreamlab.config import check_ranges, parse_names
 from dreamlab.errors import DreamlabError
 from generators.base import Metrics, Model, TrainConfig, register
 
 
 def parse_sets(s: str) -> list[str]:
-    sets = [x.strip() for x in s.split(",") if x.strip()]
-    bad = [x for x in sets if x not in P.KINDS]
-    if bad or not sets:
-        raise DreamlabError(f"sets={s!r}: unknown set {bad[0] if bad else '(none)'}; choose from {', '.join(P.KINDS)}")
-    return sets
+    return parse_names(s, P.KINDS, "set")
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from dreamlab import procedural as P
-from dreamlab.config import check_ranges
+from dreamlab.config import check_ranges, parse_names
 from dreamlab.data import load_dataset
 from dreamlab.errors import DreamlabError
 from dreamlab.io import save_json
@@ -116,11 +116,7 @@ PREPROCESS_CFG = {"size": None, "mode": "RGB", "mean": [0.5, 0.5, 0.5], "std": [
 
 
 def parse_sets(s: str) -> list[str]:
-    sets = [x.strip() for x in s.split(",") if x.strip()]
-    bad = [x for x in sets if x not in SETS]
-    if bad or not sets:
-        raise DreamlabError(f"sets={s!r}: unknown set {bad[0] if bad else '(none)'}; choose from {', '.join(SETS)}")
-    return sets
+    return parse_names(s, SETS, "set")
 
 
 class _Classes:

@@ -40,6 +40,7 @@ from dreamlab.config import check_ranges, to_dict
 from dreamlab.errors import DreamlabError
 from dreamlab.io import atomic_write_text, load_json, save_json, save_tensors
 from generators.base import Generator, Metrics, TrainConfig, register
+from multimodal.autoencoder import parse_sets
 from multimodal.clip import ClipConfig, ClipModel, load_clip, validate_prompts
 
 DEFAULT_RUN = "runs/text2img"
@@ -93,14 +94,6 @@ class Text2ImgOutput:
     images: torch.Tensor
 
 
-def _sets(s: str) -> list[str]:
-    sets = [x.strip() for x in s.split(",") if x.strip()]
-    bad = [x for x in sets if x not in P.KINDS]
-    if bad or not sets:
-        raise DreamlabError(f"sets={s!r}: unknown set {bad[0] if bad else '(none)'}; choose from {', '.join(P.KINDS)}")
-    return sets
-
-
 @register
 class Text2ImgPipeline(Generator):
     """Text-to-image: DDPM-trained UNet2DConditionModel on CLIP text embeddings, DDIM + CFG + CLIP guidance."""
@@ -125,7 +118,7 @@ class Text2ImgPipeline(Generator):
         super().__init__(config)
         from diffusers import UNet2DConditionModel
 
-        self.sets = _sets(config.sets)
+        self.sets = parse_sets(config.sets)
         if config.clip_config:
             # rebuilding a saved pipeline: architecture from the stored config, weights from model.safetensors
             self.clip = ClipModel(ClipConfig(**json.loads(config.clip_config)), pretrained_text=False)
